@@ -1,0 +1,26 @@
+//! kms-plugin: a Kubernetes KMS v2 plugin that does envelope encryption.
+//!
+//! kube-apiserver asks the plugin to encrypt its DEK seeds. The plugin seals each seed with
+//! AES-256-GCM under a *local KEK*, and the local KEK travels, wrapped by one or more *root
+//! keys* (a file, an HSM over PKCS#11, AWS KMS), in the response annotations.
+//!
+//! Layers, outside in:
+//! - [`server`]: Unix socket, tonic server, signals;
+//! - [`service`]: the gRPC handlers and the one error-to-status mapping;
+//! - [`plugin`]: the keyring in force, reloads;
+//! - [`keyring`]: local KEKs, their rotation, the unwrap cache, the roots' roles;
+//! - [`envelope`]: the ciphertext format and annotations;
+//! - [`root`]: root key providers behind one trait;
+//! - [`config`], [`secret`], [`proto`], [`client`], [`cli`].
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod envelope;
+pub mod keyring;
+pub mod plugin;
+pub mod proto;
+pub mod root;
+pub mod secret;
+pub mod server;
+pub mod service;

@@ -1,0 +1,244 @@
+//! Command line: `serve`, `status`, `keygen`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{self, Config, KeyConfig, Source};
+use crate::plugin::Plugin;
+use crate::proto::admin::InfoRequest;
+use crate::proto::v2::StatusRequest;
+use crate::server::{self, socket::Endpoint};
+use crate::{client, root};
+
+/// Kubernetes KMS v2 plugin: envelope encryption of kube-apiserver's DEKs.
+#[derive(Debug, Parser)]
+#[command(name = "kms-plugin", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the plugin. Without --config it runs on the embedded default: a file root key
+    /// in the state directory, created on first start.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Socket path or @name (overrides the config file).
+        #[arg(long)]
+        socket: Option<String>,
+        /// State directory (overrides the config file).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Ask a running plugin for its status; exits 0 only if it is healthy.
+    Status {
+        /// Socket path or @name of the running plugin.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: String,
+    },
+    /// Create the root key a [keys.NAME] entry describes, if it does not exist yet.
+    Keygen {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The NAME of the [keys.NAME] entry.
+        #[arg(long)]
+        key: String,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kms-plugin: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve {
+                config,
+                socket,
+                state_dir,
+            } => serve(config.as_deref(), socket, state_dir).await,
+            Command::Status { socket } => status(&socket).await,
+            Command::Keygen { config, key } => keygen(&config, &key).await,
+        }
+    })
+}
+
+async fn serve(config_path: Option<&Path>, socket: Option<String>, state_dir: Option<PathBuf>) -> ExitCode {
+    let (mut config, source) = match config_path {
+        Some(path) => match Config::load(path) {
+            Ok(config) => (config, Source::File(path.to_path_buf())),
+            Err(e) => return fail(&e.to_string()),
+        },
+        None => {
+            let dir = state_dir.clone().unwrap_or_else(|| PathBuf::from(config::DEFAULT_STATE_DIR));
+            (Config::embedded(&dir), Source::Embedded)
+        }
+    };
+    if socket.is_some() {
+        config.socket = socket;
+    }
+    if state_dir.is_some() {
+        config.state_dir = state_dir;
+    }
+    if source == Source::Embedded {
+        let key = &config.keys[config::DEFAULT_KEY_NAME];
+        match root::create(key).await {
+            Ok(true) => tracing::info!("created a new root key for the embedded default"),
+            Ok(false) => {}
+            Err(e) => return fail(&e.to_string()),
+        }
+    }
+    let plugin = match Plugin::start(&config, source).await {
+        Ok(plugin) => plugin,
+        Err(e) => return fail(&format!("cannot start: {e}")),
+    };
+    let endpoint = Endpoint::parse(config.socket.as_deref().unwrap_or(config::DEFAULT_SOCKET));
+    let shutdown = match shutdown_signal() {
+        Ok(signal) => signal,
+        Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
+    };
+    match server::serve(plugin, &endpoint, config.socket_mode, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT. SIGHUP (whose default action would kill the plugin)
+/// is caught and logged.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::warn!("SIGHUP received; reloading is not supported by this version");
+        }
+    });
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}
+
+async fn status(socket: &str) -> ExitCode {
+    let connected = tokio::time::timeout(Duration::from_secs(5), client::connect(socket)).await;
+    let channel = match connected {
+        Ok(Ok(channel)) => channel,
+        Ok(Err(e)) => return unreachable_plugin(socket, &e.to_string()),
+        Err(_) => return unreachable_plugin(socket, "timed out"),
+    };
+    let status = match client::kms(channel.clone()).status(StatusRequest {}).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return unreachable_plugin(socket, e.message()),
+    };
+    println!("version: {}", status.version);
+    println!("healthz: {}", status.healthz);
+    println!("key_id:  {}", status.key_id);
+    if let Ok(info) = client::admin(channel).info(InfoRequest {}).await {
+        let info = info.into_inner();
+        println!("config:  {} (pid {}, kms-plugin {})", info.config_source, info.pid, info.plugin_version);
+        if let Some(k) = info.local_kek {
+            println!(
+                "local KEK: {} of {} encryptions, {}s of {}s",
+                k.encryptions, k.max_encryptions, k.age_seconds, k.max_age_seconds
+            );
+        }
+        println!("cache:   {} of {} unwrapped local KEKs", info.cache_entries, info.cache_capacity);
+        for r in info.roots {
+            let last = match r.last_decrypt_unix {
+                0 => "never since start".to_string(),
+                t => format!("unix time {t}"),
+            };
+            println!(
+                "root {} ({}, {}): key_id {} state {}; wraps {} unwraps {} failures {}; decrypts {}, last {}",
+                r.name, r.provider, r.role, r.key_id, r.state, r.wrap_calls, r.unwrap_calls,
+                r.failed_calls, r.decrypts, last
+            );
+            if !r.last_error.is_empty() {
+                println!("  last error: {}", r.last_error);
+            }
+        }
+    }
+    if status.healthz == "ok" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn keygen(config_path: &Path, name: &str) -> ExitCode {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let Some(key) = config.keys.get(name) else {
+        return fail(&format!("{} has no [keys.{name}] entry", config_path.display()));
+    };
+    let created = match root::create(key).await {
+        Ok(created) => created,
+        Err(e) => return fail(&format!("key \"{name}\": {e}")),
+    };
+    match root::open(name, key).await {
+        Ok(opened) => {
+            let what = if created { "created" } else { "already exists" };
+            println!("key \"{name}\" ({}) {what}: key_id {}", provider(key), opened.key_id());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("key \"{name}\": {e}")),
+    }
+}
+
+fn provider(key: &KeyConfig) -> &'static str {
+    key.provider()
+}
+
+fn unreachable_plugin(socket: &str, why: &str) -> ExitCode {
+    eprintln!("kms-plugin: no plugin answers on {socket}: {why}");
+    ExitCode::from(2)
+}
+
+fn fail(message: &str) -> ExitCode {
+    tracing::error!("{message}");
+    eprintln!("kms-plugin: {message}");
+    ExitCode::from(1)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KMS_PLUGIN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

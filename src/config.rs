@@ -1,0 +1,442 @@
+//! The TOML configuration file, and the embedded default used when there is none.
+//!
+//! ```toml
+//! socket = "/run/kms-plugin/kms.sock"   # or "@name" for an abstract socket
+//! [kek]
+//! active = "main"
+//! [keys.main]
+//! provider = "file"
+//! path = "/var/lib/kms-plugin/main.key"
+//! ```
+//!
+//! Every table denies unknown fields: a typo is a start-up error, not a silently ignored
+//! setting.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the socket lives when neither the config file nor `--socket` names one.
+pub const DEFAULT_SOCKET: &str = "/run/kms-plugin/kms.sock";
+/// Where the embedded default keeps its root key.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kms-plugin";
+/// File name of the embedded default's root key inside the state directory.
+pub const DEFAULT_ROOT_KEY_FILE: &str = "root.key";
+/// Name of the embedded default's root key entry.
+pub const DEFAULT_KEY_NAME: &str = "default";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Socket path, or `@name` for a Linux abstract socket.
+    #[serde(default)]
+    pub socket: Option<String>,
+    /// Permission bits of the socket file, as an octal string such as "0600".
+    #[serde(default = "default_socket_mode", deserialize_with = "octal_mode")]
+    pub socket_mode: u32,
+    /// Directory for plugin state (the embedded default's root key).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// The `version` Status reports: "v2" (kube-apiserver 1.29+) or "v2beta1" (1.27, 1.28).
+    #[serde(default)]
+    pub api_version: ApiVersion,
+    /// Which root keys do what.
+    pub kek: KekConfig,
+    /// The root keys, by name.
+    pub keys: BTreeMap<String, KeyConfig>,
+    /// Lifetime of a local KEK.
+    #[serde(default)]
+    pub local_kek: LocalKekConfig,
+    /// Cache of unwrapped local KEKs.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Background checks of the root keys.
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// `[kek]`: the roles of the root keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KekConfig {
+    /// The root key that wraps new local KEKs; its key_id is the one Status reports.
+    pub active: String,
+    /// Root keys kept for Decrypt only.
+    #[serde(default)]
+    pub retired: Vec<String>,
+    /// Root keys that wrap every new local KEK as well, for disaster recovery.
+    #[serde(default)]
+    pub also_wrap: Vec<String>,
+}
+
+/// `[keys.NAME]`: one root key, by provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "provider", rename_all = "kebab-case")]
+pub enum KeyConfig {
+    /// A 32-byte key in a file (mode 0600).
+    File(FileKeyConfig),
+}
+
+impl KeyConfig {
+    /// The provider name as written in the config file.
+    pub fn provider(&self) -> &'static str {
+        match self {
+            KeyConfig::File(_) => "file",
+        }
+    }
+}
+
+/// `provider = "file"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileKeyConfig {
+    /// Path of the 32-byte raw key file.
+    pub path: PathBuf,
+}
+
+/// `[local_kek]`: when a local KEK is replaced.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalKekConfig {
+    /// Encryptions under one local KEK before it must be replaced.
+    pub max_encryptions: u64,
+    /// Seconds a local KEK may be used for Encrypt.
+    pub max_age_seconds: u64,
+    /// Fraction (percent) of either limit at which the successor is prepared.
+    pub prepare_at_percent: u8,
+}
+
+impl Default for LocalKekConfig {
+    fn default() -> Self {
+        // kube-apiserver calls Encrypt only per DEK seed (start-up, key_id change, reload), so
+        // counts stay tiny; the count limit is a safety net far below the 2^32 random-nonce
+        // bound of AES-GCM. A week of age keeps the number of distinct local KEKs (one root
+        // unwrap each after a restart) small, and preparing the successor at 80% leaves more
+        // than a day to ride out a root KMS outage before Encrypt would fail.
+        Self {
+            max_encryptions: 1 << 20,
+            max_age_seconds: 7 * 24 * 3600,
+            prepare_at_percent: 80,
+        }
+    }
+}
+
+/// `[cache]`: unwrapped local KEKs kept in memory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Most local KEKs held unwrapped at once (each 32 bytes plus cipher state).
+    pub capacity: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { capacity: 1024 }
+    }
+}
+
+/// `[health]`: background checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Seconds between round-trip probes of the active root while healthy (0 = never);
+    /// each probe is a paid call for a cloud KMS. While degraded it retries every 10 s.
+    pub root_check_interval_seconds: u64,
+    /// Seconds between retries after a root call failed (making a local KEK, probing).
+    pub retry_interval_seconds: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            root_check_interval_seconds: 3600,
+            retry_interval_seconds: 5,
+        }
+    }
+}
+
+/// The KMS API version string Status reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum ApiVersion {
+    /// Accepted by kube-apiserver 1.29 and later.
+    #[default]
+    #[serde(rename = "v2")]
+    V2,
+    /// The only value kube-apiserver 1.27 and 1.28 accept.
+    #[serde(rename = "v2beta1")]
+    V2Beta1,
+}
+
+impl ApiVersion {
+    /// The wire string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiVersion::V2 => "v2",
+            ApiVersion::V2Beta1 => "v2beta1",
+        }
+    }
+}
+
+/// A configuration problem, with the file it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (line, column, field).
+        message: String,
+    },
+    /// The file parsed but its settings contradict each other.
+    #[error("config file {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Where a configuration came from, for messages and `kms-plugin status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A file given by `--config`.
+    File(PathBuf),
+    /// No file: the embedded default.
+    Embedded,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(path) => write!(f, "{}", path.display()),
+            Source::Embedded => f.write_str("embedded default"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| e.with_path(path))
+    }
+
+    /// Parses and validates config text. Errors carry an empty path; `load` fills it in.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: PathBuf::new(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// The embedded default: one file root key in the state directory.
+    pub fn embedded(state_dir: &Path) -> Self {
+        let mut keys = BTreeMap::new();
+        keys.insert(
+            DEFAULT_KEY_NAME.to_string(),
+            KeyConfig::File(FileKeyConfig {
+                path: state_dir.join(DEFAULT_ROOT_KEY_FILE),
+            }),
+        );
+        Config {
+            socket: None,
+            socket_mode: default_socket_mode(),
+            state_dir: Some(state_dir.to_path_buf()),
+            api_version: ApiVersion::default(),
+            kek: KekConfig {
+                active: DEFAULT_KEY_NAME.to_string(),
+                retired: Vec::new(),
+                also_wrap: Vec::new(),
+            },
+            keys,
+            local_kek: LocalKekConfig::default(),
+            cache: CacheConfig::default(),
+            health: HealthConfig::default(),
+        }
+    }
+
+    /// Names of every root key with a role, active first, then also-wrap, then retired.
+    pub fn roles(&self) -> impl Iterator<Item = (&str, Role)> {
+        std::iter::once((self.kek.active.as_str(), Role::Active))
+            .chain(self.kek.also_wrap.iter().map(|n| (n.as_str(), Role::AlsoWrap)))
+            .chain(self.kek.retired.iter().map(|n| (n.as_str(), Role::Retired)))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for (name, _) in self.roles() {
+            if !self.keys.contains_key(name) {
+                return Err(format!("[kek] names key \"{name}\", but there is no [keys.{name}]"));
+            }
+            if !seen.insert(name) {
+                return Err(format!("[kek] names key \"{name}\" more than once"));
+            }
+        }
+        let lk = &self.local_kek;
+        if lk.max_encryptions == 0 || lk.max_age_seconds == 0 {
+            return Err("[local_kek] limits must be greater than zero".into());
+        }
+        if lk.max_encryptions > 1 << 32 {
+            return Err("[local_kek] max_encryptions must be at most 2^32 (AES-GCM nonce bound)".into());
+        }
+        if !(1..=100).contains(&lk.prepare_at_percent) {
+            return Err("[local_kek] prepare_at_percent must be 1 to 100".into());
+        }
+        if self.cache.capacity == 0 {
+            return Err("[cache] capacity must be at least 1".into());
+        }
+        if self.socket_mode & !0o777 != 0 {
+            return Err("socket_mode must be permission bits like \"0600\"".into());
+        }
+        if let Some(socket) = &self.socket {
+            if socket.is_empty() || socket == "@" {
+                return Err("socket must be a path or @name".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a root key is used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Wraps new local KEKs; its key_id is the Status key_id.
+    Active,
+    /// Wraps every new local KEK too.
+    AlsoWrap,
+    /// Decrypt only.
+    Retired,
+}
+
+impl Role {
+    /// The name `kms-plugin status` prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::AlsoWrap => "also-wrap",
+            Role::Retired => "retired",
+        }
+    }
+}
+
+impl ConfigError {
+    fn with_path(self, file: &Path) -> Self {
+        match self {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: file.to_path_buf(),
+                message,
+            },
+            ConfigError::Invalid { message, .. } => ConfigError::Invalid {
+                path: file.to_path_buf(),
+                message,
+            },
+            read @ ConfigError::Read { .. } => read,
+        }
+    }
+}
+
+fn default_socket_mode() -> u32 {
+    0o600
+}
+
+fn octal_mode<'de, D: serde::Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
+    let text = String::deserialize(de)?;
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .map_err(|_| serde::de::Error::custom(format!("\"{text}\" is not an octal mode like \"0600\"")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        socket = "/run/kms-plugin/kms.sock"
+        [kek]
+        active = "main"
+        [keys.main]
+        provider = "file"
+        path = "/var/lib/kms-plugin/main.key"
+    "#;
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let c = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(c.socket.as_deref(), Some("/run/kms-plugin/kms.sock"));
+        assert_eq!(c.socket_mode, 0o600);
+        assert_eq!(c.api_version, ApiVersion::V2);
+        assert_eq!(c.kek.active, "main");
+        assert!(matches!(&c.keys["main"], KeyConfig::File(f) if f.path.ends_with("main.key")));
+        assert_eq!(c.local_kek.max_encryptions, 1 << 20);
+    }
+
+    #[test]
+    fn options_parse() {
+        let text = MINIMAL.replace("[kek]", "socket_mode = \"0660\"\napi_version = \"v2beta1\"\n[kek]");
+        let c = Config::parse(&text).expect("valid");
+        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.api_version, ApiVersion::V2Beta1);
+    }
+
+    fn error_of(text: &str) -> String {
+        match Config::parse(text) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_everywhere() {
+        assert!(error_of(&format!("typo = 1\n{MINIMAL}")).contains("typo"));
+        assert!(error_of(&MINIMAL.replace("active", "activ")).contains("activ"));
+        assert!(error_of(&format!("{MINIMAL}\nextra = 1")).contains("extra"));
+    }
+
+    #[test]
+    fn unknown_provider_is_rejected() {
+        assert!(error_of(&MINIMAL.replace("\"file\"", "\"vault\"")).contains("vault"));
+    }
+
+    #[test]
+    fn dangling_and_duplicate_roles_are_rejected() {
+        assert!(error_of(&MINIMAL.replace("active = \"main\"", "active = \"nope\"")).contains("nope"));
+        let dup = MINIMAL.replace("active = \"main\"", "active = \"main\"\nretired = [\"main\"]");
+        assert!(error_of(&dup).contains("more than once"));
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(error_of(&MINIMAL.replace("[kek]", "socket_mode = \"rw\"\n[kek]")).contains("octal"));
+        assert!(error_of(&format!("{MINIMAL}\n[local_kek]\nmax_encryptions = 0")).contains("greater than zero"));
+        assert!(error_of(&format!("{MINIMAL}\n[cache]\ncapacity = 0")).contains("capacity"));
+        assert!(error_of(&MINIMAL.replace("/run/kms-plugin/kms.sock", "")).contains("socket"));
+        assert!(error_of("not toml [").contains("TOML") || error_of("not toml [").contains("expected"));
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded(Path::new("/tmp/state"));
+        assert!(c.validate().is_ok());
+        assert!(matches!(&c.keys[DEFAULT_KEY_NAME], KeyConfig::File(f) if f.path == Path::new("/tmp/state/root.key")));
+    }
+}

@@ -1,0 +1,213 @@
+//! The envelope: how a DEK seed from kube-apiserver is sealed under a local KEK.
+//!
+//! Wire format of the `ciphertext` this plugin returns (version 1):
+//!
+//! ```text
+//! [0x01][12-byte nonce][AES-256-GCM ciphertext + 16-byte tag]
+//! ```
+//!
+//! The associated data binds the format version, the key_id the response carried and a
+//! digest of every annotation (the wrapped copies of the local KEK), so a ciphertext cannot
+//! be replayed under another key_id or next to another wrapped KEK. The annotations carry
+//! the local KEK wrapped by each root key; see [`annotations`].
+
+pub mod annotations;
+
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{AeadCore, Aes256Gcm, KeyInit, Nonce};
+use rand::rngs::OsRng;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::secret::Key256;
+
+/// The first byte of every ciphertext this version writes.
+pub const FORMAT_V1: u8 = 1;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+/// Bytes a sealed value adds to its plaintext.
+pub const OVERHEAD: usize = 1 + NONCE_LEN + TAG_LEN;
+/// kube-apiserver discards an EncryptResponse whose ciphertext is longer than this.
+pub const MAX_CIPHERTEXT_LEN: usize = 1024;
+/// The largest plaintext whose ciphertext still fits the apiserver's limit.
+pub const MAX_PLAINTEXT_LEN: usize = MAX_CIPHERTEXT_LEN - OVERHEAD;
+
+/// Why a ciphertext could not be opened. Client-safe: no variant carries secret data.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    /// Empty, too short or too long to be a ciphertext of this plugin.
+    #[error("ciphertext has an invalid length")]
+    BadLength,
+    /// The first byte names a format this version does not know.
+    #[error("unknown ciphertext format version {0}")]
+    UnknownVersion(u8),
+    /// GCM authentication failed: tampered data, wrong key_id or wrong annotations.
+    #[error("ciphertext failed authentication")]
+    Authentication,
+    /// No annotation carries a wrapped local KEK.
+    #[error("annotations carry no wrapped key")]
+    MissingWrappedKek,
+    /// An annotation this plugin never writes, or one whose value cannot be a wrapped key.
+    #[error("unexpected or malformed annotation")]
+    BadAnnotation,
+}
+
+/// A local KEK ready to seal and open: the expanded AES-256-GCM key schedule, which
+/// zeroizes on drop (the `zeroize` features of `aes` and `ghash`). The associated data is
+/// the caller's: [`associated_data`] for the key_id and annotations a ciphertext travels with.
+pub struct KekCipher(Aes256Gcm);
+
+impl KekCipher {
+    /// Expands `kek`; the caller may drop its copy afterwards.
+    pub fn new(kek: &Key256) -> Self {
+        Self(Aes256Gcm::new(kek.expose().into()))
+    }
+
+    /// Seals `plaintext` with a fresh random nonce. The caller enforces [`MAX_PLAINTEXT_LEN`].
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
+        out.push(FORMAT_V1);
+        out.extend_from_slice(&nonce);
+        match self.0.encrypt(&nonce, Payload { msg: plaintext, aad }) {
+            Ok(body) => out.extend_from_slice(&body),
+            // AES-GCM encryption fails only for inputs of ~64 GiB; ours are under 1 KiB.
+            Err(_) => unreachable!("AES-GCM cannot fail on a {} byte input", plaintext.len()),
+        }
+        out
+    }
+
+    /// Opens a ciphertext produced by [`KekCipher::seal`] with the same associated data.
+    pub fn open(&self, aad: &[u8], ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+        check_format(ciphertext)?;
+        let (nonce, body) = ciphertext[1..].split_at(NONCE_LEN);
+        self.0
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: body, aad })
+            .map(Zeroizing::new)
+            .map_err(|_| EnvelopeError::Authentication)
+    }
+}
+
+/// Cheap structural checks done before any key is looked up or unwrapped.
+pub fn check_format(ciphertext: &[u8]) -> Result<(), EnvelopeError> {
+    match ciphertext.first() {
+        None => Err(EnvelopeError::BadLength),
+        Some(&FORMAT_V1) if (OVERHEAD..=MAX_CIPHERTEXT_LEN).contains(&ciphertext.len()) => Ok(()),
+        Some(&FORMAT_V1) => Err(EnvelopeError::BadLength),
+        Some(&other) => Err(EnvelopeError::UnknownVersion(other)),
+    }
+}
+
+/// `"kms-plugin envelope" || version || len(key_id) || key_id || annotations digest`.
+pub fn associated_data(key_id: &str, annotations_digest: &[u8; 32]) -> Vec<u8> {
+    const DOMAIN: &[u8] = b"kms-plugin envelope";
+    let mut aad = Vec::with_capacity(DOMAIN.len() + 1 + 2 + key_id.len() + 32);
+    aad.extend_from_slice(DOMAIN);
+    aad.push(FORMAT_V1);
+    // key_id is at most 1024 bytes (validated), so the length fits in u16.
+    aad.extend_from_slice(&(key_id.len() as u16).to_be_bytes());
+    aad.extend_from_slice(key_id.as_bytes());
+    aad.extend_from_slice(annotations_digest);
+    aad
+}
+
+/// A short, stable, non-secret fingerprint of bytes, used for key_ids and cache keys.
+pub fn fingerprint(domain: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update((domain.len() as u64).to_be_bytes());
+    hash.update(domain);
+    for part in parts {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    hash.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Bound(KekCipher, Vec<u8>);
+
+    impl Bound {
+        fn seal(&self, pt: &[u8]) -> Vec<u8> {
+            self.0.seal(&self.1, pt)
+        }
+        fn open(&self, ct: &[u8]) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+            self.0.open(&self.1, ct)
+        }
+    }
+
+    fn bound(byte: u8, key_id: &str, digest: u8) -> Bound {
+        let kek = Key256::from_slice(&[byte; 32]).expect("32 bytes");
+        Bound(KekCipher::new(&kek), associated_data(key_id, &[digest; 32]))
+    }
+
+    fn key(byte: u8) -> Bound {
+        bound(byte, "file-0123", 9)
+    }
+
+    #[test]
+    fn round_trip_and_layout() {
+        let k = key(1);
+        let sealed = k.seal(&[42; 32]);
+        assert_eq!(sealed.len(), 32 + OVERHEAD);
+        assert_eq!(sealed[0], FORMAT_V1);
+        assert_eq!(k.open(&sealed).expect("opens").as_slice(), &[42; 32]);
+    }
+
+    #[test]
+    fn same_plaintext_gives_distinct_ciphertexts() {
+        let k = key(1);
+        assert_ne!(k.seal(b"seed"), k.seal(b"seed"));
+    }
+
+    #[test]
+    fn binding_to_key_id_and_annotations() {
+        let sealed = bound(1, "file-a", 0).seal(b"x");
+        let other_id = bound(1, "file-b", 0);
+        let other_annotations = bound(1, "file-a", 1);
+        assert_eq!(other_id.open(&sealed), Err(EnvelopeError::Authentication));
+        assert_eq!(other_annotations.open(&sealed), Err(EnvelopeError::Authentication));
+    }
+
+    #[test]
+    fn every_flipped_bit_is_rejected() {
+        let k = key(3);
+        let sealed = k.seal(&[5; 32]);
+        for i in 1..sealed.len() {
+            for bit in 0..8 {
+                let mut bad = sealed.clone();
+                bad[i] ^= 1 << bit;
+                assert_eq!(k.open(&bad), Err(EnvelopeError::Authentication), "byte {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_inputs() {
+        let k = key(4);
+        assert_eq!(k.open(&[]), Err(EnvelopeError::BadLength));
+        assert_eq!(k.open(&[FORMAT_V1; 5]), Err(EnvelopeError::BadLength));
+        assert_eq!(k.open(&[7; 40]), Err(EnvelopeError::UnknownVersion(7)));
+        let mut sealed = k.seal(&[1; 32]);
+        sealed.truncate(sealed.len() - 1);
+        assert_eq!(k.open(&sealed), Err(EnvelopeError::Authentication));
+        let too_long = [FORMAT_V1; MAX_CIPHERTEXT_LEN + 1];
+        assert_eq!(k.open(&too_long), Err(EnvelopeError::BadLength));
+    }
+
+    #[test]
+    fn largest_plaintext_fits_the_apiserver_limit() {
+        let sealed = key(5).seal(&[0; MAX_PLAINTEXT_LEN]);
+        assert_eq!(sealed.len(), MAX_CIPHERTEXT_LEN);
+    }
+
+    #[test]
+    fn fingerprint_is_length_prefixed() {
+        assert_ne!(
+            fingerprint(b"d", &[b"ab", b"c"]),
+            fingerprint(b"d", &[b"a", b"bc"])
+        );
+    }
+}

@@ -1,0 +1,487 @@
+//! The keyring: the configured root keys, the local KEK that seals new data, and the cache
+//! of unwrapped local KEKs that opens old data. It is the heart of the plugin; the gRPC
+//! layer only translates requests into calls here.
+//!
+//! Life of a local KEK: [`Keyring::start`] (and later the background [`Keyring::maintain`]
+//! task) generates a random key, has the active root and every `also_wrap` root wrap it,
+//! and only then makes it current. Encrypt never waits on a root: the successor is made
+//! in the background once the current key reaches `prepare_at_percent` of its limits; if
+//! no root can wrap one before the hard limit, Encrypt fails and Status says why.
+
+pub mod cache;
+pub mod roots;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use crate::config::{ApiVersion, Config, LocalKekConfig, Role};
+use crate::envelope::annotations::{self, MAX_TOTAL_LEN, wrapped_kek_key};
+use crate::envelope::{EnvelopeError, KekCipher, MAX_PLAINTEXT_LEN, associated_data, check_format};
+use crate::proto::admin;
+use crate::root::{self, KeyId, RootError};
+use crate::secret::Key256;
+use cache::KekCache;
+use roots::{Root, RootHealth, RootStats};
+
+/// kube-apiserver rejects longer key_ids; anything longer cannot be one of ours.
+const MAX_KEY_ID_LEN: usize = 1024;
+/// Status strings are shown on the apiserver's health endpoints: keep them short.
+const MAX_HEALTHZ_LEN: usize = 400;
+
+/// Why a request failed, in terms the gRPC layer maps to status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    /// The request itself is malformed (sizes, empty fields).
+    #[error("{0}")]
+    InvalidRequest(&'static str),
+    /// The ciphertext or annotations are malformed or fail authentication.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// No configured root key matches the request's key_id or annotations.
+    #[error("key_id is not one this plugin has configured")]
+    UnknownKeyId,
+    /// A root key could not be reached; retrying later may work.
+    #[error("root key \"{name}\" is unavailable")]
+    RootUnavailable {
+        /// The `[keys.NAME]` entry.
+        name: String,
+    },
+    /// A root key refused (access denied, disabled, deleted).
+    #[error("root key \"{name}\" rejected the request")]
+    RootRejected {
+        /// The `[keys.NAME]` entry.
+        name: String,
+    },
+    /// No local KEK can be used for Encrypt right now; the text says why.
+    #[error("cannot encrypt now: {0}")]
+    NotReady(String),
+}
+
+/// What Encrypt returns.
+pub struct Encrypted {
+    /// The sealed DEK seed.
+    pub ciphertext: Vec<u8>,
+    /// The active key_id (always what Status reports).
+    pub key_id: String,
+    /// The wrapped copies of the local KEK.
+    pub annotations: HashMap<String, Vec<u8>>,
+}
+
+/// What Status returns.
+pub struct Health {
+    /// "ok", or a short reason.
+    pub healthz: String,
+    /// The active key_id.
+    pub key_id: String,
+}
+
+/// A local KEK in use for Encrypt.
+struct LocalKek {
+    cipher: Arc<KekCipher>,
+    aad: Vec<u8>,
+    annotations: HashMap<String, Vec<u8>>,
+    created: Instant,
+    encryptions: AtomicU64,
+}
+
+/// The keyring. Shared as `Arc<Keyring>`; a reload builds a new one and swaps it in.
+pub struct Keyring {
+    api_version: ApiVersion,
+    active: Arc<Root>,
+    /// Active first, then `also_wrap`: every new local KEK is wrapped by all of them.
+    wrappers: Vec<Arc<Root>>,
+    /// Every configured root in role order (active, also-wrap, retired).
+    roots: Vec<Arc<Root>>,
+    limits: LocalKekConfig,
+    probe_interval: Option<Duration>,
+    retry_interval: Duration,
+    current: RwLock<Option<Arc<LocalKek>>>,
+    rotation_error: Mutex<Option<String>>,
+    cache: Arc<KekCache>,
+    wake: Notify,
+    stopped: AtomicBool,
+}
+
+impl Keyring {
+    /// Opens every root key of `config`. `cache` and `stats` carry over from the keyring
+    /// this one replaces (both are keyed by key_id, so they stay valid).
+    pub async fn open(
+        config: &Config,
+        cache: Arc<KekCache>,
+        stats: &HashMap<KeyId, Arc<RootStats>>,
+    ) -> Result<Self, RootError> {
+        let mut roots: Vec<Arc<Root>> = Vec::new();
+        for (name, role) in config.roles() {
+            let Some(key_config) = config.keys.get(name) else {
+                return Err(RootError::Config(format!("no [keys.{name}] entry")));
+            };
+            let key = root::open(name, key_config)
+                .await
+                .map_err(|e| name_error(name, key_config.provider(), e))?;
+            if let Some(twin) = roots.iter().find(|r| r.key_id() == key.key_id()) {
+                return Err(RootError::Config(format!(
+                    "keys \"{}\" and \"{name}\" are the same root key (key_id {})",
+                    twin.name,
+                    key.key_id()
+                )));
+            }
+            let stats = stats.get(key.key_id()).cloned().unwrap_or_default();
+            roots.push(Arc::new(Root::new(name, role, key, stats)));
+        }
+        let active = roots
+            .first()
+            .cloned()
+            .ok_or_else(|| RootError::Config("no active root key".into()))?;
+        let wrappers = roots
+            .iter()
+            .filter(|r| r.role != Role::Retired)
+            .cloned()
+            .collect();
+        let interval = config.health.root_check_interval_seconds;
+        Ok(Self {
+            api_version: config.api_version,
+            active,
+            wrappers,
+            roots,
+            limits: config.local_kek.clone(),
+            probe_interval: (interval > 0).then(|| Duration::from_secs(interval)),
+            retry_interval: Duration::from_secs(config.health.retry_interval_seconds.max(1)),
+            current: RwLock::new(None),
+            rotation_error: Mutex::new(None),
+            cache,
+            wake: Notify::new(),
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// Makes the first local KEK. A transient root failure is not fatal: the plugin serves
+    /// (Decrypt through other roots, an honest Status) and [`Keyring::maintain`] retries.
+    /// A refusal or misconfiguration is returned, so start-up fails with a clear reason.
+    pub async fn start(&self) -> Result<(), RootError> {
+        match self.rotate().await {
+            Err(e) if !e.is_transient() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Statistics by key_id, to carry over into a reloaded keyring.
+    pub fn stats(&self) -> HashMap<KeyId, Arc<RootStats>> {
+        self.roots
+            .iter()
+            .map(|r| (r.key_id().clone(), r.stats.clone()))
+            .collect()
+    }
+
+    /// The shared cache.
+    pub fn cache(&self) -> Arc<KekCache> {
+        self.cache.clone()
+    }
+
+    /// The active key_id.
+    pub fn key_id(&self) -> &KeyId {
+        self.active.key_id()
+    }
+
+    /// The version string Status reports.
+    pub fn api_version(&self) -> ApiVersion {
+        self.api_version
+    }
+
+    /// Seals a DEK seed under the current local KEK. Never calls a root.
+    pub fn encrypt(&self, plaintext: &[u8]) -> Result<Encrypted, KeyringError> {
+        if plaintext.is_empty() {
+            return Err(KeyringError::InvalidRequest("plaintext is empty"));
+        }
+        if plaintext.len() > MAX_PLAINTEXT_LEN {
+            return Err(KeyringError::InvalidRequest(
+                "plaintext is too large: at most 995 bytes fit kube-apiserver's 1 KiB ciphertext limit",
+            ));
+        }
+        let kek = self.current().ok_or_else(|| KeyringError::NotReady(self.encrypt_blocker()))?;
+        let count = kek.encryptions.fetch_add(1, Ordering::Relaxed) + 1;
+        if count > self.limits.max_encryptions || kek.created.elapsed() >= self.max_age() {
+            self.wake.notify_one();
+            return Err(KeyringError::NotReady(self.encrypt_blocker()));
+        }
+        if count == self.prepare_count() {
+            self.wake.notify_one();
+        }
+        Ok(Encrypted {
+            ciphertext: kek.cipher.seal(&kek.aad, plaintext),
+            key_id: self.key_id().to_string(),
+            annotations: kek.annotations.clone(),
+        })
+    }
+
+    /// Opens a ciphertext that Encrypt returned, under this or any earlier configuration
+    /// whose roots are still configured. Tries the root named by `key_id` first, then any
+    /// other configured root that holds a copy of the local KEK.
+    pub async fn decrypt(
+        &self,
+        key_id: &str,
+        ciphertext: &[u8],
+        annotations: &HashMap<String, Vec<u8>>,
+    ) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
+        check_format(ciphertext)?;
+        if key_id.is_empty() || key_id.len() > MAX_KEY_ID_LEN {
+            return Err(KeyringError::InvalidRequest("key_id must be 1 to 1024 bytes"));
+        }
+        let copies = annotations::wrapped_copies(annotations)?;
+        let requested = self.root_by_key_id(key_id);
+        let mut candidates: Vec<(&Arc<Root>, &[u8])> = copies
+            .iter()
+            .filter_map(|(id, wrapped)| self.root_by_key_id(id).map(|r| (r, *wrapped)))
+            .collect();
+        candidates.sort_by_key(|(r, _)| r.key_id().as_str() != key_id);
+        if candidates.is_empty() {
+            return Err(KeyringError::UnknownKeyId);
+        }
+        let aad = associated_data(key_id, &annotations::digest(annotations));
+        let mut failure = None;
+        for (root, wrapped) in candidates {
+            let id = KekCache::id(root.key_id().as_str(), wrapped);
+            let unwrapped = self
+                .cache
+                .get_or_unwrap(id, || async {
+                    root.unwrap(wrapped).await.map(|k| KekCipher::new(&k))
+                })
+                .await;
+            match unwrapped {
+                Ok(cipher) => {
+                    let plaintext = cipher.open(&aad, ciphertext)?;
+                    requested.unwrap_or(root).stats.note_decrypt();
+                    return Ok(plaintext);
+                }
+                Err(e) => {
+                    tracing::warn!(root = %root.name, key_id = %root.key_id(), error = %e, "cannot unwrap local KEK");
+                    failure = Some(match e {
+                        RootError::Authentication => KeyringError::Envelope(EnvelopeError::Authentication),
+                        RootError::Unavailable(_) => KeyringError::RootUnavailable { name: root.name.clone() },
+                        _ => KeyringError::RootRejected { name: root.name.clone() },
+                    });
+                }
+            }
+        }
+        Err(failure.unwrap_or(KeyringError::UnknownKeyId))
+    }
+
+    /// What Status reports. In-memory only: never calls a root.
+    pub fn health(&self) -> Health {
+        let mut healthz = self.unhealthy_reason().unwrap_or_else(|| "ok".to_string());
+        if healthz.len() > MAX_HEALTHZ_LEN {
+            let mut cut = MAX_HEALTHZ_LEN;
+            while !healthz.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            healthz.truncate(cut);
+        }
+        Health {
+            healthz,
+            key_id: self.key_id().to_string(),
+        }
+    }
+
+    /// Detail for `kms-plugin status`.
+    pub fn info(&self) -> (Vec<admin::RootInfo>, admin::LocalKekInfo) {
+        let roots = self
+            .roots
+            .iter()
+            .map(|r| {
+                let (health, last_error) = r.stats.health();
+                admin::RootInfo {
+                    name: r.name.clone(),
+                    provider: r.provider().to_string(),
+                    key_id: r.key_id().to_string(),
+                    role: r.role.as_str().to_string(),
+                    state: health.as_str().to_string(),
+                    last_error,
+                    last_decrypt_unix: r.stats.last_decrypt_unix.load(Ordering::Relaxed),
+                    wrap_calls: r.stats.wraps.load(Ordering::Relaxed),
+                    unwrap_calls: r.stats.unwraps.load(Ordering::Relaxed),
+                    failed_calls: r.stats.failures.load(Ordering::Relaxed),
+                    decrypts: r.stats.decrypts.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        let current = self.current();
+        let local = admin::LocalKekInfo {
+            encryptions: current.as_ref().map_or(0, |k| k.encryptions.load(Ordering::Relaxed)),
+            max_encryptions: self.limits.max_encryptions,
+            age_seconds: current.as_ref().map_or(0, |k| k.created.elapsed().as_secs()),
+            max_age_seconds: self.limits.max_age_seconds,
+            next_prepared: false,
+        };
+        (roots, local)
+    }
+
+    /// Background upkeep until [`Keyring::stop`]: replaces the local KEK before it runs out,
+    /// retries after root failures, and probes the wrapping roots now and then.
+    pub async fn maintain(self: Arc<Self>) {
+        let mut next_probe = self.probe_interval.map(|i| Instant::now() + i);
+        while !self.stopped.load(Ordering::Acquire) {
+            let now = Instant::now();
+            let mut wake_at = match self.successor_due() {
+                None => now,
+                Some(at) => at,
+            };
+            if wake_at <= now {
+                match self.rotate().await {
+                    Ok(()) => continue,
+                    Err(_) => wake_at = now + self.retry_interval,
+                }
+            }
+            let degraded = self.wrappers.iter().any(|r| r.stats.health().0 != RootHealth::Ok);
+            if degraded {
+                let soon = now + self.retry_interval;
+                next_probe = Some(next_probe.map_or(soon, |at| at.min(soon)));
+            }
+            if let Some(at) = next_probe {
+                if at <= now {
+                    self.probe_wrappers().await;
+                    next_probe = self.probe_interval.map(|i| Instant::now() + i);
+                    continue;
+                }
+                wake_at = wake_at.min(at);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Ends [`Keyring::maintain`] (after a reload replaced this keyring, or at shutdown).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Makes a new local KEK wrapped by every wrapping root and makes it current.
+    async fn rotate(&self) -> Result<(), RootError> {
+        let result = self.make_local_kek().await;
+        let mut error = self.rotation_error.lock().unwrap_or_else(PoisonError::into_inner);
+        match result {
+            Ok(kek) => {
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(kek));
+                *error = None;
+                tracing::info!(key_id = %self.key_id(), "new local KEK in use");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(key_id = %self.key_id(), error = %e, "cannot make a new local KEK");
+                *error = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    async fn make_local_kek(&self) -> Result<LocalKek, RootError> {
+        let kek = Key256::generate();
+        let mut annotations = HashMap::with_capacity(self.wrappers.len());
+        let mut ids = Vec::with_capacity(self.wrappers.len());
+        for root in &self.wrappers {
+            let wrapped = root
+                .wrap(&kek)
+                .await
+                .map_err(|e| name_error(&root.name, root.provider(), e))?;
+            ids.push(KekCache::id(root.key_id().as_str(), &wrapped));
+            annotations.insert(wrapped_kek_key(root.key_id().as_str()), wrapped);
+        }
+        if annotations::total_len(&annotations) > MAX_TOTAL_LEN {
+            return Err(RootError::Config(
+                "wrapped keys exceed kube-apiserver's 32 KiB annotation limit: fewer also_wrap roots".into(),
+            ));
+        }
+        let cipher = Arc::new(KekCipher::new(&kek));
+        for id in ids {
+            self.cache.insert(id, cipher.clone());
+        }
+        Ok(LocalKek {
+            aad: associated_data(self.key_id().as_str(), &annotations::digest(&annotations)),
+            cipher,
+            annotations,
+            created: Instant::now(),
+            encryptions: AtomicU64::new(0),
+        })
+    }
+
+    async fn probe_wrappers(&self) {
+        for root in &self.wrappers {
+            if let Err(e) = root.probe().await {
+                tracing::warn!(root = %root.name, key_id = %root.key_id(), error = %e, "root key probe failed");
+            }
+        }
+    }
+
+    /// When the successor of the current local KEK should be made; `None` = now.
+    fn successor_due(&self) -> Option<Instant> {
+        let kek = self.current()?;
+        if kek.encryptions.load(Ordering::Relaxed) >= self.prepare_count() {
+            return None;
+        }
+        let at = kek.created + self.max_age() * u32::from(self.limits.prepare_at_percent) / 100;
+        (at > Instant::now()).then_some(at)
+    }
+
+    fn current(&self) -> Option<Arc<LocalKek>> {
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn prepare_count(&self) -> u64 {
+        (self.limits.max_encryptions / 100 * u64::from(self.limits.prepare_at_percent)).max(1)
+    }
+
+    fn max_age(&self) -> Duration {
+        Duration::from_secs(self.limits.max_age_seconds)
+    }
+
+    fn root_by_key_id(&self, key_id: &str) -> Option<&Arc<Root>> {
+        self.roots.iter().find(|r| r.key_id().as_str() == key_id)
+    }
+
+    fn rotation_error(&self) -> String {
+        self.rotation_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| "no local KEK made yet".into())
+    }
+
+    /// Why an Encrypt would fail right now.
+    fn encrypt_blocker(&self) -> String {
+        match self.current() {
+            None => format!("no local KEK: {}", self.rotation_error()),
+            Some(_) => format!("local KEK used up and no successor: {}", self.rotation_error()),
+        }
+    }
+
+    fn unhealthy_reason(&self) -> Option<String> {
+        let usable = self.current().is_some_and(|k| {
+            k.encryptions.load(Ordering::Relaxed) < self.limits.max_encryptions
+                && k.created.elapsed() < self.max_age()
+        });
+        if !usable {
+            return Some(self.encrypt_blocker());
+        }
+        let (health, error) = self.active.stats.health();
+        (health == RootHealth::Rejected)
+            .then(|| format!("active root key \"{}\" rejected: {error}", self.active.name))
+    }
+}
+
+/// Prefixes a root error with the key's name so operators know which key failed.
+fn name_error(name: &str, provider: &str, e: RootError) -> RootError {
+    let label = format!("key \"{name}\" ({provider})");
+    match e {
+        RootError::Unavailable(m) => RootError::Unavailable(format!("{label}: {m}")),
+        RootError::Rejected(m) => RootError::Rejected(format!("{label}: {m}")),
+        RootError::Config(m) => RootError::Config(format!("{label}: {m}")),
+        RootError::Authentication => RootError::Authentication,
+    }
+}

@@ -1,0 +1,186 @@
+//! Root keys: the key-encryption keys that live outside the plugin (a file, an HSM, a
+//! cloud KMS) and wrap the plugin's local KEKs. One module per provider; everything else
+//! sees only the [`RootKey`] trait.
+
+pub mod file;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::config::KeyConfig;
+use crate::envelope::annotations::is_label;
+use crate::envelope::fingerprint;
+use crate::secret::Key256;
+
+/// A boxed future, so that root keys can be trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A root key as the rest of the plugin sees it. Calls are rare (one wrap per local KEK,
+/// one unwrap per distinct local KEK after a start), so they may be slow and remote.
+pub trait RootKey: Send + Sync {
+    /// The provider name, as in the config file (`file`, `pkcs11`, `aws-kms`).
+    fn provider(&self) -> &'static str;
+
+    /// The stable, public identity of this root: the Status key_id while it is active.
+    fn key_id(&self) -> &KeyId;
+
+    /// Wraps a local KEK. The result must unwrap only with the same `ctx`.
+    fn wrap<'a>(
+        &'a self,
+        kek: &'a Key256,
+        ctx: &'a WrapContext,
+    ) -> BoxFuture<'a, Result<Vec<u8>, RootError>>;
+
+    /// Unwraps what [`RootKey::wrap`] returned under the same `ctx`.
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a [u8],
+        ctx: &'a WrapContext,
+    ) -> BoxFuture<'a, Result<Key256, RootError>>;
+}
+
+/// What a wrapped local KEK is bound to: this plugin's purpose and the root's key_id.
+/// GCM-based providers use [`WrapContext::aad`]; AWS KMS sends [`WrapContext::pairs`] as
+/// its EncryptionContext.
+#[derive(Debug, Clone)]
+pub struct WrapContext {
+    key_id: KeyId,
+}
+
+impl WrapContext {
+    /// The purpose every wrapped local KEK is bound to.
+    pub const PURPOSE: &'static str = "kms-plugin-local-kek-v1";
+
+    /// The context for wrapping under the root with `key_id`.
+    pub fn new(key_id: &KeyId) -> Self {
+        Self {
+            key_id: key_id.clone(),
+        }
+    }
+
+    /// Associated data for providers that wrap with an AEAD.
+    pub fn aad(&self) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(Self::PURPOSE.len() + 1 + self.key_id.0.len());
+        aad.extend_from_slice(Self::PURPOSE.as_bytes());
+        aad.push(0);
+        aad.extend_from_slice(self.key_id.0.as_bytes());
+        aad
+    }
+
+    /// Key/value pairs for providers that take an encryption context.
+    pub fn pairs(&self) -> [(&'static str, &str); 2] {
+        [
+            ("kms-plugin/purpose", Self::PURPOSE),
+            ("kms-plugin/key-id", self.key_id.as_str()),
+        ]
+    }
+}
+
+/// A root key's public identity: `<provider>-<32 hex digits>`, a DNS label so that it can
+/// name the annotation that carries the copy it wrapped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(String);
+
+impl KeyId {
+    /// Derives a key_id from a provider's identity material (a check value, an ARN):
+    /// a hash, so nothing private shows and distinct identities get distinct ids.
+    pub fn derive(provider_tag: &str, identity: &[u8]) -> Self {
+        let hash = fingerprint(b"kms-plugin key_id v1", &[provider_tag.as_bytes(), identity]);
+        Self(format!("{provider_tag}-{}", hex::encode(&hash[..16])))
+    }
+
+    /// Accepts a key_id string from a request only if it has the shape this plugin emits.
+    pub fn parse(text: &str) -> Option<Self> {
+        is_label(text).then(|| Self(text.to_string()))
+    }
+
+    /// The wire string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a root key call failed. Messages name the problem for operators and logs; none
+/// carries key material.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RootError {
+    /// The root cannot be reached right now (network, throttling, token absent); retrying
+    /// later may work.
+    #[error("root key unavailable: {0}")]
+    Unavailable(String),
+    /// The root refused: access denied, key disabled or deleted. Needs an operator.
+    #[error("root key rejected the request: {0}")]
+    Rejected(String),
+    /// The wrapped key does not authenticate under this root and context: tampered, or
+    /// wrapped by another key.
+    #[error("wrapped key does not authenticate under this root key")]
+    Authentication,
+    /// The root key is misconfigured (file mode, length, missing object, wrong PIN).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl RootError {
+    /// True when the same call may succeed later without operator action.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RootError::Unavailable(_))
+    }
+}
+
+/// Opens the root key a `[keys.NAME]` entry describes. Fails with a message naming the
+/// key when it cannot be used (missing, unreadable, wrong permissions, rejected).
+pub async fn open(name: &str, config: &KeyConfig) -> Result<Arc<dyn RootKey>, RootError> {
+    let opened: Arc<dyn RootKey> = match config {
+        KeyConfig::File(c) => Arc::new(file::FileRoot::open(&c.path).await?),
+    };
+    tracing::debug!(key = name, provider = opened.provider(), key_id = %opened.key_id(), "opened root key");
+    Ok(opened)
+}
+
+/// Creates the key a `[keys.NAME]` entry describes if it does not exist yet
+/// (`kms-plugin keygen`). Returns whether it created one.
+pub async fn create(config: &KeyConfig) -> Result<bool, RootError> {
+    match config {
+        KeyConfig::File(c) => file::FileRoot::create(&c.path).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ids_are_labels_and_distinct() {
+        let a = KeyId::derive("file", b"one");
+        let b = KeyId::derive("file", b"two");
+        let c = KeyId::derive("aws", b"one");
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert!(a.as_str().starts_with("file-"));
+        assert_eq!(a.as_str().len(), "file-".len() + 32);
+        assert_eq!(KeyId::parse(a.as_str()), Some(a.clone()));
+        assert_eq!(KeyId::derive("file", b"one"), a);
+    }
+
+    #[test]
+    fn parse_rejects_foreign_shapes() {
+        for bad in ["", "UPPER", "a/b", "x.y", &"a".repeat(64)] {
+            assert!(KeyId::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn context_binds_key_id() {
+        let a = WrapContext::new(&KeyId::derive("file", b"a"));
+        let b = WrapContext::new(&KeyId::derive("file", b"b"));
+        assert_ne!(a.aad(), b.aad());
+        assert_eq!(a.pairs()[0].1, WrapContext::PURPOSE);
+    }
+}

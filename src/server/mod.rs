@@ -1,0 +1,81 @@
+//! Serving: the socket, the tonic server on it, signals, systemd readiness and a
+//! graceful stop (stop accepting, finish calls in flight, remove the socket).
+
+pub mod socket;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+
+use crate::plugin::Plugin;
+use crate::proto::admin::admin_server::AdminServer;
+use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
+use crate::service::Service;
+use socket::{Endpoint, SocketError};
+
+/// How long calls in flight get to finish after SIGTERM.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `plugin` on `endpoint` until `shutdown` resolves.
+pub async fn serve(
+    plugin: Arc<Plugin>,
+    endpoint: &Endpoint,
+    mode: u32,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), SocketError> {
+    let listener = socket::bind(endpoint, mode)?;
+    let incoming = UnixListenerStream::new(listener);
+    let service = Service::new(plugin.clone());
+    tracing::info!(socket = %endpoint, key_id = %plugin.keyring().key_id(), "serving KMS v2");
+    notify_systemd("READY=1");
+
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
+        .add_service(KeyManagementServiceServer::new(service.clone()))
+        .add_service(AdminServer::new(service))
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            let _ = stopping_tx.send(());
+        });
+    tokio::pin!(server);
+    let result = tokio::select! {
+        result = &mut server => result,
+        _ = async {
+            let _ = stopping_rx.await;
+            tracing::info!("shutting down: no new connections, finishing calls in flight");
+            notify_systemd("STOPPING=1");
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => {
+            tracing::warn!("calls still in flight after {DRAIN_TIMEOUT:?}; exiting anyway");
+            Ok(())
+        }
+    };
+    socket::remove(endpoint);
+    plugin.stop();
+    if let Err(e) = result {
+        tracing::error!(error = %e, "server error");
+    }
+    Ok(())
+}
+
+/// Tells systemd (Type=notify) about state changes; a no-op outside systemd.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let endpoint = Endpoint::parse(&path.to_string_lossy());
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|sock| match &endpoint {
+        Endpoint::Path(p) => sock.send_to(state.as_bytes(), p),
+        Endpoint::Abstract(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(state.as_bytes(), &addr)
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}

@@ -1,0 +1,196 @@
+//! The listening socket: path or abstract name, stale-socket recovery, permissions.
+//!
+//! A socket file left by a crash is removed only if it is a socket and nothing answers on
+//! it. A live plugin on the path, or a path that is not a socket, stops start-up and is
+//! left untouched.
+
+use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{SocketAddr, UnixListener as StdListener, UnixStream as StdStream};
+use std::path::{Path, PathBuf};
+
+use tokio::net::UnixListener;
+
+use crate::root::file::create_private_dir;
+
+/// Where the plugin listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A socket file.
+    Path(PathBuf),
+    /// A Linux abstract socket (`@name`): no file, gone when the process exits.
+    Abstract(String),
+}
+
+impl Endpoint {
+    /// Parses `/path`, `unix:///path`, `@name` or `unix:///@name` (the apiserver's forms).
+    pub fn parse(text: &str) -> Self {
+        let text = match text.strip_prefix("unix://") {
+            Some(rest) => rest.strip_prefix('/').filter(|r| r.starts_with('@')).unwrap_or(rest),
+            None => text,
+        };
+        match text.strip_prefix('@') {
+            Some(name) => Endpoint::Abstract(name.to_string()),
+            None => Endpoint::Path(PathBuf::from(text)),
+        }
+    }
+
+    /// Connects a blocking client stream (used to detect a live plugin, and by clients).
+    pub fn connect_std(&self) -> io::Result<StdStream> {
+        match self {
+            Endpoint::Path(path) => StdStream::connect(path),
+            Endpoint::Abstract(name) => StdStream::connect_addr(&SocketAddr::from_abstract_name(name)?),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Path(path) => write!(f, "{}", path.display()),
+            Endpoint::Abstract(name) => write!(f, "@{name}"),
+        }
+    }
+}
+
+/// Why the socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Another process answers on the endpoint.
+    #[error("another process is already serving on {0}; stop it first (nothing was changed)")]
+    InUse(String),
+    /// Something other than a socket sits at the path.
+    #[error("{0} exists and is not a socket; refusing to replace it (nothing was deleted)")]
+    NotASocket(PathBuf),
+    /// Any other I/O failure.
+    #[error("cannot listen on {endpoint}: {source}")]
+    Io {
+        /// The endpoint.
+        endpoint: String,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+/// Binds the endpoint. Socket files get `mode` before they appear at their final path.
+pub fn bind(endpoint: &Endpoint, mode: u32) -> Result<UnixListener, SocketError> {
+    let io_err = |source| SocketError::Io {
+        endpoint: endpoint.to_string(),
+        source,
+    };
+    let listener = match endpoint {
+        Endpoint::Abstract(name) => {
+            let addr = SocketAddr::from_abstract_name(name).map_err(io_err)?;
+            StdListener::bind_addr(&addr).map_err(|e| match e.kind() {
+                io::ErrorKind::AddrInUse => SocketError::InUse(endpoint.to_string()),
+                _ => io_err(e),
+            })?
+        }
+        Endpoint::Path(path) => bind_path(path, mode)?,
+    };
+    listener.set_nonblocking(true).map_err(io_err)?;
+    UnixListener::from_std(listener).map_err(io_err)
+}
+
+/// Removes the socket file at shutdown (only if it is still a socket).
+pub fn remove(endpoint: &Endpoint) {
+    if let Endpoint::Path(path) = endpoint {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn bind_path(path: &Path, mode: u32) -> Result<StdListener, SocketError> {
+    let io_err = |source| SocketError::Io {
+        endpoint: path.display().to_string(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(SocketError::NotASocket(path.to_path_buf()));
+        }
+        Ok(_) => match StdStream::connect(path) {
+            Ok(_) => return Err(SocketError::InUse(path.display().to_string())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::warn!(path = %path.display(), "removing stale socket left by an earlier run");
+                std::fs::remove_file(path).map_err(io_err)?;
+            }
+            Err(e) => return Err(io_err(e)),
+        },
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
+        create_private_dir(dir).map_err(|e| io_err(io::Error::other(e.to_string())))?;
+    }
+    // Bind under a temporary name, set the mode, then rename: the final path never
+    // exists with the umask's (possibly wider) permissions.
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let staging = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let listener = StdListener::bind(&staging).map_err(io_err)?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&staging, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(io_err(e));
+    }
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_forms() {
+        assert_eq!(Endpoint::parse("/run/k.sock"), Endpoint::Path("/run/k.sock".into()));
+        assert_eq!(Endpoint::parse("unix:///run/k.sock"), Endpoint::Path("/run/k.sock".into()));
+        assert_eq!(Endpoint::parse("@kms"), Endpoint::Abstract("kms".into()));
+        assert_eq!(Endpoint::parse("unix:///@kms"), Endpoint::Abstract("kms".into()));
+        assert_eq!(Endpoint::parse("@kms").to_string(), "@kms");
+    }
+
+    #[tokio::test]
+    async fn binds_with_mode_and_recovers_stale_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("new/kms.sock");
+        let endpoint = Endpoint::Path(path.clone());
+        let listener = bind(&endpoint, 0o600).expect("bind");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir_mode = std::fs::metadata(path.parent().expect("parent")).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700);
+
+        assert!(matches!(bind(&endpoint, 0o600), Err(SocketError::InUse(_))));
+        drop(listener); // leaves the file behind, like a crash
+        assert!(path.exists());
+        let _again = bind(&endpoint, 0o660).expect("stale socket replaced");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+    }
+
+    #[test]
+    fn refuses_non_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kms.sock");
+        std::fs::write(&path, b"precious").expect("write");
+        assert!(matches!(bind(&Endpoint::Path(path.clone()), 0o600), Err(SocketError::NotASocket(_))));
+        assert_eq!(std::fs::read(&path).expect("still there"), b"precious");
+    }
+
+    #[tokio::test]
+    async fn abstract_socket_in_use_is_detected() {
+        let name = format!("kms-plugin-test-{}", std::process::id());
+        let endpoint = Endpoint::Abstract(name);
+        let _listener = bind(&endpoint, 0o600).expect("bind");
+        assert!(matches!(bind(&endpoint, 0o600), Err(SocketError::InUse(_))));
+        assert!(endpoint.connect_std().is_ok());
+    }
+}

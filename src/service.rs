@@ -1,0 +1,222 @@
+//! The gRPC services: KMS v2 for kube-apiserver, Admin for operators. Each handler
+//! validates sizes, calls the keyring, logs one line, and maps errors to status codes in
+//! [`to_status`], the one place that decides what a client is told.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use crate::keyring::KeyringError;
+use crate::plugin::Plugin;
+use crate::proto::admin::admin_server::Admin;
+use crate::proto::admin::{InfoRequest, InfoResponse, ReloadRequest, ReloadResponse};
+use crate::proto::v2::key_management_service_server::KeyManagementService;
+use crate::proto::v2::{
+    DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest,
+    StatusResponse,
+};
+
+/// Decrypt waits at most this long for a root when the client sent no deadline.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Both services over one plugin.
+#[derive(Clone)]
+pub struct Service {
+    plugin: Arc<Plugin>,
+}
+
+impl Service {
+    /// Serves `plugin`.
+    pub fn new(plugin: Arc<Plugin>) -> Self {
+        Self { plugin }
+    }
+}
+
+#[tonic::async_trait]
+impl KeyManagementService for Service {
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let keyring = self.plugin.keyring();
+        let health = keyring.health();
+        tracing::debug!(op = "status", key_id = %health.key_id, healthz = %health.healthz);
+        Ok(Response::new(StatusResponse {
+            version: keyring.api_version().as_str().to_string(),
+            healthz: health.healthz,
+            key_id: health.key_id,
+        }))
+    }
+
+    async fn encrypt(
+        &self,
+        request: Request<EncryptRequest>,
+    ) -> Result<Response<EncryptResponse>, Status> {
+        let started = std::time::Instant::now();
+        let request = request.into_inner();
+        let keyring = self.plugin.keyring();
+        let result = keyring.encrypt(&request.plaintext);
+        log_call("encrypt", &request.uid, keyring.key_id().as_str(), &result, started);
+        let sealed = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(EncryptResponse {
+            ciphertext: sealed.ciphertext,
+            key_id: sealed.key_id,
+            annotations: sealed.annotations,
+        }))
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<DecryptRequest>,
+    ) -> Result<Response<DecryptResponse>, Status> {
+        let started = std::time::Instant::now();
+        let deadline = grpc_timeout(request.metadata()).unwrap_or(DEFAULT_DEADLINE);
+        let request = request.into_inner();
+        let keyring = self.plugin.keyring();
+        let call = keyring.decrypt(&request.key_id, &request.ciphertext, &request.annotations);
+        let result = match tokio::time::timeout(deadline, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(op = "decrypt", uid = %loggable(&request.uid), "deadline exceeded waiting for a root key");
+                return Err(Status::deadline_exceeded("timed out waiting for the root key"));
+            }
+        };
+        log_call("decrypt", &request.uid, &request.key_id, &result, started);
+        let plaintext = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(DecryptResponse {
+            // The response buffer is freed by tonic after encoding; the Zeroizing copy here
+            // is wiped when it drops.
+            plaintext: plaintext.to_vec(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Service {
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let keyring = self.plugin.keyring();
+        let health = keyring.health();
+        let (roots, local_kek) = keyring.info();
+        let cache = keyring.cache();
+        Ok(Response::new(InfoResponse {
+            version: keyring.api_version().as_str().to_string(),
+            healthz: health.healthz,
+            key_id: health.key_id,
+            roots,
+            local_kek: Some(local_kek),
+            cache_entries: cache.len() as u64,
+            cache_capacity: cache.capacity() as u64,
+            config_source: self.plugin.source().to_string(),
+            pid: std::process::id(),
+            plugin_version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+
+    async fn reload(&self, _: Request<ReloadRequest>) -> Result<Response<ReloadResponse>, Status> {
+        Err(Status::unimplemented("reload is not supported yet"))
+    }
+}
+
+/// The one mapping from keyring errors to what a client sees. Messages name the problem
+/// and never carry key material or request data.
+pub fn to_status(error: &KeyringError) -> Status {
+    let message = error.to_string();
+    match error {
+        KeyringError::InvalidRequest(_) | KeyringError::Envelope(_) => {
+            Status::invalid_argument(message)
+        }
+        KeyringError::UnknownKeyId | KeyringError::RootRejected { .. } => {
+            Status::failed_precondition(message)
+        }
+        KeyringError::RootUnavailable { .. } | KeyringError::NotReady(_) => {
+            Status::unavailable(message)
+        }
+    }
+}
+
+fn log_call<T>(
+    op: &str,
+    uid: &str,
+    key_id: &str,
+    result: &Result<T, KeyringError>,
+    started: std::time::Instant,
+) {
+    let micros = started.elapsed().as_micros() as u64;
+    let (uid, key_id) = (loggable(uid), loggable(key_id));
+    match result {
+        Ok(_) => tracing::info!(op, uid = %uid, key_id = %key_id, outcome = "ok", micros),
+        Err(e) => tracing::warn!(op, uid = %uid, key_id = %key_id, outcome = "error", error = %e, micros),
+    }
+}
+
+/// Caller-supplied strings in logs: bounded and printable only.
+fn loggable(text: &str) -> String {
+    text.chars()
+        .take(80)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
+}
+
+/// The client's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let split = value.len().checked_sub(1)?;
+    let (digits, unit) = value.split_at(split);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::EnvelopeError;
+    use tonic::Code;
+
+    #[test]
+    fn status_codes() {
+        let cases = [
+            (KeyringError::InvalidRequest("x"), Code::InvalidArgument),
+            (KeyringError::Envelope(EnvelopeError::Authentication), Code::InvalidArgument),
+            (KeyringError::UnknownKeyId, Code::FailedPrecondition),
+            (KeyringError::RootRejected { name: "a".into() }, Code::FailedPrecondition),
+            (KeyringError::RootUnavailable { name: "a".into() }, Code::Unavailable),
+            (KeyringError::NotReady("x".into()), Code::Unavailable),
+        ];
+        for (error, code) in cases {
+            assert_eq!(to_status(&error).code(), code, "{error}");
+        }
+    }
+
+    #[test]
+    fn grpc_timeout_parsing() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&m), None);
+        for (text, want) in [
+            ("3S", Some(Duration::from_secs(3))),
+            ("2999999u", Some(Duration::from_micros(2_999_999))),
+            ("100m", Some(Duration::from_millis(100))),
+            ("1H", Some(Duration::from_secs(3600))),
+            ("S", None),
+            ("123456789S", None),
+            ("5x", None),
+        ] {
+            m.insert("grpc-timeout", text.parse().expect("ascii"));
+            assert_eq!(grpc_timeout(&m), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn loggable_strips_control_characters_and_bounds_length() {
+        assert_eq!(loggable("a\nb\u{7}c"), "a?b?c");
+        assert_eq!(loggable(&"x".repeat(500)).len(), 80);
+    }
+}
