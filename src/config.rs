@@ -78,6 +78,8 @@ pub struct KekConfig {
 pub enum KeyConfig {
     /// A 32-byte key in a file (mode 0600).
     File(FileKeyConfig),
+    /// A symmetric AWS KMS key, by ARN.
+    AwsKms(AwsKmsKeyConfig),
 }
 
 impl KeyConfig {
@@ -85,6 +87,7 @@ impl KeyConfig {
     pub fn provider(&self) -> &'static str {
         match self {
             KeyConfig::File(_) => "file",
+            KeyConfig::AwsKms(_) => "aws-kms",
         }
     }
 }
@@ -95,6 +98,99 @@ impl KeyConfig {
 pub struct FileKeyConfig {
     /// Path of the 32-byte raw key file.
     pub path: PathBuf,
+}
+
+/// `provider = "aws-kms"`. Credentials come only from the standard AWS chain (environment,
+/// profile, web identity / IRSA, instance metadata), never from this file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsKmsKeyConfig {
+    /// The full key ARN (`arn:aws:kms:REGION:ACCOUNT:key/ID`). Aliases are refused: an
+    /// alias can be repointed, which would silently change the key behind a key_id.
+    pub key_id: String,
+    /// The AWS region of the key.
+    pub region: String,
+    /// Endpoint URL override (VPC or FIPS endpoint, an emulator).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Extra EncryptionContext pairs sent with every call, on top of the plugin's own.
+    #[serde(default)]
+    pub encryption_context: BTreeMap<String, String>,
+    /// Total time budget of one KMS operation, retries included, in milliseconds. Kept
+    /// below kube-apiserver's default 3 s deadline.
+    #[serde(default = "default_aws_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Time limit of a single attempt (connect + request), in milliseconds.
+    #[serde(default = "default_aws_attempt_timeout_ms")]
+    pub attempt_timeout_ms: u64,
+}
+
+/// Encryption-context keys with this prefix belong to the plugin.
+pub const RESERVED_CONTEXT_PREFIX: &str = "kms-plugin/";
+
+fn default_aws_timeout_ms() -> u64 {
+    2500
+}
+
+fn default_aws_attempt_timeout_ms() -> u64 {
+    1000
+}
+
+impl AwsKmsKeyConfig {
+    fn validate(&self, name: &str) -> Result<(), String> {
+        let at = format!("[keys.{name}]");
+        let arn = &self.key_id;
+        // arn:PARTITION:kms:REGION:ACCOUNT:key/ID
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        let is_key_arn = parts.len() == 6
+            && parts[0] == "arn"
+            && !parts[1].is_empty()
+            && parts[2] == "kms"
+            && !parts[4].is_empty()
+            && parts[5].strip_prefix("key/").is_some_and(|id| !id.is_empty() && !id.contains('/'));
+        if !is_key_arn {
+            let hint = if arn.contains("alias/") {
+                "aliases are not accepted because they can be repointed to another key; "
+            } else {
+                ""
+            };
+            return Err(format!(
+                "{at} key_id must be a full key ARN like arn:aws:kms:REGION:ACCOUNT:key/ID, not \"{arn}\" \
+                 ({hint}find it with `aws kms describe-key --key-id ... --query KeyMetadata.Arn`)"
+            ));
+        }
+        if self.region.is_empty() {
+            return Err(format!("{at} region must not be empty"));
+        }
+        if parts[3] != self.region {
+            return Err(format!(
+                "{at} region \"{}\" differs from the region in the key ARN (\"{}\")",
+                self.region, parts[3]
+            ));
+        }
+        if let Some(endpoint) = &self.endpoint {
+            if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+                return Err(format!("{at} endpoint must be an http:// or https:// URL"));
+            }
+        }
+        for key in self.encryption_context.keys() {
+            if key.is_empty() {
+                return Err(format!("{at} encryption_context keys must not be empty"));
+            }
+            if key.starts_with(RESERVED_CONTEXT_PREFIX) {
+                return Err(format!(
+                    "{at} encryption_context key \"{key}\" is reserved: keys starting with \"{RESERVED_CONTEXT_PREFIX}\" are the plugin's own"
+                ));
+            }
+        }
+        if !(100..=60_000).contains(&self.timeout_ms) {
+            return Err(format!("{at} timeout_ms must be 100 to 60000"));
+        }
+        if self.attempt_timeout_ms < 50 || self.attempt_timeout_ms > self.timeout_ms {
+            return Err(format!("{at} attempt_timeout_ms must be at least 50 and at most timeout_ms"));
+        }
+        Ok(())
+    }
 }
 
 /// `[local_kek]`: when a local KEK is replaced.
@@ -293,6 +389,11 @@ impl Config {
                 return Err(format!("[kek] names key \"{name}\" more than once"));
             }
         }
+        for (name, key) in &self.keys {
+            if let KeyConfig::AwsKms(aws) = key {
+                aws.validate(name)?;
+            }
+        }
         let lk = &self.local_kek;
         if lk.max_encryptions == 0 || lk.max_age_seconds == 0 {
             return Err("[local_kek] limits must be greater than zero".into());
@@ -431,6 +532,50 @@ mod tests {
         assert!(error_of(&format!("{MINIMAL}\n[cache]\ncapacity = 0")).contains("capacity"));
         assert!(error_of(&MINIMAL.replace("/run/kms-plugin/kms.sock", "")).contains("socket"));
         assert!(error_of("not toml [").contains("TOML") || error_of("not toml [").contains("expected"));
+    }
+
+    const AWS: &str = r#"
+        [kek]
+        active = "aws"
+        [keys.aws]
+        provider = "aws-kms"
+        key_id = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+        region = "eu-west-1"
+    "#;
+
+    #[test]
+    fn aws_kms_parses_with_defaults_and_options() {
+        let c = Config::parse(AWS).expect("valid");
+        let KeyConfig::AwsKms(k) = &c.keys["aws"] else { panic!("not aws-kms") };
+        assert_eq!(c.keys["aws"].provider(), "aws-kms");
+        assert_eq!(k.region, "eu-west-1");
+        assert_eq!((k.timeout_ms, k.attempt_timeout_ms), (2500, 1000));
+        assert!(k.endpoint.is_none() && k.encryption_context.is_empty());
+
+        let text = format!(
+            "{AWS}\nendpoint = \"https://kms-fips.eu-west-1.amazonaws.com\"\ntimeout_ms = 2000\n\
+             [keys.aws.encryption_context]\ncluster = \"prod\"\n"
+        );
+        let c = Config::parse(&text).expect("valid");
+        let KeyConfig::AwsKms(k) = &c.keys["aws"] else { panic!("not aws-kms") };
+        assert_eq!(k.encryption_context["cluster"], "prod");
+        assert_eq!(k.timeout_ms, 2000);
+    }
+
+    #[test]
+    fn aws_kms_bad_settings_are_rejected() {
+        let arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        let alias = AWS.replace(arn, "arn:aws:kms:eu-west-1:111122223333:alias/k8s");
+        assert!(error_of(&alias).contains("aliases are not accepted"));
+        assert!(error_of(&AWS.replace(arn, "alias/k8s")).contains("full key ARN"));
+        assert!(error_of(&AWS.replace(arn, "1234abcd-12ab-34cd-56ef-1234567890ab")).contains("full key ARN"));
+        assert!(error_of(&AWS.replace("region = \"eu-west-1\"", "region = \"us-east-1\"")).contains("differs"));
+        assert!(error_of(&format!("{AWS}\nendpoint = \"kms.local\"")).contains("endpoint"));
+        assert!(error_of(&format!("{AWS}\ntimeout_ms = 10")).contains("timeout_ms"));
+        assert!(error_of(&format!("{AWS}\nattempt_timeout_ms = 5000")).contains("attempt_timeout_ms"));
+        assert!(error_of(&format!("{AWS}\naccess_key_id = \"AKIA\"")).contains("access_key_id"));
+        let clash = format!("{AWS}\n[keys.aws.encryption_context]\n\"kms-plugin/purpose\" = \"x\"\n");
+        assert!(error_of(&clash).contains("reserved"));
     }
 
     #[test]

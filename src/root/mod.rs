@@ -2,6 +2,8 @@
 //! cloud KMS) and wrap the plugin's local KEKs. One module per provider; everything else
 //! sees only the [`RootKey`] trait.
 
+#[cfg(feature = "aws-kms")]
+pub mod aws_kms;
 pub mod file;
 
 use std::future::Future;
@@ -139,6 +141,10 @@ impl RootError {
 pub async fn open(name: &str, config: &KeyConfig) -> Result<Arc<dyn RootKey>, RootError> {
     let opened: Arc<dyn RootKey> = match config {
         KeyConfig::File(c) => Arc::new(file::FileRoot::open(&c.path).await?),
+        #[cfg(feature = "aws-kms")]
+        KeyConfig::AwsKms(c) => Arc::new(aws_kms::AwsKmsRoot::open(c).await?),
+        #[cfg(not(feature = "aws-kms"))]
+        KeyConfig::AwsKms(_) => return Err(not_built("aws-kms")),
     };
     tracing::debug!(key = name, provider = opened.provider(), key_id = %opened.key_id(), "opened root key");
     Ok(opened)
@@ -149,7 +155,19 @@ pub async fn open(name: &str, config: &KeyConfig) -> Result<Arc<dyn RootKey>, Ro
 pub async fn create(config: &KeyConfig) -> Result<bool, RootError> {
     match config {
         KeyConfig::File(c) => file::FileRoot::create(&c.path).await,
+        #[cfg(feature = "aws-kms")]
+        KeyConfig::AwsKms(c) => aws_kms::AwsKmsRoot::create(c).await,
+        #[cfg(not(feature = "aws-kms"))]
+        KeyConfig::AwsKms(_) => Err(not_built("aws-kms")),
     }
+}
+
+/// The config names a provider this binary was built without.
+#[allow(dead_code)] // used only when some provider feature is off
+fn not_built(provider: &str) -> RootError {
+    RootError::Config(format!(
+        "provider \"{provider}\" is not in this build of kms-plugin (cargo feature \"{provider}\")"
+    ))
 }
 
 #[cfg(test)]

@@ -1,0 +1,336 @@
+//! `provider = "aws-kms"`: a symmetric AWS KMS key wraps local KEKs with Encrypt/Decrypt.
+//!
+//! Calls are rare (one Encrypt per local KEK, one Decrypt per distinct local KEK after a
+//! start) and opening makes none, so the plugin starts while KMS is down and steady state
+//! costs nothing. Every call has a total time budget below kube-apiserver's 3 s deadline;
+//! transient failures are retried inside it with jittered exponential backoff.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_kms::Client;
+use aws_sdk_kms::config::Region;
+use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{KeySpec, KeyState, KeyUsageType};
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use rand::Rng;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use super::{BoxFuture, KeyId, RootError, RootKey, WrapContext};
+use crate::config::AwsKmsKeyConfig;
+use crate::secret::{KEY_LEN, Key256};
+
+/// First backoff step; doubles per attempt up to [`MAX_BACKOFF`].
+const BASE_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_millis(800);
+
+/// A root key held in AWS KMS.
+pub struct AwsKmsRoot {
+    client: Client,
+    arn: String,
+    key_id: KeyId,
+    extra_context: BTreeMap<String, String>,
+    budget: Duration,
+}
+
+impl AwsKmsRoot {
+    /// Builds the client. Makes no KMS call: the config holds the full key ARN, and
+    /// credentials are resolved lazily on the first call.
+    pub async fn open(config: &AwsKmsKeyConfig) -> Result<Self, RootError> {
+        let attempt = Duration::from_millis(config.attempt_timeout_ms);
+        let budget = Duration::from_millis(config.timeout_ms);
+        // One TLS stack (rustls) and one crypto backend (ring) for the whole binary.
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(attempt)
+            .operation_attempt_timeout(attempt)
+            .operation_timeout(budget)
+            .build();
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()))
+            .http_client(http)
+            .timeout_config(timeouts)
+            // Retries are ours (see `call`), so that the budget and the classification of
+            // errors are explicit and the same for every call.
+            .retry_config(RetryConfig::disabled())
+            .load()
+            .await;
+        let mut kms = aws_sdk_kms::config::Builder::from(&shared);
+        // Only the KMS client gets the override: STS (web identity) must keep its own.
+        if let Some(endpoint) = &config.endpoint {
+            kms = kms.endpoint_url(endpoint);
+        }
+        Ok(Self {
+            client: Client::from_conf(kms.build()),
+            arn: config.key_id.clone(),
+            // ARNs are never reused and identical on every instance.
+            key_id: KeyId::derive("aws", config.key_id.as_bytes()),
+            extra_context: config.encryption_context.clone(),
+            budget,
+        })
+    }
+
+    /// `kms-plugin keygen`: keys are created in AWS, not by the plugin. This checks with
+    /// DescribeKey that the configured key exists and can wrap, and returns `Ok(false)`.
+    pub async fn create(config: &AwsKmsKeyConfig) -> Result<bool, RootError> {
+        let root = Self::open(config).await?;
+        let out = root
+            .call("DescribeKey", || root.client.describe_key().key_id(&root.arn).send())
+            .await
+            .map_err(|e| match e {
+                RootError::Rejected(m) if m.contains("NotFoundException") => RootError::Config(format!(
+                    "{m}; AWS KMS keys are created in AWS (aws kms create-key), not by kms-plugin keygen"
+                )),
+                other => other,
+            })?;
+        let Some(meta) = out.key_metadata() else {
+            return Err(RootError::Unavailable("DescribeKey returned no key metadata".into()));
+        };
+        if meta.key_usage() != Some(&KeyUsageType::EncryptDecrypt)
+            || meta.key_spec() != Some(&KeySpec::SymmetricDefault)
+        {
+            return Err(RootError::Config(format!(
+                "{} is not a symmetric ENCRYPT_DECRYPT key (SYMMETRIC_DEFAULT)",
+                root.arn
+            )));
+        }
+        if meta.key_state() != Some(&KeyState::Enabled) {
+            return Err(RootError::Rejected(format!(
+                "{} is in state {:?}, not Enabled",
+                root.arn,
+                meta.key_state()
+            )));
+        }
+        Ok(false)
+    }
+
+    /// The EncryptionContext: the plugin's pairs (purpose, key_id) plus the configured ones.
+    fn context(&self, ctx: &WrapContext) -> HashMap<String, String> {
+        let mut map: HashMap<String, String> = self.extra_context.clone().into_iter().collect();
+        for (k, v) in ctx.pairs() {
+            map.insert(k.to_string(), v.to_string());
+        }
+        map
+    }
+
+    /// Runs one KMS operation, retrying transient failures with jittered exponential
+    /// backoff until the budget is spent. Never retries forever.
+    async fn call<T, E, F, Fut>(&self, op: &'static str, mut attempt_fn: F) -> Result<T, RootError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let deadline = Instant::now() + self.budget;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let outcome = tokio::time::timeout(remaining, attempt_fn()).await;
+            let reason = match outcome {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) => match classify(&e) {
+                    Class::Retry(reason) => reason,
+                    Class::Fail(err) => return Err(err),
+                },
+                Err(_) => "no answer".to_string(),
+            };
+            let delay = backoff(attempts);
+            if Instant::now() + delay >= deadline {
+                return Err(RootError::Unavailable(format!(
+                    "KMS {op} of {} failed after {attempts} attempt(s) within {} ms: {reason}",
+                    self.arn,
+                    self.budget.as_millis()
+                )));
+            }
+            tracing::debug!(op, attempt = attempts, reason = %reason, "retrying KMS call");
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+impl RootKey for AwsKmsRoot {
+    fn provider(&self) -> &'static str {
+        "aws-kms"
+    }
+
+    fn key_id(&self) -> &KeyId {
+        &self.key_id
+    }
+
+    fn wrap<'a>(
+        &'a self,
+        kek: &'a Key256,
+        ctx: &'a WrapContext,
+    ) -> BoxFuture<'a, Result<Vec<u8>, RootError>> {
+        Box::pin(async move {
+            let context = self.context(ctx);
+            let out = self
+                .call("Encrypt", || {
+                    // The SDK takes an owned buffer; it lives only for the request.
+                    self.client
+                        .encrypt()
+                        .key_id(&self.arn)
+                        .plaintext(Blob::new(kek.expose().to_vec()))
+                        .set_encryption_context(Some(context.clone()))
+                        .send()
+                })
+                .await?;
+            match out.ciphertext_blob {
+                Some(blob) if !blob.as_ref().is_empty() => Ok(blob.into_inner()),
+                _ => Err(RootError::Unavailable("KMS Encrypt returned no ciphertext".into())),
+            }
+        })
+    }
+
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a [u8],
+        ctx: &'a WrapContext,
+    ) -> BoxFuture<'a, Result<Key256, RootError>> {
+        Box::pin(async move {
+            if wrapped.is_empty() {
+                return Err(RootError::Authentication);
+            }
+            let context = self.context(ctx);
+            let mut out = self
+                .call("Decrypt", || {
+                    // KeyId pins the key: a blob made under another key is refused by KMS
+                    // (IncorrectKeyException) instead of being decrypted with that key.
+                    self.client
+                        .decrypt()
+                        .key_id(&self.arn)
+                        .ciphertext_blob(Blob::new(wrapped.to_vec()))
+                        .set_encryption_context(Some(context.clone()))
+                        .send()
+                })
+                .await?;
+            // Take the SDK's copy of the plaintext so that it is wiped when dropped.
+            let plain = Zeroizing::new(out.plaintext.take().map(Blob::into_inner).unwrap_or_default());
+            if plain.len() != KEY_LEN {
+                return Err(RootError::Authentication);
+            }
+            Key256::from_slice(&plain).ok_or(RootError::Authentication)
+        })
+    }
+}
+
+/// What to do with a failed attempt.
+#[derive(Debug)]
+enum Class {
+    /// Transient: retry within the budget; the text says why.
+    Retry(String),
+    /// Final.
+    Fail(RootError),
+}
+
+/// Error codes that mean "try again shortly".
+const TRANSIENT_CODES: &[&str] = &[
+    "ThrottlingException",
+    "KMSInternalException",
+    "DependencyTimeoutException",
+    "KeyUnavailableException",
+    "LimitExceededException",
+    "RequestLimitExceeded",
+    "ServiceUnavailableException",
+    "InternalFailure",
+];
+
+fn classify<E>(e: &SdkError<E>) -> Class
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match e {
+        SdkError::ServiceError(service) => {
+            let code = e.code().unwrap_or("unknown error");
+            let message = e.message().unwrap_or("");
+            let text = if message.is_empty() { code.to_string() } else { format!("{code}: {message}") };
+            let status = service.raw().status().as_u16();
+            classify_code(code, status, text)
+        }
+        // Timeouts, connection failures, truncated responses: the network, not the key.
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            Class::Retry(DisplayErrorContext(e).to_string())
+        }
+        // Building the request failed, usually because no credentials could be found
+        // (an IRSA token not mounted yet): an operator may need to act, but it can pass.
+        _ => Class::Fail(RootError::Unavailable(format!(
+            "cannot send the KMS request: {}",
+            DisplayErrorContext(e)
+        ))),
+    }
+}
+
+fn classify_code(code: &str, status: u16, text: String) -> Class {
+    match code {
+        c if TRANSIENT_CODES.contains(&c) => Class::Retry(text),
+        "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException" => {
+            Class::Fail(RootError::Rejected(format!("access denied by AWS KMS ({text})")))
+        }
+        "DisabledException" | "KMSInvalidStateException" | "NotFoundException" => Class::Fail(
+            RootError::Rejected(format!("key disabled, pending deletion or not found ({text})")),
+        ),
+        "InvalidCiphertextException" | "IncorrectKeyException" => Class::Fail(RootError::Authentication),
+        // Credentials may be refreshed by the provider chain before the next attempt.
+        "ExpiredTokenException" | "ExpiredToken" => Class::Retry(text),
+        _ if status >= 500 => Class::Retry(text),
+        _ => Class::Fail(RootError::Rejected(text)),
+    }
+}
+
+/// Exponential backoff with "equal jitter": half fixed, half random, so that many
+/// plugins restarted together do not retry in lockstep.
+fn backoff(attempt: u32) -> Duration {
+    let exp = BASE_BACKOFF.saturating_mul(1u32 << attempt.saturating_sub(1).min(10));
+    let step = exp.min(MAX_BACKOFF);
+    let half = step / 2;
+    half + half.mul_f64(rand::thread_rng().r#gen::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_jittered_and_capped() {
+        for attempt in 1..40 {
+            let d = backoff(attempt);
+            let step = BASE_BACKOFF.saturating_mul(1u32 << (attempt - 1).min(10)).min(MAX_BACKOFF);
+            assert!(d >= step / 2 && d <= step, "attempt {attempt}: {d:?}");
+        }
+        assert!(backoff(1) <= Duration::from_millis(50));
+        assert!(backoff(30) <= MAX_BACKOFF);
+    }
+
+    fn kind(code: &str, status: u16) -> String {
+        match classify_code(code, status, code.to_string()) {
+            Class::Retry(_) => "retry".into(),
+            Class::Fail(RootError::Rejected(m)) => format!("rejected {m}"),
+            Class::Fail(RootError::Authentication) => "auth".into(),
+            Class::Fail(other) => format!("other {other}"),
+        }
+    }
+
+    #[test]
+    fn error_codes_are_classified() {
+        for code in ["ThrottlingException", "KMSInternalException", "DependencyTimeoutException"] {
+            assert_eq!(kind(code, 400), "retry", "{code}");
+        }
+        assert_eq!(kind("SomethingNew", 503), "retry");
+        assert!(kind("AccessDeniedException", 400).contains("access denied"));
+        for code in ["DisabledException", "KMSInvalidStateException", "NotFoundException"] {
+            assert!(kind(code, 400).contains("key disabled"), "{code}");
+        }
+        assert_eq!(kind("InvalidCiphertextException", 400), "auth");
+        assert_eq!(kind("IncorrectKeyException", 400), "auth");
+        assert!(kind("ValidationException", 400).starts_with("rejected"));
+    }
+}
