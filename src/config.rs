@@ -375,7 +375,12 @@ impl Config {
     /// Names of every root key with a role, active first, then also-wrap, then retired.
     pub fn roles(&self) -> impl Iterator<Item = (&str, Role)> {
         std::iter::once((self.kek.active.as_str(), Role::Active))
-            .chain(self.kek.also_wrap.iter().map(|n| (n.as_str(), Role::AlsoWrap)))
+            .chain(
+                self.kek
+                    .also_wrap
+                    .iter()
+                    .map(|n| (n.as_str(), Role::AlsoWrap)),
+            )
             .chain(self.kek.retired.iter().map(|n| (n.as_str(), Role::Retired)))
     }
 
@@ -383,7 +388,9 @@ impl Config {
         let mut seen = std::collections::BTreeSet::new();
         for (name, _) in self.roles() {
             if !self.keys.contains_key(name) {
-                return Err(format!("[kek] names key \"{name}\", but there is no [keys.{name}]"));
+                return Err(format!(
+                    "[kek] names key \"{name}\", but there is no [keys.{name}]"
+                ));
             }
             if !seen.insert(name) {
                 return Err(format!("[kek] names key \"{name}\" more than once"));
@@ -399,7 +406,9 @@ impl Config {
             return Err("[local_kek] limits must be greater than zero".into());
         }
         if lk.max_encryptions > 1 << 32 {
-            return Err("[local_kek] max_encryptions must be at most 2^32 (AES-GCM nonce bound)".into());
+            return Err(
+                "[local_kek] max_encryptions must be at most 2^32 (AES-GCM nonce bound)".into(),
+            );
         }
         if !(1..=100).contains(&lk.prepare_at_percent) {
             return Err("[local_kek] prepare_at_percent must be 1 to 100".into());
@@ -463,8 +472,9 @@ fn default_socket_mode() -> u32 {
 
 fn octal_mode<'de, D: serde::Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
     let text = String::deserialize(de)?;
-    u32::from_str_radix(text.trim_start_matches("0o"), 8)
-        .map_err(|_| serde::de::Error::custom(format!("\"{text}\" is not an octal mode like \"0600\"")))
+    u32::from_str_radix(text.trim_start_matches("0o"), 8).map_err(|_| {
+        serde::de::Error::custom(format!("\"{text}\" is not an octal mode like \"0600\""))
+    })
 }
 
 #[cfg(test)]
@@ -493,7 +503,10 @@ mod tests {
 
     #[test]
     fn options_parse() {
-        let text = MINIMAL.replace("[kek]", "socket_mode = \"0660\"\napi_version = \"v2beta1\"\n[kek]");
+        let text = MINIMAL.replace(
+            "[kek]",
+            "socket_mode = \"0660\"\napi_version = \"v2beta1\"\n[kek]",
+        );
         let c = Config::parse(&text).expect("valid");
         assert_eq!(c.socket_mode, 0o660);
         assert_eq!(c.api_version, ApiVersion::V2Beta1);
@@ -520,18 +533,30 @@ mod tests {
 
     #[test]
     fn dangling_and_duplicate_roles_are_rejected() {
-        assert!(error_of(&MINIMAL.replace("active = \"main\"", "active = \"nope\"")).contains("nope"));
-        let dup = MINIMAL.replace("active = \"main\"", "active = \"main\"\nretired = [\"main\"]");
+        assert!(
+            error_of(&MINIMAL.replace("active = \"main\"", "active = \"nope\"")).contains("nope")
+        );
+        let dup = MINIMAL.replace(
+            "active = \"main\"",
+            "active = \"main\"\nretired = [\"main\"]",
+        );
         assert!(error_of(&dup).contains("more than once"));
     }
 
     #[test]
     fn bad_values_are_rejected() {
-        assert!(error_of(&MINIMAL.replace("[kek]", "socket_mode = \"rw\"\n[kek]")).contains("octal"));
-        assert!(error_of(&format!("{MINIMAL}\n[local_kek]\nmax_encryptions = 0")).contains("greater than zero"));
+        assert!(
+            error_of(&MINIMAL.replace("[kek]", "socket_mode = \"rw\"\n[kek]")).contains("octal")
+        );
+        assert!(
+            error_of(&format!("{MINIMAL}\n[local_kek]\nmax_encryptions = 0"))
+                .contains("greater than zero")
+        );
         assert!(error_of(&format!("{MINIMAL}\n[cache]\ncapacity = 0")).contains("capacity"));
         assert!(error_of(&MINIMAL.replace("/run/kms-plugin/kms.sock", "")).contains("socket"));
-        assert!(error_of("not toml [").contains("TOML") || error_of("not toml [").contains("expected"));
+        assert!(
+            error_of("not toml [").contains("TOML") || error_of("not toml [").contains("expected")
+        );
     }
 
     const AWS: &str = r#"
@@ -582,6 +607,8 @@ mod tests {
     fn embedded_default_is_valid() {
         let c = Config::embedded(Path::new("/tmp/state"));
         assert!(c.validate().is_ok());
-        assert!(matches!(&c.keys[DEFAULT_KEY_NAME], KeyConfig::File(f) if f.path == Path::new("/tmp/state/root.key")));
+        assert!(
+            matches!(&c.keys[DEFAULT_KEY_NAME], KeyConfig::File(f) if f.path == Path::new("/tmp/state/root.key"))
+        );
     }
 }
