@@ -1,4 +1,6 @@
 //! A real moto KMS emulator (`moto_server`) for the tests, and a TCP proxy in front of it
+
+#![allow(dead_code)] // each test binary uses a different part of this helper
 //! that can cut the network without losing moto's in-memory keys.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -78,6 +80,13 @@ pub fn client(endpoint: &str) -> Client {
         .region(Region::new(REGION))
         .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
         .endpoint_url(endpoint)
+        .http_client(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                    aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                ))
+                .build_https(),
+        )
         .build();
     Client::from_conf(conf)
 }

@@ -1,0 +1,291 @@
+//! The aws-kms provider against a real KMS emulator (moto), through the real binary,
+//! socket and tonic client.
+
+#![cfg(feature = "aws-kms")]
+
+mod common;
+#[path = "support/moto.rs"]
+mod moto;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use aws_sdk_kms::primitives::Blob;
+use common::Plugin;
+use kms_plugin::envelope::annotations::wrapped_kek_key;
+use kms_plugin::proto::admin::{InfoRequest, InfoResponse, RootInfo};
+use kms_plugin::proto::v2::{EncryptRequest, EncryptResponse};
+use kms_plugin::root::WrapContext;
+use moto::Moto;
+use tonic::Code;
+
+fn env() -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = moto::CREDENTIAL_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    // Keep the host's AWS files and instance metadata out of the credential chain.
+    env.push(("AWS_CONFIG_FILE".into(), "/nonexistent".into()));
+    env.push(("AWS_SHARED_CREDENTIALS_FILE".into(), "/nonexistent".into()));
+    env.push(("AWS_EC2_METADATA_DISABLED".into(), "true".into()));
+    env
+}
+
+fn key_body(arn: &str, endpoint: &str, extra: &str) -> String {
+    format!(
+        "provider = \"aws-kms\"\nkey_id = \"{arn}\"\nregion = \"{}\"\nendpoint = \"{endpoint}\"\n{extra}",
+        moto::REGION
+    )
+}
+
+/// Writes the config (active key first) and starts the plugin.
+async fn start(dir: &Path, keys: &[(&str, String)], extra: &str) -> Plugin {
+    let socket = common::socket_in(dir);
+    write(dir, keys, extra);
+    let config = dir.join("config.toml").to_string_lossy().into_owned();
+    Plugin::start(&socket, &["--config", &config], &env(), dir).await
+}
+
+fn write(dir: &Path, keys: &[(&str, String)], extra: &str) {
+    let socket = common::socket_in(dir);
+    common::write_config(dir, &socket, keys[0].0, keys, extra);
+}
+
+async fn info(plugin: &Plugin) -> InfoResponse {
+    let channel = kms_plugin::client::connect(&plugin.socket).await.expect("connect");
+    kms_plugin::client::admin(channel)
+        .info(InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner()
+}
+
+fn root<'a>(info: &'a InfoResponse, name: &str) -> &'a RootInfo {
+    info.roots.iter().find(|r| r.name == name).expect("root in Info")
+}
+
+async fn calls(plugin: &Plugin, name: &str) -> (u64, u64) {
+    let info = info(plugin).await;
+    let r = root(&info, name);
+    (r.wrap_calls, r.unwrap_calls)
+}
+
+async fn try_encrypt(plugin: &Plugin, seed: &[u8]) -> Result<EncryptResponse, tonic::Status> {
+    plugin
+        .client()
+        .await
+        .encrypt(EncryptRequest { plaintext: seed.to_vec(), uid: common::uid() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn healthz(plugin: &Plugin) -> String {
+    common::status(&mut plugin.client().await).await.healthz
+}
+
+/// Encrypts `n` fresh seeds; returns (seed, sealed) pairs.
+async fn seal_many(plugin: &Plugin, n: usize) -> Vec<(Vec<u8>, EncryptResponse)> {
+    let mut client = plugin.client().await;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let seed = common::seed();
+        let sealed = common::encrypt(&mut client, &seed).await;
+        out.push((seed, sealed));
+    }
+    out
+}
+
+async fn open_all(plugin: &Plugin, sealed: &[(Vec<u8>, EncryptResponse)]) {
+    let mut client = plugin.client().await;
+    for (seed, s) in sealed {
+        assert_eq!(&common::decrypt(&mut client, s).await, seed);
+    }
+}
+
+#[tokio::test]
+async fn seeds_round_trip_and_survive_sigkill_restart() {
+    let moto = Moto::start();
+    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut plugin = start(dir.path(), &[("main", key_body(&arn, &moto.endpoint(), ""))], "").await;
+    let status = common::status(&mut plugin.client().await).await;
+    assert_eq!(status.healthz, "ok");
+    assert!(status.key_id.starts_with("aws-"), "{}", status.key_id);
+
+    let sealed = seal_many(&plugin, 10).await;
+    for (_, s) in &sealed {
+        assert_eq!(s.key_id, status.key_id);
+    }
+    open_all(&plugin, &sealed).await;
+
+    plugin.restart().await;
+    assert_eq!(common::status(&mut plugin.client().await).await.key_id, status.key_id);
+    open_all(&plugin, &sealed).await;
+}
+
+#[tokio::test]
+async fn kms_is_called_once_per_local_kek_not_per_request() {
+    let moto = Moto::start();
+    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut plugin = start(dir.path(), &[("main", key_body(&arn, &moto.endpoint(), ""))], "").await;
+
+    let sealed = seal_many(&plugin, 20).await;
+    open_all(&plugin, &sealed).await;
+    open_all(&plugin, &sealed).await;
+    // One Encrypt for the first local KEK, no Decrypt: the fresh local KEK is cached.
+    assert_eq!(calls(&plugin, "main").await, (1, 0));
+
+    plugin.restart().await;
+    assert_eq!(calls(&plugin, "main").await, (1, 0), "start-up wraps one new local KEK");
+    open_all(&plugin, &sealed).await;
+    open_all(&plugin, &sealed).await;
+    // 20 ciphertexts under one local KEK, decrypted twice: one KMS Decrypt.
+    assert_eq!(calls(&plugin, "main").await, (1, 1));
+}
+
+#[tokio::test]
+async fn wrong_encryption_context_is_refused() {
+    let moto = Moto::start();
+    let kms = moto::client(&moto.endpoint());
+    let arn = moto::create_key(&kms).await;
+    let other_arn = moto::create_key(&kms).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let context_a = "[keys.main.encryption_context]\ncluster = \"a\"\n";
+    let body = |ctx: &str| key_body(&arn, &moto.endpoint(), ctx);
+    let mut plugin = start(dir.path(), &[("main", body(context_a))], "").await;
+    let sealed = seal_many(&plugin, 3).await;
+    let key_id = sealed[0].1.key_id.clone();
+    let wrapped = sealed[0].1.annotations[&wrapped_kek_key(&key_id)].clone();
+
+    // Directly at KMS: the wrapped local KEK opens only with the full context.
+    let parsed = kms_plugin::root::KeyId::parse(&key_id).expect("key_id");
+    let mut context: HashMap<String, String> = WrapContext::new(&parsed)
+        .pairs()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    context.insert("cluster".into(), "a".into());
+    let decrypt = |ctx: Option<HashMap<String, String>>, key: &str| {
+        kms.decrypt()
+            .key_id(key)
+            .ciphertext_blob(Blob::new(wrapped.clone()))
+            .set_encryption_context(ctx)
+            .send()
+    };
+    let ok = decrypt(Some(context.clone()), &arn).await.expect("decrypt with the full context");
+    assert_eq!(ok.plaintext().map(|p| p.as_ref().len()), Some(32));
+    let code = |e: &aws_sdk_kms::error::SdkError<_>| {
+        aws_sdk_kms::error::ProvideErrorMetadata::code(e).unwrap_or("").to_string()
+    };
+    let none = decrypt(None, &arn).await.expect_err("no context");
+    assert_eq!(code(&none), "InvalidCiphertextException");
+    let mut other_plugin = context.clone();
+    other_plugin.insert("kms-plugin/key-id".into(), "aws-00000000000000000000000000000000".into());
+    let foreign = decrypt(Some(other_plugin), &arn).await.expect_err("another key_id");
+    assert_eq!(code(&foreign), "InvalidCiphertextException");
+    // Pinned to another key: refused (real KMS says IncorrectKeyException, moto AccessDenied).
+    let pinned = decrypt(Some(context), &other_arn).await.expect_err("other key");
+    assert!(
+        ["IncorrectKeyException", "AccessDeniedException"].contains(&code(&pinned).as_str()),
+        "{}",
+        code(&pinned)
+    );
+
+    // Through the plugin: the same key with another configured context cannot open them.
+    write(dir.path(), &[("main", body("[keys.main.encryption_context]\ncluster = \"b\"\n"))], "");
+    plugin.restart().await;
+    let mut client = plugin.client().await;
+    let err = client
+        .decrypt(common::decrypt_request(&sealed[0].1))
+        .await
+        .expect_err("wrong context must fail");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(healthz(&plugin).await, "ok", "a bad blob says nothing about the root");
+}
+
+#[tokio::test]
+async fn unknown_key_fails_clearly() {
+    let moto = Moto::start();
+    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let ghost = "arn:aws:kms:us-east-1:123456789012:key/00000000-1111-2222-3333-444444444444";
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // As the active key: start-up fails, naming the key and the reason.
+    let socket = common::socket_in(dir.path());
+    write(dir.path(), &[("ghost", key_body(ghost, &moto.endpoint(), ""))], "");
+    let config = dir.path().join("config.toml").to_string_lossy().into_owned();
+    let mut failed = Plugin::spawn(&socket, &["--config", &config], &env(), dir.path());
+    let status = failed.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    let output = failed.output();
+    assert!(
+        output.contains("\"ghost\"") && output.contains("not found") && output.contains("NotFoundException"),
+        "{output}"
+    );
+    drop(failed);
+
+    // As a retired key: the plugin runs; a Decrypt that needs it fails with
+    // FailedPrecondition (never Internal) and the active key stays healthy.
+    let keys = [
+        ("main", key_body(&arn, &moto.endpoint(), "")),
+        ("ghost", key_body(ghost, &moto.endpoint(), "")),
+    ];
+    let plugin = start(dir.path(), &keys, "").await;
+    let info = info(&plugin).await;
+    let ghost_id = root(&info, "ghost").key_id.clone();
+    let sealed = seal_many(&plugin, 1).await;
+    let mut request = common::decrypt_request(&sealed[0].1);
+    let wrapped = request.annotations.drain().map(|(_, v)| v).next().expect("wrapped copy");
+    request.annotations.insert(wrapped_kek_key(&ghost_id), wrapped);
+    request.key_id = ghost_id;
+    let err = plugin.client().await.decrypt(request).await.expect_err("ghost key");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let info = self::info(&plugin).await;
+    let ghost_root = root(&info, "ghost");
+    assert_eq!(ghost_root.state, "rejected");
+    assert!(ghost_root.last_error.contains("not found"), "{}", ghost_root.last_error);
+    assert_eq!(healthz(&plugin).await, "ok");
+}
+
+#[tokio::test]
+async fn kms_outage_keeps_cached_keys_and_recovers() {
+    let moto = Moto::start();
+    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    // The plugin reaches moto through a proxy we can cut; moto keeps its keys.
+    let proxy = moto::Proxy::start(moto.port).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = "[local_kek]\nmax_encryptions = 3\n[health]\nretry_interval_seconds = 1\n";
+    let plugin = start(dir.path(), &[("main", key_body(&arn, &proxy.endpoint(), ""))], extra).await;
+    let before = seal_many(&plugin, 4).await;
+
+    proxy.set_up(false);
+    // The current local KEK serves at most 3 more; then Encrypt needs KMS and fails.
+    let mut during = Vec::new();
+    let failure = loop {
+        let seed = common::seed();
+        match try_encrypt(&plugin, &seed).await {
+            Ok(sealed) => during.push((seed, sealed)),
+            Err(status) => break status,
+        }
+        assert!(during.len() <= 3, "Encrypt kept working without KMS");
+    };
+    assert_eq!(failure.code(), Code::Unavailable, "{failure:?}");
+    let health = healthz(&plugin).await;
+    assert_ne!(health, "ok");
+    assert!(health.contains("\"main\"") && health.contains("aws-kms"), "{health}");
+    // Everything already unwrapped still decrypts.
+    open_all(&plugin, &before).await;
+    open_all(&plugin, &during).await;
+
+    proxy.set_up(true);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while healthz(&plugin).await != "ok" {
+        assert!(Instant::now() < deadline, "not recovered: {}", healthz(&plugin).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = seal_many(&plugin, 2).await;
+    open_all(&plugin, &after).await;
+    open_all(&plugin, &before).await;
+}
