@@ -232,7 +232,13 @@ async fn unknown_key_fails_clearly() {
         ("main", key_body(&arn, &moto.endpoint(), "")),
         ("ghost", key_body(ghost, &moto.endpoint(), "")),
     ];
-    let plugin = start(dir.path(), &keys, "").await;
+    write(dir.path(), &keys, "");
+    let path = dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).expect("config");
+    let text = text.replace("active = \"main\"\n", "active = \"main\"\nretired = [\"ghost\"]\n");
+    std::fs::write(&path, text).expect("config");
+    let config = path.to_string_lossy().into_owned();
+    let plugin = Plugin::start(&socket, &["--config", &config], &env(), dir.path()).await;
     let info = info(&plugin).await;
     let ghost_id = root(&info, "ghost").key_id.clone();
     let sealed = seal_many(&plugin, 1).await;
@@ -258,7 +264,19 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let extra = "[local_kek]\nmax_encryptions = 3\n[health]\nretry_interval_seconds = 1\n";
     let plugin = start(dir.path(), &[("main", key_body(&arn, &proxy.endpoint(), ""))], extra).await;
-    let before = seal_many(&plugin, 4).await;
+    // One Encrypt makes the successor due; wait until it is current, so that the outage
+    // starts with a fresh local KEK good for exactly 3 encryptions.
+    let before = seal_many(&plugin, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = info(&plugin).await;
+        let fresh = info.local_kek.as_ref().is_some_and(|k| k.encryptions == 0);
+        if root(&info, "main").wrap_calls == 2 && fresh {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no successor local KEK");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     proxy.set_up(false);
     // The current local KEK serves at most 3 more; then Encrypt needs KMS and fails.
@@ -271,10 +289,21 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
         }
         assert!(during.len() <= 3, "Encrypt kept working without KMS");
     };
+    assert_eq!(during.len(), 3);
     assert_eq!(failure.code(), Code::Unavailable, "{failure:?}");
-    let health = healthz(&plugin).await;
-    assert_ne!(health, "ok");
-    assert!(health.contains("\"main\"") && health.contains("aws-kms"), "{health}");
+    assert_ne!(healthz(&plugin).await, "ok");
+    // Once the successor's KMS Encrypt has spent its budget, Status names the key and why.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let health = healthz(&plugin).await;
+        if health.contains("\"main\"") {
+            break health;
+        }
+        assert!(Instant::now() < deadline, "healthz never named the key: {health}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(health.contains("aws-kms") && health.contains("KMS Encrypt"), "{health}");
+    eprintln!("healthz during the outage: {health}");
     // Everything already unwrapped still decrypts.
     open_all(&plugin, &before).await;
     open_all(&plugin, &during).await;

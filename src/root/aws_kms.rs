@@ -14,7 +14,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_kms::Client;
 use aws_sdk_kms::config::Region;
-use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{KeySpec, KeyState, KeyUsageType};
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
@@ -258,15 +258,31 @@ where
         }
         // Timeouts, connection failures, truncated responses: the network, not the key.
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            Class::Retry(DisplayErrorContext(e).to_string())
+            Class::Retry(error_chain(e))
         }
         // Building the request failed, usually because no credentials could be found
         // (an IRSA token not mounted yet): an operator may need to act, but it can pass.
         _ => Class::Fail(RootError::Unavailable(format!(
             "cannot send the KMS request: {}",
-            DisplayErrorContext(e)
+            error_chain(e)
         ))),
     }
+}
+
+/// "outer: inner: innermost", without the Debug dump `DisplayErrorContext` appends:
+/// these messages end up in the 400-byte Status healthz string.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let part = inner.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = inner.source();
+    }
+    text
 }
 
 fn classify_code(code: &str, status: u16, text: String) -> Class {
