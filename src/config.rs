@@ -147,7 +147,9 @@ impl AwsKmsKeyConfig {
             && !parts[1].is_empty()
             && parts[2] == "kms"
             && !parts[4].is_empty()
-            && parts[5].strip_prefix("key/").is_some_and(|id| !id.is_empty() && !id.contains('/'));
+            && parts[5]
+                .strip_prefix("key/")
+                .is_some_and(|id| !id.is_empty() && !id.contains('/'));
         if !is_key_arn {
             let hint = if arn.contains("alias/") {
                 "aliases are not accepted because they can be repointed to another key; "
@@ -187,7 +189,9 @@ impl AwsKmsKeyConfig {
             return Err(format!("{at} timeout_ms must be 100 to 60000"));
         }
         if self.attempt_timeout_ms < 50 || self.attempt_timeout_ms > self.timeout_ms {
-            return Err(format!("{at} attempt_timeout_ms must be at least 50 and at most timeout_ms"));
+            return Err(format!(
+                "{at} attempt_timeout_ms must be at least 50 and at most timeout_ms"
+            ));
         }
         Ok(())
     }
@@ -571,7 +575,9 @@ mod tests {
     #[test]
     fn aws_kms_parses_with_defaults_and_options() {
         let c = Config::parse(AWS).expect("valid");
-        let KeyConfig::AwsKms(k) = &c.keys["aws"] else { panic!("not aws-kms") };
+        let KeyConfig::AwsKms(k) = &c.keys["aws"] else {
+            panic!("not aws-kms")
+        };
         assert_eq!(c.keys["aws"].provider(), "aws-kms");
         assert_eq!(k.region, "eu-west-1");
         assert_eq!((k.timeout_ms, k.attempt_timeout_ms), (2500, 1000));
@@ -582,7 +588,9 @@ mod tests {
              [keys.aws.encryption_context]\ncluster = \"prod\"\n"
         );
         let c = Config::parse(&text).expect("valid");
-        let KeyConfig::AwsKms(k) = &c.keys["aws"] else { panic!("not aws-kms") };
+        let KeyConfig::AwsKms(k) = &c.keys["aws"] else {
+            panic!("not aws-kms")
+        };
         assert_eq!(k.encryption_context["cluster"], "prod");
         assert_eq!(k.timeout_ms, 2000);
     }
@@ -593,13 +601,22 @@ mod tests {
         let alias = AWS.replace(arn, "arn:aws:kms:eu-west-1:111122223333:alias/k8s");
         assert!(error_of(&alias).contains("aliases are not accepted"));
         assert!(error_of(&AWS.replace(arn, "alias/k8s")).contains("full key ARN"));
-        assert!(error_of(&AWS.replace(arn, "1234abcd-12ab-34cd-56ef-1234567890ab")).contains("full key ARN"));
-        assert!(error_of(&AWS.replace("region = \"eu-west-1\"", "region = \"us-east-1\"")).contains("differs"));
+        assert!(
+            error_of(&AWS.replace(arn, "1234abcd-12ab-34cd-56ef-1234567890ab"))
+                .contains("full key ARN")
+        );
+        assert!(
+            error_of(&AWS.replace("region = \"eu-west-1\"", "region = \"us-east-1\""))
+                .contains("differs")
+        );
         assert!(error_of(&format!("{AWS}\nendpoint = \"kms.local\"")).contains("endpoint"));
         assert!(error_of(&format!("{AWS}\ntimeout_ms = 10")).contains("timeout_ms"));
-        assert!(error_of(&format!("{AWS}\nattempt_timeout_ms = 5000")).contains("attempt_timeout_ms"));
+        assert!(
+            error_of(&format!("{AWS}\nattempt_timeout_ms = 5000")).contains("attempt_timeout_ms")
+        );
         assert!(error_of(&format!("{AWS}\naccess_key_id = \"AKIA\"")).contains("access_key_id"));
-        let clash = format!("{AWS}\n[keys.aws.encryption_context]\n\"kms-plugin/purpose\" = \"x\"\n");
+        let clash =
+            format!("{AWS}\n[keys.aws.encryption_context]\n\"kms-plugin/purpose\" = \"x\"\n");
         assert!(error_of(&clash).contains("reserved"));
     }
 

@@ -53,7 +53,9 @@ fn write(dir: &Path, keys: &[(&str, String)], extra: &str) {
 }
 
 async fn info(plugin: &Plugin) -> InfoResponse {
-    let channel = kms_plugin::client::connect(&plugin.socket).await.expect("connect");
+    let channel = kms_plugin::client::connect(&plugin.socket)
+        .await
+        .expect("connect");
     kms_plugin::client::admin(channel)
         .info(InfoRequest {})
         .await
@@ -62,7 +64,10 @@ async fn info(plugin: &Plugin) -> InfoResponse {
 }
 
 fn root<'a>(info: &'a InfoResponse, name: &str) -> &'a RootInfo {
-    info.roots.iter().find(|r| r.name == name).expect("root in Info")
+    info.roots
+        .iter()
+        .find(|r| r.name == name)
+        .expect("root in Info")
 }
 
 async fn calls(plugin: &Plugin, name: &str) -> (u64, u64) {
@@ -75,7 +80,10 @@ async fn try_encrypt(plugin: &Plugin, seed: &[u8]) -> Result<EncryptResponse, to
     plugin
         .client()
         .await
-        .encrypt(EncryptRequest { plaintext: seed.to_vec(), uid: common::uid() })
+        .encrypt(EncryptRequest {
+            plaintext: seed.to_vec(),
+            uid: common::uid(),
+        })
         .await
         .map(|r| r.into_inner())
 }
@@ -108,7 +116,12 @@ async fn seeds_round_trip_and_survive_sigkill_restart() {
     let moto = Moto::start();
     let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut plugin = start(dir.path(), &[("main", key_body(&arn, &moto.endpoint(), ""))], "").await;
+    let mut plugin = start(
+        dir.path(),
+        &[("main", key_body(&arn, &moto.endpoint(), ""))],
+        "",
+    )
+    .await;
     let status = common::status(&mut plugin.client().await).await;
     assert_eq!(status.healthz, "ok");
     assert!(status.key_id.starts_with("aws-"), "{}", status.key_id);
@@ -120,7 +133,10 @@ async fn seeds_round_trip_and_survive_sigkill_restart() {
     open_all(&plugin, &sealed).await;
 
     plugin.restart().await;
-    assert_eq!(common::status(&mut plugin.client().await).await.key_id, status.key_id);
+    assert_eq!(
+        common::status(&mut plugin.client().await).await.key_id,
+        status.key_id
+    );
     open_all(&plugin, &sealed).await;
 }
 
@@ -129,7 +145,12 @@ async fn kms_is_called_once_per_local_kek_not_per_request() {
     let moto = Moto::start();
     let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut plugin = start(dir.path(), &[("main", key_body(&arn, &moto.endpoint(), ""))], "").await;
+    let mut plugin = start(
+        dir.path(),
+        &[("main", key_body(&arn, &moto.endpoint(), ""))],
+        "",
+    )
+    .await;
 
     let sealed = seal_many(&plugin, 20).await;
     open_all(&plugin, &sealed).await;
@@ -138,7 +159,11 @@ async fn kms_is_called_once_per_local_kek_not_per_request() {
     assert_eq!(calls(&plugin, "main").await, (1, 0));
 
     plugin.restart().await;
-    assert_eq!(calls(&plugin, "main").await, (1, 0), "start-up wraps one new local KEK");
+    assert_eq!(
+        calls(&plugin, "main").await,
+        (1, 0),
+        "start-up wraps one new local KEK"
+    );
     open_all(&plugin, &sealed).await;
     open_all(&plugin, &sealed).await;
     // 20 ciphertexts under one local KEK, decrypted twice: one KMS Decrypt.
@@ -174,19 +199,30 @@ async fn wrong_encryption_context_is_refused() {
             .set_encryption_context(ctx)
             .send()
     };
-    let ok = decrypt(Some(context.clone()), &arn).await.expect("decrypt with the full context");
+    let ok = decrypt(Some(context.clone()), &arn)
+        .await
+        .expect("decrypt with the full context");
     assert_eq!(ok.plaintext().map(|p| p.as_ref().len()), Some(32));
     let code = |e: &aws_sdk_kms::error::SdkError<_>| {
-        aws_sdk_kms::error::ProvideErrorMetadata::code(e).unwrap_or("").to_string()
+        aws_sdk_kms::error::ProvideErrorMetadata::code(e)
+            .unwrap_or("")
+            .to_string()
     };
     let none = decrypt(None, &arn).await.expect_err("no context");
     assert_eq!(code(&none), "InvalidCiphertextException");
     let mut other_plugin = context.clone();
-    other_plugin.insert("kms-plugin/key-id".into(), "aws-00000000000000000000000000000000".into());
-    let foreign = decrypt(Some(other_plugin), &arn).await.expect_err("another key_id");
+    other_plugin.insert(
+        "kms-plugin/key-id".into(),
+        "aws-00000000000000000000000000000000".into(),
+    );
+    let foreign = decrypt(Some(other_plugin), &arn)
+        .await
+        .expect_err("another key_id");
     assert_eq!(code(&foreign), "InvalidCiphertextException");
     // Pinned to another key: refused (real KMS says IncorrectKeyException, moto AccessDenied).
-    let pinned = decrypt(Some(context), &other_arn).await.expect_err("other key");
+    let pinned = decrypt(Some(context), &other_arn)
+        .await
+        .expect_err("other key");
     assert!(
         ["IncorrectKeyException", "AccessDeniedException"].contains(&code(&pinned).as_str()),
         "{}",
@@ -194,7 +230,14 @@ async fn wrong_encryption_context_is_refused() {
     );
 
     // Through the plugin: the same key with another configured context cannot open them.
-    write(dir.path(), &[("main", body("[keys.main.encryption_context]\ncluster = \"b\"\n"))], "");
+    write(
+        dir.path(),
+        &[(
+            "main",
+            body("[keys.main.encryption_context]\ncluster = \"b\"\n"),
+        )],
+        "",
+    );
     plugin.restart().await;
     let mut client = plugin.client().await;
     let err = client
@@ -202,7 +245,11 @@ async fn wrong_encryption_context_is_refused() {
         .await
         .expect_err("wrong context must fail");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(healthz(&plugin).await, "ok", "a bad blob says nothing about the root");
+    assert_eq!(
+        healthz(&plugin).await,
+        "ok",
+        "a bad blob says nothing about the root"
+    );
 }
 
 #[tokio::test]
@@ -214,14 +261,24 @@ async fn unknown_key_fails_clearly() {
 
     // As the active key: start-up fails, naming the key and the reason.
     let socket = common::socket_in(dir.path());
-    write(dir.path(), &[("ghost", key_body(ghost, &moto.endpoint(), ""))], "");
-    let config = dir.path().join("config.toml").to_string_lossy().into_owned();
+    write(
+        dir.path(),
+        &[("ghost", key_body(ghost, &moto.endpoint(), ""))],
+        "",
+    );
+    let config = dir
+        .path()
+        .join("config.toml")
+        .to_string_lossy()
+        .into_owned();
     let mut failed = Plugin::spawn(&socket, &["--config", &config], &env(), dir.path());
     let status = failed.wait_exit(Duration::from_secs(20));
     assert!(!status.success());
     let output = failed.output();
     assert!(
-        output.contains("\"ghost\"") && output.contains("not found") && output.contains("NotFoundException"),
+        output.contains("\"ghost\"")
+            && output.contains("not found")
+            && output.contains("NotFoundException"),
         "{output}"
     );
     drop(failed);
@@ -235,7 +292,10 @@ async fn unknown_key_fails_clearly() {
     write(dir.path(), &keys, "");
     let path = dir.path().join("config.toml");
     let text = std::fs::read_to_string(&path).expect("config");
-    let text = text.replace("active = \"main\"\n", "active = \"main\"\nretired = [\"ghost\"]\n");
+    let text = text.replace(
+        "active = \"main\"\n",
+        "active = \"main\"\nretired = [\"ghost\"]\n",
+    );
     std::fs::write(&path, text).expect("config");
     let config = path.to_string_lossy().into_owned();
     let plugin = Plugin::start(&socket, &["--config", &config], &env(), dir.path()).await;
@@ -243,15 +303,31 @@ async fn unknown_key_fails_clearly() {
     let ghost_id = root(&info, "ghost").key_id.clone();
     let sealed = seal_many(&plugin, 1).await;
     let mut request = common::decrypt_request(&sealed[0].1);
-    let wrapped = request.annotations.drain().map(|(_, v)| v).next().expect("wrapped copy");
-    request.annotations.insert(wrapped_kek_key(&ghost_id), wrapped);
+    let wrapped = request
+        .annotations
+        .drain()
+        .map(|(_, v)| v)
+        .next()
+        .expect("wrapped copy");
+    request
+        .annotations
+        .insert(wrapped_kek_key(&ghost_id), wrapped);
     request.key_id = ghost_id;
-    let err = plugin.client().await.decrypt(request).await.expect_err("ghost key");
+    let err = plugin
+        .client()
+        .await
+        .decrypt(request)
+        .await
+        .expect_err("ghost key");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let info = self::info(&plugin).await;
     let ghost_root = root(&info, "ghost");
     assert_eq!(ghost_root.state, "rejected");
-    assert!(ghost_root.last_error.contains("not found"), "{}", ghost_root.last_error);
+    assert!(
+        ghost_root.last_error.contains("not found"),
+        "{}",
+        ghost_root.last_error
+    );
     assert_eq!(healthz(&plugin).await, "ok");
 }
 
@@ -263,7 +339,12 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
     let proxy = moto::Proxy::start(moto.port).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let extra = "[local_kek]\nmax_encryptions = 3\n[health]\nretry_interval_seconds = 1\n";
-    let plugin = start(dir.path(), &[("main", key_body(&arn, &proxy.endpoint(), ""))], extra).await;
+    let plugin = start(
+        dir.path(),
+        &[("main", key_body(&arn, &proxy.endpoint(), ""))],
+        extra,
+    )
+    .await;
     // One Encrypt makes the successor due; wait until it is current, so that the outage
     // starts with a fresh local KEK good for exactly 3 encryptions.
     let before = seal_many(&plugin, 1).await;
@@ -299,10 +380,16 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
         if health.contains("\"main\"") {
             break health;
         }
-        assert!(Instant::now() < deadline, "healthz never named the key: {health}");
+        assert!(
+            Instant::now() < deadline,
+            "healthz never named the key: {health}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(health.contains("aws-kms") && health.contains("KMS Encrypt"), "{health}");
+    assert!(
+        health.contains("aws-kms") && health.contains("KMS Encrypt"),
+        "{health}"
+    );
     eprintln!("healthz during the outage: {health}");
     // Everything already unwrapped still decrypts.
     open_all(&plugin, &before).await;
@@ -311,7 +398,11 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
     proxy.set_up(true);
     let deadline = Instant::now() + Duration::from_secs(15);
     while healthz(&plugin).await != "ok" {
-        assert!(Instant::now() < deadline, "not recovered: {}", healthz(&plugin).await);
+        assert!(
+            Instant::now() < deadline,
+            "not recovered: {}",
+            healthz(&plugin).await
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let after = seal_many(&plugin, 2).await;

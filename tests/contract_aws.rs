@@ -19,7 +19,9 @@ struct AwsBackend {
 
 impl AwsBackend {
     fn start() -> Self {
-        Self { moto: Moto::start() }
+        Self {
+            moto: Moto::start(),
+        }
     }
 }
 

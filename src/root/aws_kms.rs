@@ -92,7 +92,9 @@ impl AwsKmsRoot {
                 other => other,
             })?;
         let Some(meta) = out.key_metadata() else {
-            return Err(RootError::Unavailable("DescribeKey returned no key metadata".into()));
+            return Err(RootError::Unavailable(
+                "DescribeKey returned no key metadata".into(),
+            ));
         };
         if meta.key_usage() != Some(&KeyUsageType::EncryptDecrypt)
             || meta.key_spec() != Some(&KeySpec::SymmetricDefault)
@@ -186,7 +188,9 @@ impl RootKey for AwsKmsRoot {
                 .await?;
             match out.ciphertext_blob {
                 Some(blob) if !blob.as_ref().is_empty() => Ok(blob.into_inner()),
-                _ => Err(RootError::Unavailable("KMS Encrypt returned no ciphertext".into())),
+                _ => Err(RootError::Unavailable(
+                    "KMS Encrypt returned no ciphertext".into(),
+                )),
             }
         })
     }
@@ -214,7 +218,12 @@ impl RootKey for AwsKmsRoot {
                 })
                 .await?;
             // Take the SDK's copy of the plaintext so that it is wiped when dropped.
-            let plain = Zeroizing::new(out.plaintext.take().map(Blob::into_inner).unwrap_or_default());
+            let plain = Zeroizing::new(
+                out.plaintext
+                    .take()
+                    .map(Blob::into_inner)
+                    .unwrap_or_default(),
+            );
             if plain.len() != KEY_LEN {
                 return Err(RootError::Authentication);
             }
@@ -252,7 +261,11 @@ where
         SdkError::ServiceError(service) => {
             let code = e.code().unwrap_or("unknown error");
             let message = e.message().unwrap_or("");
-            let text = if message.is_empty() { code.to_string() } else { format!("{code}: {message}") };
+            let text = if message.is_empty() {
+                code.to_string()
+            } else {
+                format!("{code}: {message}")
+            };
             let status = service.raw().status().as_u16();
             classify_code(code, status, text)
         }
@@ -289,12 +302,18 @@ fn classify_code(code: &str, status: u16, text: String) -> Class {
     match code {
         c if TRANSIENT_CODES.contains(&c) => Class::Retry(text),
         "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException" => {
-            Class::Fail(RootError::Rejected(format!("access denied by AWS KMS ({text})")))
+            Class::Fail(RootError::Rejected(format!(
+                "access denied by AWS KMS ({text})"
+            )))
         }
-        "DisabledException" | "KMSInvalidStateException" | "NotFoundException" => Class::Fail(
-            RootError::Rejected(format!("key disabled, pending deletion or not found ({text})")),
-        ),
-        "InvalidCiphertextException" | "IncorrectKeyException" => Class::Fail(RootError::Authentication),
+        "DisabledException" | "KMSInvalidStateException" | "NotFoundException" => {
+            Class::Fail(RootError::Rejected(format!(
+                "key disabled, pending deletion or not found ({text})"
+            )))
+        }
+        "InvalidCiphertextException" | "IncorrectKeyException" => {
+            Class::Fail(RootError::Authentication)
+        }
         // Credentials may be refreshed by the provider chain before the next attempt.
         "ExpiredTokenException" | "ExpiredToken" => Class::Retry(text),
         _ if status >= 500 => Class::Retry(text),
@@ -319,7 +338,9 @@ mod tests {
     fn backoff_grows_is_jittered_and_capped() {
         for attempt in 1..40 {
             let d = backoff(attempt);
-            let step = BASE_BACKOFF.saturating_mul(1u32 << (attempt - 1).min(10)).min(MAX_BACKOFF);
+            let step = BASE_BACKOFF
+                .saturating_mul(1u32 << (attempt - 1).min(10))
+                .min(MAX_BACKOFF);
             assert!(d >= step / 2 && d <= step, "attempt {attempt}: {d:?}");
         }
         assert!(backoff(1) <= Duration::from_millis(50));
@@ -337,12 +358,20 @@ mod tests {
 
     #[test]
     fn error_codes_are_classified() {
-        for code in ["ThrottlingException", "KMSInternalException", "DependencyTimeoutException"] {
+        for code in [
+            "ThrottlingException",
+            "KMSInternalException",
+            "DependencyTimeoutException",
+        ] {
             assert_eq!(kind(code, 400), "retry", "{code}");
         }
         assert_eq!(kind("SomethingNew", 503), "retry");
         assert!(kind("AccessDeniedException", 400).contains("access denied"));
-        for code in ["DisabledException", "KMSInvalidStateException", "NotFoundException"] {
+        for code in [
+            "DisabledException",
+            "KMSInvalidStateException",
+            "NotFoundException",
+        ] {
             assert!(kind(code, 400).contains("key disabled"), "{code}");
         }
         assert_eq!(kind("InvalidCiphertextException", 400), "auth");

@@ -68,7 +68,10 @@ pub fn wait_for_port(port: u16, limit: Duration) {
     let start = Instant::now();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(start.elapsed() < limit, "nothing listens on port {port} after {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "nothing listens on port {port} after {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -94,7 +97,11 @@ pub fn client(endpoint: &str) -> Client {
 /// Creates a symmetric key and returns its ARN.
 pub async fn create_key(client: &Client) -> String {
     let out = client.create_key().send().await.expect("CreateKey");
-    out.key_metadata().expect("metadata").arn().expect("arn").to_string()
+    out.key_metadata()
+        .expect("metadata")
+        .arn()
+        .expect("arn")
+        .to_string()
 }
 
 /// A TCP proxy on its own port forwarding to `target`; `set_up(false)` drops every open
@@ -107,20 +114,25 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(target: u16) -> Proxy {
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind proxy");
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let up = Arc::new(watch::channel(true).0);
         let up2 = up.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 if !*up2.borrow() {
                     drop(inbound);
                     continue;
                 }
                 let mut down = up2.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, target)).await
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, target)).await
                     else {
                         return;
                     };
