@@ -478,7 +478,7 @@ impl Keyring {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .unwrap_or_else(|| "no local KEK made yet".into())
+            .unwrap_or_else(|| "its successor is still being made".into())
     }
 
     /// Why an Encrypt would fail right now.
