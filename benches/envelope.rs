@@ -14,7 +14,10 @@ use kms_plugin::proto::v2::{DecryptRequest, EncryptRequest};
 use kms_plugin::server::socket::Endpoint;
 
 fn runtime() -> tokio::runtime::Runtime {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => panic!("runtime: {e}"),
     }
@@ -29,9 +32,13 @@ fn keyring(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = embedded_config(dir.path());
     let keyring = rt.block_on(async {
-        kms_plugin::root::create(&config.keys["default"]).await.expect("key");
+        kms_plugin::root::create(&config.keys["default"])
+            .await
+            .expect("key");
         let cache = Arc::new(KekCache::new(16));
-        let keyring = Keyring::open(&config, cache, &Default::default()).await.expect("open");
+        let keyring = Keyring::open(&config, cache, &Default::default())
+            .await
+            .expect("open");
         let keyring = Arc::new(keyring);
         keyring.start().await.expect("start");
         // Background upkeep replaces the local KEK as the benchmark uses it up.
@@ -41,7 +48,9 @@ fn keyring(c: &mut Criterion) {
     let seed = [7u8; 32];
     let mut group = c.benchmark_group("keyring");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("encrypt_32B", |b| b.iter(|| keyring.encrypt(&seed).expect("encrypt")));
+    group.bench_function("encrypt_32B", |b| {
+        b.iter(|| keyring.encrypt(&seed).expect("encrypt"))
+    });
     let sealed = keyring.encrypt(&seed).expect("encrypt");
     let key_id = sealed.key_id.clone();
     group.bench_function("decrypt_32B_cache_hit", |b| {
@@ -62,8 +71,12 @@ fn grpc_over_socket(c: &mut Criterion) {
     let socket = dir.path().join("kms.sock").to_string_lossy().into_owned();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let mut client = rt.block_on(async {
-        kms_plugin::root::create(&config.keys["default"]).await.expect("key");
-        let plugin = Plugin::start(&config, Source::Embedded).await.expect("plugin");
+        kms_plugin::root::create(&config.keys["default"])
+            .await
+            .expect("key");
+        let plugin = Plugin::start(&config, Source::Embedded)
+            .await
+            .expect("plugin");
         let endpoint = Endpoint::parse(&socket);
         tokio::spawn(async move {
             let _ = kms_plugin::server::serve(plugin, &endpoint, 0o600, async {
@@ -80,7 +93,10 @@ fn grpc_over_socket(c: &mut Criterion) {
     });
     let mut group = c.benchmark_group("grpc_unix_socket");
     group.throughput(Throughput::Elements(1));
-    let request = EncryptRequest { plaintext: vec![7; 32], uid: "bench".into() };
+    let request = EncryptRequest {
+        plaintext: vec![7; 32],
+        uid: "bench".into(),
+    };
     group.bench_function("encrypt_32B", |b| {
         b.to_async(&rt).iter(|| {
             let mut client = client.clone();
