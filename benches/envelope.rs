@@ -1,1 +1,129 @@
-fn main() {}
+//! Latency of Encrypt and Decrypt for a 32-byte DEK seed (what kube-apiserver sends):
+//! in-process through the keyring, and end to end through the gRPC server on a Unix socket.
+//!
+//! Run: `cargo bench --bench envelope`
+
+use std::sync::Arc;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use kms_plugin::config::{Config, Source};
+use kms_plugin::keyring::Keyring;
+use kms_plugin::keyring::cache::KekCache;
+use kms_plugin::plugin::Plugin;
+use kms_plugin::proto::v2::{DecryptRequest, EncryptRequest};
+use kms_plugin::server::socket::Endpoint;
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("runtime: {e}"),
+    }
+}
+
+fn embedded_config(dir: &std::path::Path) -> Config {
+    Config::embedded(dir)
+}
+
+fn keyring(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = embedded_config(dir.path());
+    let keyring = rt.block_on(async {
+        kms_plugin::root::create(&config.keys["default"])
+            .await
+            .expect("key");
+        let cache = Arc::new(KekCache::new(16));
+        let keyring = Keyring::open(&config, cache, &Default::default())
+            .await
+            .expect("open");
+        let keyring = Arc::new(keyring);
+        keyring.start().await.expect("start");
+        // Background upkeep replaces the local KEK as the benchmark uses it up.
+        tokio::spawn(keyring.clone().maintain());
+        keyring
+    });
+    let seed = [7u8; 32];
+    let mut group = c.benchmark_group("keyring");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("encrypt_32B", |b| {
+        b.iter(|| keyring.encrypt(&seed).expect("encrypt"))
+    });
+    let sealed = keyring.encrypt(&seed).expect("encrypt");
+    let key_id = sealed.key_id.clone();
+    group.bench_function("decrypt_32B_cache_hit", |b| {
+        b.to_async(&rt).iter(|| async {
+            keyring
+                .decrypt(&key_id, &sealed.ciphertext, &sealed.annotations)
+                .await
+                .expect("decrypt")
+        })
+    });
+    group.finish();
+}
+
+fn grpc_over_socket(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = embedded_config(dir.path());
+    let socket = dir.path().join("kms.sock").to_string_lossy().into_owned();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let mut client = rt.block_on(async {
+        kms_plugin::root::create(&config.keys["default"])
+            .await
+            .expect("key");
+        let plugin = Plugin::start(&config, Source::Embedded)
+            .await
+            .expect("plugin");
+        let endpoint = Endpoint::parse(&socket);
+        tokio::spawn(async move {
+            let _ = kms_plugin::server::serve(plugin, &endpoint, 0o600, async {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        loop {
+            if let Ok(channel) = kms_plugin::client::connect(&socket).await {
+                break kms_plugin::client::kms(channel);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+    let mut group = c.benchmark_group("grpc_unix_socket");
+    group.throughput(Throughput::Elements(1));
+    let request = EncryptRequest {
+        plaintext: vec![7; 32],
+        uid: "bench".into(),
+    };
+    group.bench_function("encrypt_32B", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut client = client.clone();
+            let request = request.clone();
+            async move { client.encrypt(request).await.expect("encrypt") }
+        })
+    });
+    let sealed = rt
+        .block_on(client.encrypt(request.clone()))
+        .expect("encrypt")
+        .into_inner();
+    let decrypt = DecryptRequest {
+        ciphertext: sealed.ciphertext,
+        uid: "bench".into(),
+        key_id: sealed.key_id,
+        annotations: sealed.annotations,
+    };
+    group.bench_function("decrypt_32B_cache_hit", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut client = client.clone();
+            let request = decrypt.clone();
+            async move { client.decrypt(request).await.expect("decrypt") }
+        })
+    });
+    group.finish();
+    let _ = tx.send(());
+}
+
+criterion_group!(benches, keyring, grpc_over_socket);
+criterion_main!(benches);

@@ -57,6 +57,28 @@ pub enum Command {
         #[arg(long, default_value = config::DEFAULT_SOCKET)]
         socket: String,
     },
+    /// Make another configured root key the active one: checks it works, rewrites the config
+    /// file (old active becomes retired), reloads the running plugin and waits for it.
+    Rotate {
+        /// TOML configuration file of the running plugin.
+        #[arg(long)]
+        config: PathBuf,
+        /// The NAME of the [keys.NAME] entry to make active.
+        #[arg(long)]
+        to: String,
+        /// Socket of the running plugin (default: the config file's).
+        #[arg(long)]
+        socket: Option<String>,
+    },
+    /// Ask a running plugin to reload its config file.
+    Reload {
+        /// Socket path or @name of the running plugin.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: String,
+        /// Allow dropping root keys that may still protect data.
+        #[arg(long)]
+        force: bool,
+    },
     /// Create the root key a [keys.NAME] entry describes, if it does not exist yet.
     Keygen {
         /// TOML configuration file.
@@ -90,6 +112,8 @@ pub fn run(cli: Cli) -> ExitCode {
             } => serve(config.as_deref(), socket, state_dir).await,
             Command::Status { socket } => status(&socket).await,
             Command::Keygen { config, key } => keygen(&config, &key).await,
+            Command::Rotate { config, to, socket } => rotate(&config, &to, socket).await,
+            Command::Reload { socket, force } => reload(&socket, force).await,
         }
     })
 }
@@ -130,7 +154,7 @@ async fn serve(
         Err(e) => return fail(&format!("cannot start: {e}")),
     };
     let endpoint = Endpoint::parse(config.socket.as_deref().unwrap_or(config::DEFAULT_SOCKET));
-    let shutdown = match shutdown_signal() {
+    let shutdown = match shutdown_signal(plugin.clone()) {
         Ok(signal) => signal,
         Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
     };
@@ -140,15 +164,17 @@ async fn serve(
     }
 }
 
-/// Resolves on SIGTERM or SIGINT. SIGHUP (whose default action would kill the plugin)
-/// is caught and logged.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+/// Resolves on SIGTERM or SIGINT. SIGHUP reloads the config file (never dropping keys).
+fn shutdown_signal(
+    plugin: std::sync::Arc<Plugin>,
+) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            tracing::warn!("SIGHUP received; reloading is not supported by this version");
+            tracing::info!("SIGHUP received; reloading the configuration");
+            let _ = plugin.reload(false).await;
         }
     });
     Ok(async move {
@@ -216,6 +242,81 @@ async fn status(socket: &str) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+async fn rotate(config_path: &Path, to: &str, socket: Option<String>) -> ExitCode {
+    let (old_text, new_text, new_config) = match crate::rotate::prepare(config_path, to).await {
+        Ok(prepared) => prepared,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let socket = socket
+        .or_else(|| new_config.socket.clone())
+        .unwrap_or_else(|| config::DEFAULT_SOCKET.to_string());
+    let mut kms = match client::connect(&socket).await {
+        Ok(channel) => channel,
+        Err(e) => return unreachable_plugin(&socket, &e.to_string()),
+    };
+    let old_key_id = match client::kms(kms.clone()).status(StatusRequest {}).await {
+        Ok(status) => status.into_inner().key_id,
+        Err(e) => return unreachable_plugin(&socket, e.message()),
+    };
+    let old_name = new_config.kek.retired.last().cloned().unwrap_or_default();
+    if let Err(e) = crate::rotate::write_atomically(config_path, &new_text) {
+        return fail(&e.to_string());
+    }
+    let reloaded = client::admin(kms.clone())
+        .reload(crate::proto::admin::ReloadRequest { force: false })
+        .await;
+    let new_key_id = match reloaded {
+        Ok(r) => r.into_inner().key_id,
+        Err(e) => {
+            let restored = crate::rotate::write_atomically(config_path, &old_text);
+            let what = match restored {
+                Ok(()) => "the config file was restored".to_string(),
+                Err(r) => format!("restoring the config file failed too: {r}"),
+            };
+            return fail(&format!(
+                "the plugin refused the new configuration ({what}): {}",
+                e.message()
+            ));
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = client::kms(kms.clone()).status(StatusRequest {}).await;
+        if status.is_ok_and(|s| s.into_inner().key_id == new_key_id) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return fail("the plugin did not report the new key_id within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Ok(channel) = client::connect(&socket).await {
+            kms = channel;
+        }
+    }
+    print!(
+        "{}",
+        crate::rotate::next_steps(&old_name, &old_key_id, to, &new_key_id, &socket)
+    );
+    ExitCode::SUCCESS
+}
+
+async fn reload(socket: &str, force: bool) -> ExitCode {
+    let channel = match client::connect(socket).await {
+        Ok(channel) => channel,
+        Err(e) => return unreachable_plugin(socket, &e.to_string()),
+    };
+    match client::admin(channel)
+        .reload(crate::proto::admin::ReloadRequest { force })
+        .await
+    {
+        Ok(r) => {
+            println!("reloaded; active key_id {}", r.into_inner().key_id);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("reload refused: {}", e.message())),
     }
 }
 

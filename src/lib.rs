@@ -21,6 +21,7 @@ pub mod keyring;
 pub mod plugin;
 pub mod proto;
 pub mod root;
+pub mod rotate;
 pub mod secret;
 pub mod server;
 pub mod service;

@@ -1,18 +1,60 @@
 //! The running plugin: the keyring in force and where its configuration came from.
-//! A reload builds a complete new keyring beside the old one, proves it, and swaps it in
-//! atomically; calls in flight finish on the keyring they started with.
+//!
+//! A reload (SIGHUP, a changed config file, or the Admin `Reload` call that
+//! `kms-plugin rotate` makes) builds a complete new keyring beside the old one: every root
+//! opens, the new active root passes a wrap + unwrap round trip, and the first local KEK is
+//! wrapped by every wrapping root. Only then is it swapped in, atomically; on any failure
+//! the old keyring keeps serving. Calls in flight finish on the keyring they started with.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
-use crate::config::{Config, Source};
+use crate::config::{Config, ConfigError, Source};
+use crate::envelope::fingerprint;
 use crate::keyring::Keyring;
 use crate::keyring::cache::KekCache;
-use crate::root::RootError;
+use crate::root::{KeyId, RootError};
+
+/// How often the config file is checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Why a reload was refused. The old configuration keeps serving in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The plugin runs on the embedded default: there is no file to reload.
+    #[error("the plugin runs on the embedded default; there is no config file to reload")]
+    NoConfigFile,
+    /// The new file does not parse or validate.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A root of the new configuration cannot be opened or does not work.
+    #[error("{0}")]
+    Root(#[from] RootError),
+    /// The new configuration drops root keys that may still protect data.
+    #[error(
+        "the new configuration drops root key(s) {0}; data written under these key_ids becomes \
+         unreadable unless another configured root holds a copy. Rewrite all Secrets first, then \
+         reload with --force"
+    )]
+    WouldDrop(String),
+    /// A setting that cannot change while kube-apiserver runs.
+    #[error("{0} cannot change on reload; restart the plugin to change it")]
+    Immutable(&'static str),
+}
 
 /// Shared state of a running plugin.
 pub struct Plugin {
     keyring: RwLock<Arc<Keyring>>,
     source: Source,
+    /// The configuration in force; the lock also serializes reloads.
+    loaded: tokio::sync::Mutex<Loaded>,
+}
+
+struct Loaded {
+    config: Config,
+    /// Hash of the file text last tried, so a bad file is not retried until it changes.
+    last_seen: [u8; 32],
 }
 
 impl Plugin {
@@ -22,9 +64,17 @@ impl Plugin {
         let keyring = Arc::new(Keyring::open(config, cache, &Default::default()).await?);
         keyring.start().await?;
         tokio::spawn(keyring.clone().maintain());
+        let last_seen = match &source {
+            Source::File(path) => hash_file(path).unwrap_or_default(),
+            Source::Embedded => [0; 32],
+        };
         Ok(Arc::new(Self {
             keyring: RwLock::new(keyring),
             source,
+            loaded: tokio::sync::Mutex::new(Loaded {
+                config: config.clone(),
+                last_seen,
+            }),
         }))
     }
 
@@ -45,4 +95,90 @@ impl Plugin {
     pub fn stop(&self) {
         self.keyring().stop();
     }
+
+    /// Re-reads the config file and swaps it in if it works. `force` allows dropping roots.
+    pub async fn reload(&self, force: bool) -> Result<KeyId, ReloadError> {
+        let Source::File(path) = &self.source else {
+            return Err(ReloadError::NoConfigFile);
+        };
+        let mut loaded = self.loaded.lock().await;
+        loaded.last_seen = hash_file(path).unwrap_or_default();
+        let result = self
+            .try_reload(&loaded.config, Config::load(path), force)
+            .await;
+        match &result {
+            Ok((config, key_id)) => {
+                tracing::info!(config = %path.display(), key_id = %key_id, "configuration reloaded");
+                loaded.config = config.clone();
+            }
+            Err(e) => {
+                tracing::error!(config = %path.display(), error = %e, "reload refused; the previous configuration keeps serving")
+            }
+        }
+        result.map(|(_, key_id)| key_id)
+    }
+
+    async fn try_reload(
+        &self,
+        old: &Config,
+        new: Result<Config, ConfigError>,
+        force: bool,
+    ) -> Result<(Config, KeyId), ReloadError> {
+        let mut new = new?;
+        if new.api_version != old.api_version {
+            return Err(ReloadError::Immutable("api_version"));
+        }
+        // The socket is bound once; the running one stays.
+        new.socket = old.socket.clone();
+        new.socket_mode = old.socket_mode;
+        let current = self.keyring();
+        let keyring = Arc::new(Keyring::open(&new, current.cache(), &current.stats()).await?);
+        let kept: BTreeSet<&KeyId> = keyring.key_ids().collect();
+        let dropped: Vec<String> = current
+            .key_ids()
+            .filter(|id| !kept.contains(id))
+            .map(|id| id.to_string())
+            .collect();
+        if !dropped.is_empty() {
+            if !force {
+                return Err(ReloadError::WouldDrop(dropped.join(", ")));
+            }
+            tracing::warn!(key_ids = %dropped.join(", "), "forced reload drops root keys");
+        }
+        keyring.probe_active().await?;
+        keyring.start_strict().await?;
+        tokio::spawn(keyring.clone().maintain());
+        let key_id = keyring.key_id().clone();
+        let old = std::mem::replace(
+            &mut *self.keyring.write().unwrap_or_else(PoisonError::into_inner),
+            keyring,
+        );
+        old.stop();
+        Ok((new, key_id))
+    }
+
+    /// Reloads whenever the config file's content changes (edits, ConfigMap symlink swaps).
+    pub async fn watch(self: Arc<Self>) {
+        let Source::File(path) = self.source.clone() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        loop {
+            tick.tick().await;
+            let Some(hash) = hash_file(&path) else {
+                continue;
+            };
+            if hash == self.loaded.lock().await.last_seen {
+                continue;
+            }
+            tracing::info!(config = %path.display(), "config file changed; reloading");
+            let _ = self.reload(false).await;
+        }
+    }
+}
+
+fn hash_file(path: &std::path::Path) -> Option<[u8; 32]> {
+    std::fs::read(path)
+        .ok()
+        .map(|text| fingerprint(b"kms-plugin config", &[&text]))
 }

@@ -117,8 +117,18 @@ impl Admin for Service {
         }))
     }
 
-    async fn reload(&self, _: Request<ReloadRequest>) -> Result<Response<ReloadResponse>, Status> {
-        Err(Status::unimplemented("reload is not supported yet"))
+    async fn reload(
+        &self,
+        request: Request<ReloadRequest>,
+    ) -> Result<Response<ReloadResponse>, Status> {
+        let force = request.into_inner().force;
+        match self.plugin.reload(force).await {
+            Ok(key_id) => Ok(Response::new(ReloadResponse {
+                key_id: key_id.to_string(),
+            })),
+            // The operator's own configuration problem: tell them all of it.
+            Err(e) => Err(Status::failed_precondition(e.to_string())),
+        }
     }
 }
 

@@ -170,6 +170,25 @@ impl Keyring {
         }
     }
 
+    /// For a reload: the new configuration must work completely before it is swapped in,
+    /// so any failure to make the first local KEK is an error here.
+    pub async fn start_strict(&self) -> Result<(), RootError> {
+        self.rotate().await
+    }
+
+    /// A wrap + unwrap round trip through the active root.
+    pub async fn probe_active(&self) -> Result<(), RootError> {
+        self.active
+            .probe()
+            .await
+            .map_err(|e| name_error(&self.active.name, self.active.provider(), e))
+    }
+
+    /// The key_ids of every configured root.
+    pub fn key_ids(&self) -> impl Iterator<Item = &KeyId> {
+        self.roots.iter().map(|r| r.key_id())
+    }
+
     /// Statistics by key_id, to carry over into a reloaded keyring.
     pub fn stats(&self) -> HashMap<KeyId, Arc<RootStats>> {
         self.roots
@@ -478,7 +497,7 @@ impl Keyring {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .unwrap_or_else(|| "no local KEK made yet".into())
+            .unwrap_or_else(|| "its successor is still being made".into())
     }
 
     /// Why an Encrypt would fail right now.

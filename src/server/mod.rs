@@ -31,6 +31,7 @@ pub async fn serve(
     let service = Service::new(plugin.clone());
     tracing::info!(socket = %endpoint, key_id = %plugin.keyring().key_id(), "serving KMS v2");
     notify_systemd("READY=1");
+    let watcher = tokio::spawn(plugin.clone().watch());
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
@@ -54,6 +55,7 @@ pub async fn serve(
         }
     };
     socket::remove(endpoint);
+    watcher.abort();
     plugin.stop();
     if let Err(e) = result {
         tracing::error!(error = %e, "server error");
