@@ -170,10 +170,10 @@ impl AwsKmsKeyConfig {
                 self.region, parts[3]
             ));
         }
-        if let Some(endpoint) = &self.endpoint {
-            if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
-                return Err(format!("{at} endpoint must be an http:// or https:// URL"));
-            }
+        if let Some(endpoint) = &self.endpoint
+            && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
+        {
+            return Err(format!("{at} endpoint must be an http:// or https:// URL"));
         }
         for key in self.encryption_context.keys() {
             if key.is_empty() {
