@@ -423,10 +423,10 @@ impl Config {
         if self.socket_mode & !0o777 != 0 {
             return Err("socket_mode must be permission bits like \"0600\"".into());
         }
-        if let Some(socket) = &self.socket {
-            if socket.is_empty() || socket == "@" {
-                return Err("socket must be a path or @name".into());
-            }
+        if let Some(socket) = &self.socket
+            && (socket.is_empty() || socket == "@")
+        {
+            return Err("socket must be a path or @name".into());
         }
         Ok(())
     }
