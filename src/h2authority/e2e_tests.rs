@@ -72,7 +72,11 @@ async fn handle(
         .unwrap();
     (
         seq,
-        parts.uri.authority().map(|a| a.to_string()).unwrap_or_default(),
+        parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
         parts.uri.path().to_owned(),
         data,
         trailer,
@@ -198,7 +202,10 @@ async fn h2_server_resets_path_authority_without_fix() {
 async fn wrapped_stream_fails_reads_on_garbage() {
     let (mut client_io, server_io) = tokio::io::duplex(1024);
     let mut fixed = AuthorityFix::new(server_io);
-    client_io.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    client_io
+        .write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 64];
     let err = fixed.read(&mut buf).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);

@@ -31,7 +31,7 @@ pub struct FrameHeader {
 impl FrameHeader {
     pub fn parse(b: &[u8; HEADER_LEN]) -> Self {
         Self {
-            length: usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]),
+            length: (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]),
             kind: b[3],
             flags: b[4],
             stream_id: u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff,
@@ -146,7 +146,10 @@ mod tests {
         assert_eq!(f[1].0.kind, TYPE_CONTINUATION);
         assert_eq!(f[1].0.flags, 0);
         assert_eq!(f[2].0.flags, FLAG_END_HEADERS);
-        assert!(f.iter().all(|(h, _)| h.stream_id == 5 && h.length <= MAX_PAYLOAD));
+        assert!(
+            f.iter()
+                .all(|(h, _)| h.stream_id == 5 && h.length <= MAX_PAYLOAD)
+        );
         let mut joined = f[0].1[5..].to_vec();
         joined.extend_from_slice(&f[1].1);
         joined.extend_from_slice(&f[2].1);

@@ -45,10 +45,20 @@ pub struct Rewriter {
 
 #[derive(Debug)]
 enum State {
-    Preface { matched: usize },
-    FrameHeader { buf: [u8; HEADER_LEN], got: usize },
-    Passthrough { remaining: usize },
-    BlockPayload { header: FrameHeader, remaining: usize },
+    Preface {
+        matched: usize,
+    },
+    FrameHeader {
+        buf: [u8; HEADER_LEN],
+        got: usize,
+    },
+    Passthrough {
+        remaining: usize,
+    },
+    BlockPayload {
+        header: FrameHeader,
+        remaining: usize,
+    },
 }
 
 const NEXT_FRAME: State = State::FrameHeader {
@@ -188,9 +198,7 @@ impl Rewriter {
         };
         // RFC 9113 §6.10: nothing may interleave with an open header block.
         let open_total = match &self.block {
-            Some(b) if h.kind == TYPE_CONTINUATION && h.stream_id == b.stream_id => {
-                b.payload_total
-            }
+            Some(b) if h.kind == TYPE_CONTINUATION && h.stream_id == b.stream_id => b.payload_total,
             Some(_) => return Err(unexpected),
             None if h.kind == TYPE_CONTINUATION => return Err(unexpected),
             None => 0,
@@ -245,7 +253,7 @@ impl Rewriter {
             };
             let mut pad = 0;
             if h.flags & FLAG_PADDED != 0 {
-                let (&p, rest) = frag.split_first().ok_or(malformed.clone())?;
+                let (&p, rest) = frag.split_first().ok_or_else(|| malformed.clone())?;
                 pad = usize::from(p);
                 frag = rest;
             }
@@ -277,7 +285,8 @@ impl Rewriter {
         self.decoder.decode(&self.fragment, &mut self.fields)?;
         let mut replaced = false;
         for f in &mut self.fields {
-            if f.name == b":authority" && http::uri::Authority::try_from(f.value.as_slice()).is_err()
+            if f.name == b":authority"
+                && http::uri::Authority::try_from(f.value.as_slice()).is_err()
             {
                 f.value = REPLACEMENT_AUTHORITY.to_vec();
                 replaced = true;

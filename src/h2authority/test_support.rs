@@ -29,10 +29,11 @@ impl IndexingEncoder {
 
     fn find(&self, name: &[u8], value: &[u8]) -> (Option<usize>, Option<usize>) {
         let mut name_idx = None;
-        let all = STATIC
-            .iter()
-            .map(|(n, v)| (*n, *v))
-            .chain(self.entries.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let all = STATIC.iter().map(|(n, v)| (*n, *v)).chain(
+            self.entries
+                .iter()
+                .map(|(n, v)| (n.as_slice(), v.as_slice())),
+        );
         for (i, (n, v)) in all.enumerate() {
             if n == name {
                 if v == value {

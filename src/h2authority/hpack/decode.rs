@@ -233,10 +233,7 @@ mod tests {
         );
         // u32::MAX itself is fine: 31 + 0xffffffe0.
         let max = [0x1f, 0xe0, 0xff, 0xff, 0xff, 0x0f];
-        assert_eq!(
-            decode_int(&mut &max[..], 5).unwrap(),
-            u32::MAX as usize
-        );
+        assert_eq!(decode_int(&mut &max[..], 5).unwrap(), u32::MAX as usize);
     }
 
     #[test]
@@ -363,7 +360,10 @@ mod tests {
             // Huffman value 'a' with zero padding.
             (&[0x41, 0x81, 0x18], HpackError::HuffmanPadding),
             // Huffman value that is all EOS.
-            (&[0x41, 0x84, 0xff, 0xff, 0xff, 0xff], HpackError::HuffmanEos),
+            (
+                &[0x41, 0x84, 0xff, 0xff, 0xff, 0xff],
+                HpackError::HuffmanEos,
+            ),
             (&[0x82, 0x20], HpackError::SizeUpdateNotAtStart),
             (
                 &[0x3f, 0xe1, 0xff, 0x07],

@@ -125,7 +125,11 @@ fn invalid_authorities_are_rewritten() {
     }
     // The rewritten HEADERS frame keeps PRIORITY and loses PADDED.
     let frames = parse_frames(&whole[PREFACE.len()..]);
-    let h = frames.iter().filter(|(h, _)| h.kind == TYPE_HEADERS).nth(1).unwrap();
+    let h = frames
+        .iter()
+        .filter(|(h, _)| h.kind == TYPE_HEADERS)
+        .nth(1)
+        .unwrap();
     assert_eq!(h.0.flags & 0x28, 0x20, "PRIORITY kept, PADDED dropped");
 }
 
@@ -174,7 +178,8 @@ fn huge_data_frame_is_streamed_not_buffered() {
     let mut out = Vec::new();
     r.feed(PREFACE, &mut out).unwrap();
     // DATA frame claiming 16 MiB - 1: bytes flow out as they come in.
-    r.feed(&[0xff, 0xff, 0xff, DATA, 0, 0, 0, 0, 1], &mut out).unwrap();
+    r.feed(&[0xff, 0xff, 0xff, DATA, 0, 0, 0, 0, 1], &mut out)
+        .unwrap();
     out.clear();
     let chunk = [0xabu8; 4096];
     for _ in 0..100 {
@@ -276,7 +281,10 @@ fn oversized_header_block_is_rejected_before_buffering() {
     // A single frame over the limit fails on its header alone.
     let mut r = Rewriter::new();
     r.feed(PREFACE, &mut out).unwrap();
-    assert!(r.feed(&[0x01, 0, 1, TYPE_HEADERS, 4, 0, 0, 0, 1], &mut out).is_err());
+    assert!(
+        r.feed(&[0x01, 0, 1, TYPE_HEADERS, 4, 0, 0, 0, 1], &mut out)
+            .is_err()
+    );
 }
 
 #[test]
