@@ -100,6 +100,10 @@ impl DynamicTable {
         self.entries.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Looks up a 1-based HPACK index across the static and dynamic tables.
     pub fn get(&self, index: usize) -> Result<(&[u8], &[u8]), HpackError> {
         if index == 0 {
