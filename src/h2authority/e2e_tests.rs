@@ -211,3 +211,58 @@ async fn wrapped_stream_fails_reads_on_garbage() {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     assert!(fixed.rewriter().error().is_some());
 }
+
+#[tokio::test]
+async fn adapter_handles_tiny_reads_and_writes() {
+    let mut enc = IndexingEncoder::new(true);
+    let mut input = PREFACE.to_vec();
+    input.extend(frame(SETTINGS, 0, 0, &[]));
+    let block = enc.encode(&[(":method", "GET"), (":authority", "/var/run/kms/kms.sock")]);
+    input.extend(frame(HEADERS, 0x5, 1, &block));
+    let mut expected = Vec::new();
+    super::Rewriter::new().feed(&input, &mut expected).unwrap();
+
+    let (mut client_io, server_io) = tokio::io::duplex(16);
+    let mut fixed = AuthorityFix::new(server_io);
+    let writer = tokio::spawn(async move {
+        for b in &input {
+            client_io.write_all(&[*b]).await.unwrap();
+        }
+        client_io
+    });
+    let mut got = vec![0u8; expected.len()];
+    for slot in got.chunks_mut(1) {
+        fixed.read_exact(slot).await.unwrap();
+    }
+    assert_eq!(got, expected);
+    assert_eq!(fixed.rewriter().rewritten_blocks(), 1);
+    // Writes go straight through.
+    fixed.write_all(b"pong").await.unwrap();
+    let mut client_io = writer.await.unwrap();
+    let mut back = [0u8; 4];
+    client_io.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"pong");
+}
+
+/// `AuthorityFix<UnixStream>` meets `serve_with_incoming`'s bounds and
+/// reports the Unix peer like the bare stream does.
+#[tokio::test]
+async fn unix_stream_wrapper_is_connected() {
+    use tonic::transport::server::{Connected, UdsConnectInfo};
+
+    fn assert_serve_bounds<IO>()
+    where
+        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    {
+    }
+    assert_serve_bounds::<AuthorityFix<tokio::net::UnixStream>>();
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kms.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let (conn, _) = listener.accept().await.unwrap();
+    let fixed = AuthorityFix::new(conn);
+    let info: UdsConnectInfo = fixed.connect_info();
+    assert!(info.peer_cred.is_some());
+}
