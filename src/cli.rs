@@ -71,7 +71,10 @@ pub enum Command {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kms-plugin: cannot start the async runtime: {e}");
@@ -91,14 +94,20 @@ pub fn run(cli: Cli) -> ExitCode {
     })
 }
 
-async fn serve(config_path: Option<&Path>, socket: Option<String>, state_dir: Option<PathBuf>) -> ExitCode {
+async fn serve(
+    config_path: Option<&Path>,
+    socket: Option<String>,
+    state_dir: Option<PathBuf>,
+) -> ExitCode {
     let (mut config, source) = match config_path {
         Some(path) => match Config::load(path) {
             Ok(config) => (config, Source::File(path.to_path_buf())),
             Err(e) => return fail(&e.to_string()),
         },
         None => {
-            let dir = state_dir.clone().unwrap_or_else(|| PathBuf::from(config::DEFAULT_STATE_DIR));
+            let dir = state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(config::DEFAULT_STATE_DIR));
             (Config::embedded(&dir), Source::Embedded)
         }
     };
@@ -166,14 +175,20 @@ async fn status(socket: &str) -> ExitCode {
     println!("key_id:  {}", status.key_id);
     if let Ok(info) = client::admin(channel).info(InfoRequest {}).await {
         let info = info.into_inner();
-        println!("config:  {} (pid {}, kms-plugin {})", info.config_source, info.pid, info.plugin_version);
+        println!(
+            "config:  {} (pid {}, kms-plugin {})",
+            info.config_source, info.pid, info.plugin_version
+        );
         if let Some(k) = info.local_kek {
             println!(
                 "local KEK: {} of {} encryptions, {}s of {}s",
                 k.encryptions, k.max_encryptions, k.age_seconds, k.max_age_seconds
             );
         }
-        println!("cache:   {} of {} unwrapped local KEKs", info.cache_entries, info.cache_capacity);
+        println!(
+            "cache:   {} of {} unwrapped local KEKs",
+            info.cache_entries, info.cache_capacity
+        );
         for r in info.roots {
             let last = match r.last_decrypt_unix {
                 0 => "never since start".to_string(),
@@ -181,8 +196,16 @@ async fn status(socket: &str) -> ExitCode {
             };
             println!(
                 "root {} ({}, {}): key_id {} state {}; wraps {} unwraps {} failures {}; decrypts {}, last {}",
-                r.name, r.provider, r.role, r.key_id, r.state, r.wrap_calls, r.unwrap_calls,
-                r.failed_calls, r.decrypts, last
+                r.name,
+                r.provider,
+                r.role,
+                r.key_id,
+                r.state,
+                r.wrap_calls,
+                r.unwrap_calls,
+                r.failed_calls,
+                r.decrypts,
+                last
             );
             if !r.last_error.is_empty() {
                 println!("  last error: {}", r.last_error);
@@ -202,7 +225,10 @@ async fn keygen(config_path: &Path, name: &str) -> ExitCode {
         Err(e) => return fail(&e.to_string()),
     };
     let Some(key) = config.keys.get(name) else {
-        return fail(&format!("{} has no [keys.{name}] entry", config_path.display()));
+        return fail(&format!(
+            "{} has no [keys.{name}] entry",
+            config_path.display()
+        ));
     };
     let created = match root::create(key).await {
         Ok(created) => created,
@@ -211,7 +237,11 @@ async fn keygen(config_path: &Path, name: &str) -> ExitCode {
     match root::open(name, key).await {
         Ok(opened) => {
             let what = if created { "created" } else { "already exists" };
-            println!("key \"{name}\" ({}) {what}: key_id {}", provider(key), opened.key_id());
+            println!(
+                "key \"{name}\" ({}) {what}: key_id {}",
+                provider(key),
+                opened.key_id()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => fail(&format!("key \"{name}\": {e}")),
@@ -236,7 +266,9 @@ fn fail(message: &str) -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KMS_PLUGIN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -30,7 +30,10 @@ impl Plugin {
 
     /// The keyring in force. Callers hold it for one call.
     pub fn keyring(&self) -> Arc<Keyring> {
-        self.keyring.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.keyring
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Where the configuration came from.

@@ -13,8 +13,7 @@ use crate::proto::admin::admin_server::Admin;
 use crate::proto::admin::{InfoRequest, InfoResponse, ReloadRequest, ReloadResponse};
 use crate::proto::v2::key_management_service_server::KeyManagementService;
 use crate::proto::v2::{
-    DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest,
-    StatusResponse,
+    DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
 
 /// Decrypt waits at most this long for a root when the client sent no deadline.
@@ -54,7 +53,13 @@ impl KeyManagementService for Service {
         let request = request.into_inner();
         let keyring = self.plugin.keyring();
         let result = keyring.encrypt(&request.plaintext);
-        log_call("encrypt", &request.uid, keyring.key_id().as_str(), &result, started);
+        log_call(
+            "encrypt",
+            &request.uid,
+            keyring.key_id().as_str(),
+            &result,
+            started,
+        );
         let sealed = result.map_err(|e| to_status(&e))?;
         Ok(Response::new(EncryptResponse {
             ciphertext: sealed.ciphertext,
@@ -76,7 +81,9 @@ impl KeyManagementService for Service {
             Ok(result) => result,
             Err(_) => {
                 tracing::warn!(op = "decrypt", uid = %loggable(&request.uid), "deadline exceeded waiting for a root key");
-                return Err(Status::deadline_exceeded("timed out waiting for the root key"));
+                return Err(Status::deadline_exceeded(
+                    "timed out waiting for the root key",
+                ));
             }
         };
         log_call("decrypt", &request.uid, &request.key_id, &result, started);
@@ -143,7 +150,9 @@ fn log_call<T>(
     let (uid, key_id) = (loggable(uid), loggable(key_id));
     match result {
         Ok(_) => tracing::info!(op, uid = %uid, key_id = %key_id, outcome = "ok", micros),
-        Err(e) => tracing::warn!(op, uid = %uid, key_id = %key_id, outcome = "error", error = %e, micros),
+        Err(e) => {
+            tracing::warn!(op, uid = %uid, key_id = %key_id, outcome = "error", error = %e, micros)
+        }
     }
 }
 
@@ -185,10 +194,19 @@ mod tests {
     fn status_codes() {
         let cases = [
             (KeyringError::InvalidRequest("x"), Code::InvalidArgument),
-            (KeyringError::Envelope(EnvelopeError::Authentication), Code::InvalidArgument),
+            (
+                KeyringError::Envelope(EnvelopeError::Authentication),
+                Code::InvalidArgument,
+            ),
             (KeyringError::UnknownKeyId, Code::FailedPrecondition),
-            (KeyringError::RootRejected { name: "a".into() }, Code::FailedPrecondition),
-            (KeyringError::RootUnavailable { name: "a".into() }, Code::Unavailable),
+            (
+                KeyringError::RootRejected { name: "a".into() },
+                Code::FailedPrecondition,
+            ),
+            (
+                KeyringError::RootUnavailable { name: "a".into() },
+                Code::Unavailable,
+            ),
             (KeyringError::NotReady("x".into()), Code::Unavailable),
         ];
         for (error, code) in cases {

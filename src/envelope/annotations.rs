@@ -96,8 +96,17 @@ mod tests {
         let long_label = format!("{}.dev", "a".repeat(64));
         let long_name = format!("{}.dev", vec!["a".repeat(60); 5].join("."));
         for bad in [
-            "", "single", "a/b.c", "A.b", "-a.b", "a-.b", "a..b", "a.b..", "a_b.c",
-            &long_label, &long_name,
+            "",
+            "single",
+            "a/b.c",
+            "A.b",
+            "-a.b",
+            "a-.b",
+            "a..b",
+            "a.b..",
+            "a_b.c",
+            &long_label,
+            &long_name,
         ] {
             assert!(!is_valid_key(bad), "{bad}");
         }
@@ -106,7 +115,11 @@ mod tests {
     #[test]
     fn emitted_keys_are_valid_for_every_provider_key_id() {
         let id = format!("aws-{}", "f".repeat(32));
-        for key_id in ["file-0123456789abcdef0123456789abcdef", "pkcs11-00", id.as_str()] {
+        for key_id in [
+            "file-0123456789abcdef0123456789abcdef",
+            "pkcs11-00",
+            id.as_str(),
+        ] {
             let key = wrapped_kek_key(key_id);
             assert!(is_valid_key(&key), "{key}");
         }
@@ -119,7 +132,10 @@ mod tests {
         map.insert(wrapped_kek_key("aws-cd"), vec![4]);
         let mut copies = wrapped_copies(&map).expect("valid");
         copies.sort();
-        assert_eq!(copies, vec![("aws-cd", &[4u8][..]), ("file-ab", &[1, 2, 3][..])]);
+        assert_eq!(
+            copies,
+            vec![("aws-cd", &[4u8][..]), ("file-ab", &[1, 2, 3][..])]
+        );
 
         let mut foreign = map.clone();
         foreign.insert("other.example.com".into(), vec![1]);
@@ -127,11 +143,17 @@ mod tests {
 
         let mut empty_value = HashMap::new();
         empty_value.insert(wrapped_kek_key("file-ab"), vec![]);
-        assert_eq!(wrapped_copies(&empty_value), Err(EnvelopeError::BadAnnotation));
+        assert_eq!(
+            wrapped_copies(&empty_value),
+            Err(EnvelopeError::BadAnnotation)
+        );
 
         let mut bad_label = HashMap::new();
         bad_label.insert(format!("Bad.{DOMAIN}"), vec![1]);
-        assert_eq!(wrapped_copies(&bad_label), Err(EnvelopeError::BadAnnotation));
+        assert_eq!(
+            wrapped_copies(&bad_label),
+            Err(EnvelopeError::BadAnnotation)
+        );
 
         assert_eq!(
             wrapped_copies(&HashMap::new()),

@@ -69,7 +69,13 @@ impl KekCipher {
         let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
         out.push(FORMAT_V1);
         out.extend_from_slice(&nonce);
-        match self.0.encrypt(&nonce, Payload { msg: plaintext, aad }) {
+        match self.0.encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        ) {
             Ok(body) => out.extend_from_slice(&body),
             // AES-GCM encryption fails only for inputs of ~64 GiB; ours are under 1 KiB.
             Err(_) => unreachable!("AES-GCM cannot fail on a {} byte input", plaintext.len()),
@@ -168,7 +174,10 @@ mod tests {
         let other_id = bound(1, "file-b", 0);
         let other_annotations = bound(1, "file-a", 1);
         assert_eq!(other_id.open(&sealed), Err(EnvelopeError::Authentication));
-        assert_eq!(other_annotations.open(&sealed), Err(EnvelopeError::Authentication));
+        assert_eq!(
+            other_annotations.open(&sealed),
+            Err(EnvelopeError::Authentication)
+        );
     }
 
     #[test]

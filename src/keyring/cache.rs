@@ -47,7 +47,11 @@ impl KekCache {
 
     /// Returns the cached key, or runs `unwrap` once for all concurrent callers.
     /// A failed unwrap is not cached: the next call tries again.
-    pub async fn get_or_unwrap<F, Fut, E>(&self, id: CacheId, unwrap: F) -> Result<Arc<KekCipher>, E>
+    pub async fn get_or_unwrap<F, Fut, E>(
+        &self,
+        id: CacheId,
+        unwrap: F,
+    ) -> Result<Arc<KekCipher>, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<KekCipher, E>>,
@@ -70,7 +74,10 @@ impl KekCache {
         if result.is_err() {
             let mut slots = self.lock();
             // Drop the empty slot unless a concurrent caller has filled it meanwhile.
-            if slots.peek(&id).is_some_and(|s| Arc::ptr_eq(s, &slot) && !s.initialized()) {
+            if slots
+                .peek(&id)
+                .is_some_and(|s| Arc::ptr_eq(s, &slot) && !s.initialized())
+            {
                 slots.pop(&id);
             }
         }
@@ -143,10 +150,14 @@ mod tests {
     async fn failures_are_not_cached() {
         let cache = KekCache::new(4);
         let id = KekCache::id("file-a", b"w");
-        let err = cache.get_or_unwrap(id, || async { Err::<KekCipher, _>("down") }).await;
+        let err = cache
+            .get_or_unwrap(id, || async { Err::<KekCipher, _>("down") })
+            .await;
         assert!(err.is_err());
         assert!(cache.is_empty());
-        let ok = cache.get_or_unwrap(id, || async { Ok::<_, &str>(cipher()) }).await;
+        let ok = cache
+            .get_or_unwrap(id, || async { Ok::<_, &str>(cipher()) })
+            .await;
         assert!(ok.is_ok());
         assert_eq!(cache.len(), 1);
     }
@@ -160,11 +171,18 @@ mod tests {
         cache.insert(ids[0], first);
         cache.insert(ids[1], Arc::new(cipher()));
         // Touch ids[1] so ids[0] is the least recently used.
-        let _ = cache.get_or_unwrap(ids[1], || async { Err::<KekCipher, ()>(()) }).await;
+        let _ = cache
+            .get_or_unwrap(ids[1], || async { Err::<KekCipher, ()>(()) })
+            .await;
         cache.insert(ids[2], Arc::new(cipher()));
         assert_eq!(cache.len(), 2);
-        assert!(weak_first.upgrade().is_none(), "evicted key must be dropped");
-        let refetch = cache.get_or_unwrap(ids[0], || async { Err::<KekCipher, &str>("gone") }).await;
+        assert!(
+            weak_first.upgrade().is_none(),
+            "evicted key must be dropped"
+        );
+        let refetch = cache
+            .get_or_unwrap(ids[0], || async { Err::<KekCipher, &str>("gone") })
+            .await;
         assert!(refetch.is_err(), "evicted entry must need a new unwrap");
     }
 

@@ -203,7 +203,9 @@ impl Keyring {
                 "plaintext is too large: at most 995 bytes fit kube-apiserver's 1 KiB ciphertext limit",
             ));
         }
-        let kek = self.current().ok_or_else(|| KeyringError::NotReady(self.encrypt_blocker()))?;
+        let kek = self
+            .current()
+            .ok_or_else(|| KeyringError::NotReady(self.encrypt_blocker()))?;
         let count = kek.encryptions.fetch_add(1, Ordering::Relaxed) + 1;
         if count > self.limits.max_encryptions || kek.created.elapsed() >= self.max_age() {
             self.wake.notify_one();
@@ -230,7 +232,9 @@ impl Keyring {
     ) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
         check_format(ciphertext)?;
         if key_id.is_empty() || key_id.len() > MAX_KEY_ID_LEN {
-            return Err(KeyringError::InvalidRequest("key_id must be 1 to 1024 bytes"));
+            return Err(KeyringError::InvalidRequest(
+                "key_id must be 1 to 1024 bytes",
+            ));
         }
         let copies = annotations::wrapped_copies(annotations)?;
         let requested = self.root_by_key_id(key_id);
@@ -261,9 +265,15 @@ impl Keyring {
                 Err(e) => {
                     tracing::warn!(root = %root.name, key_id = %root.key_id(), error = %e, "cannot unwrap local KEK");
                     failure = Some(match e {
-                        RootError::Authentication => KeyringError::Envelope(EnvelopeError::Authentication),
-                        RootError::Unavailable(_) => KeyringError::RootUnavailable { name: root.name.clone() },
-                        _ => KeyringError::RootRejected { name: root.name.clone() },
+                        RootError::Authentication => {
+                            KeyringError::Envelope(EnvelopeError::Authentication)
+                        }
+                        RootError::Unavailable(_) => KeyringError::RootUnavailable {
+                            name: root.name.clone(),
+                        },
+                        _ => KeyringError::RootRejected {
+                            name: root.name.clone(),
+                        },
                     });
                 }
             }
@@ -311,9 +321,13 @@ impl Keyring {
             .collect();
         let current = self.current();
         let local = admin::LocalKekInfo {
-            encryptions: current.as_ref().map_or(0, |k| k.encryptions.load(Ordering::Relaxed)),
+            encryptions: current
+                .as_ref()
+                .map_or(0, |k| k.encryptions.load(Ordering::Relaxed)),
             max_encryptions: self.limits.max_encryptions,
-            age_seconds: current.as_ref().map_or(0, |k| k.created.elapsed().as_secs()),
+            age_seconds: current
+                .as_ref()
+                .map_or(0, |k| k.created.elapsed().as_secs()),
             max_age_seconds: self.limits.max_age_seconds,
             next_prepared: false,
         };
@@ -336,7 +350,10 @@ impl Keyring {
                     Err(_) => wake_at = now + self.retry_interval,
                 }
             }
-            let degraded = self.wrappers.iter().any(|r| r.stats.health().0 != RootHealth::Ok);
+            let degraded = self
+                .wrappers
+                .iter()
+                .any(|r| r.stats.health().0 != RootHealth::Ok);
             if degraded {
                 let soon = now + self.retry_interval;
                 next_probe = Some(next_probe.map_or(soon, |at| at.min(soon)));
@@ -365,7 +382,10 @@ impl Keyring {
     /// Makes a new local KEK wrapped by every wrapping root and makes it current.
     async fn rotate(&self) -> Result<(), RootError> {
         let result = self.make_local_kek().await;
-        let mut error = self.rotation_error.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut error = self
+            .rotation_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match result {
             Ok(kek) => {
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(kek));
@@ -430,7 +450,10 @@ impl Keyring {
     }
 
     fn current(&self) -> Option<Arc<LocalKek>> {
-        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn prepare_count(&self) -> u64 {
@@ -457,7 +480,10 @@ impl Keyring {
     fn encrypt_blocker(&self) -> String {
         match self.current() {
             None => format!("no local KEK: {}", self.rotation_error()),
-            Some(_) => format!("local KEK used up and no successor: {}", self.rotation_error()),
+            Some(_) => format!(
+                "local KEK used up and no successor: {}",
+                self.rotation_error()
+            ),
         }
     }
 

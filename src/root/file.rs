@@ -78,7 +78,13 @@ impl RootKey for FileRoot {
             let aad = ctx.aad();
             let body = self
                 .cipher
-                .encrypt(&nonce, Payload { msg: kek.expose(), aad: &aad })
+                .encrypt(
+                    &nonce,
+                    Payload {
+                        msg: kek.expose(),
+                        aad: &aad,
+                    },
+                )
                 .map_err(|_| RootError::Config("AES-GCM wrap failed".into()))?;
             let mut out = Vec::with_capacity(WRAPPED_LEN);
             out.extend_from_slice(&nonce);
@@ -100,7 +106,13 @@ impl RootKey for FileRoot {
             let aad = ctx.aad();
             let plain = Zeroizing::new(
                 self.cipher
-                    .decrypt(Nonce::from_slice(nonce), Payload { msg: body, aad: &aad })
+                    .decrypt(
+                        Nonce::from_slice(nonce),
+                        Payload {
+                            msg: body,
+                            aad: &aad,
+                        },
+                    )
                     .map_err(|_| RootError::Authentication)?,
             );
             Key256::from_slice(&plain).ok_or(RootError::Authentication)
@@ -149,7 +161,9 @@ fn create_key_file(path: &Path) -> Result<bool, RootError> {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => {
-            return Err(RootError::Config(format!("cannot create root key file {shown}: {e}")));
+            return Err(RootError::Config(format!(
+                "cannot create root key file {shown}: {e}"
+            )));
         }
     };
     let key = Key256::generate();
@@ -193,10 +207,17 @@ mod tests {
         let (path, root) = fresh(&dir, "sub/k.key").await;
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dir_mode = std::fs::metadata(dir.path().join("sub")).expect("meta").permissions().mode() & 0o777;
+        let dir_mode = std::fs::metadata(dir.path().join("sub"))
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dir_mode, 0o700);
         assert!(!FileRoot::create(&path).await.expect("second create"));
-        assert_eq!(FileRoot::open(&path).await.expect("reopen").key_id(), root.key_id());
+        assert_eq!(
+            FileRoot::open(&path).await.expect("reopen").key_id(),
+            root.key_id()
+        );
     }
 
     #[tokio::test]
@@ -213,9 +234,18 @@ mod tests {
         assert_eq!(back.expose(), kek.expose());
 
         let wrong_ctx = WrapContext::new(other.key_id());
-        assert!(matches!(root.unwrap(&wrapped, &wrong_ctx).await, Err(RootError::Authentication)));
-        assert!(matches!(other.unwrap(&wrapped, &ctx).await, Err(RootError::Authentication)));
-        assert!(matches!(root.unwrap(&wrapped[1..], &ctx).await, Err(RootError::Authentication)));
+        assert!(matches!(
+            root.unwrap(&wrapped, &wrong_ctx).await,
+            Err(RootError::Authentication)
+        ));
+        assert!(matches!(
+            other.unwrap(&wrapped, &ctx).await,
+            Err(RootError::Authentication)
+        ));
+        assert!(matches!(
+            root.unwrap(&wrapped[1..], &ctx).await,
+            Err(RootError::Authentication)
+        ));
     }
 
     #[tokio::test]
@@ -223,16 +253,27 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (path, _) = fresh(&dir, "k.key").await;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-        let err = FileRoot::open(&path).await.err().expect("refused").to_string();
+        let err = FileRoot::open(&path)
+            .await
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(err.contains("0640") && err.contains("chmod 600"), "{err}");
 
         let short = dir.path().join("short.key");
         std::fs::write(&short, [1u8; 31]).expect("write");
         std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        let err = FileRoot::open(&short).await.err().expect("refused").to_string();
+        let err = FileRoot::open(&short)
+            .await
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(err.contains("exactly 32 bytes"), "{err}");
 
-        let missing = FileRoot::open(&dir.path().join("none")).await.err().expect("refused");
+        let missing = FileRoot::open(&dir.path().join("none"))
+            .await
+            .err()
+            .expect("refused");
         assert!(missing.to_string().contains("cannot open"));
     }
 }

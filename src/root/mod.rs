@@ -3,6 +3,8 @@
 //! sees only the [`RootKey`] trait.
 
 pub mod file;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -86,7 +88,10 @@ impl KeyId {
     /// Derives a key_id from a provider's identity material (a check value, an ARN):
     /// a hash, so nothing private shows and distinct identities get distinct ids.
     pub fn derive(provider_tag: &str, identity: &[u8]) -> Self {
-        let hash = fingerprint(b"kms-plugin key_id v1", &[provider_tag.as_bytes(), identity]);
+        let hash = fingerprint(
+            b"kms-plugin key_id v1",
+            &[provider_tag.as_bytes(), identity],
+        );
         Self(format!("{provider_tag}-{}", hex::encode(&hash[..16])))
     }
 
@@ -139,6 +144,10 @@ impl RootError {
 pub async fn open(name: &str, config: &KeyConfig) -> Result<Arc<dyn RootKey>, RootError> {
     let opened: Arc<dyn RootKey> = match config {
         KeyConfig::File(c) => Arc::new(file::FileRoot::open(&c.path).await?),
+        #[cfg(feature = "pkcs11")]
+        KeyConfig::Pkcs11(c) => Arc::new(pkcs11::Pkcs11Root::open(c).await?),
+        #[cfg(not(feature = "pkcs11"))]
+        KeyConfig::Pkcs11(_) => return Err(not_built("pkcs11")),
     };
     tracing::debug!(key = name, provider = opened.provider(), key_id = %opened.key_id(), "opened root key");
     Ok(opened)
@@ -149,7 +158,19 @@ pub async fn open(name: &str, config: &KeyConfig) -> Result<Arc<dyn RootKey>, Ro
 pub async fn create(config: &KeyConfig) -> Result<bool, RootError> {
     match config {
         KeyConfig::File(c) => file::FileRoot::create(&c.path).await,
+        #[cfg(feature = "pkcs11")]
+        KeyConfig::Pkcs11(c) => pkcs11::Pkcs11Root::create(c).await,
+        #[cfg(not(feature = "pkcs11"))]
+        KeyConfig::Pkcs11(_) => Err(not_built("pkcs11")),
     }
+}
+
+/// The error for a provider whose Cargo feature was left out of this build.
+#[allow(dead_code)]
+fn not_built(provider: &str) -> RootError {
+    RootError::Config(format!(
+        "provider \"{provider}\" is not in this build of kms-plugin (rebuild with --features {provider})"
+    ))
 }
 
 #[cfg(test)]

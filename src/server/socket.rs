@@ -27,7 +27,10 @@ impl Endpoint {
     /// Parses `/path`, `unix:///path`, `@name` or `unix:///@name` (the apiserver's forms).
     pub fn parse(text: &str) -> Self {
         let text = match text.strip_prefix("unix://") {
-            Some(rest) => rest.strip_prefix('/').filter(|r| r.starts_with('@')).unwrap_or(rest),
+            Some(rest) => rest
+                .strip_prefix('/')
+                .filter(|r| r.starts_with('@'))
+                .unwrap_or(rest),
             None => text,
         };
         match text.strip_prefix('@') {
@@ -40,7 +43,9 @@ impl Endpoint {
     pub fn connect_std(&self) -> io::Result<StdStream> {
         match self {
             Endpoint::Path(path) => StdStream::connect(path),
-            Endpoint::Abstract(name) => StdStream::connect_addr(&SocketAddr::from_abstract_name(name)?),
+            Endpoint::Abstract(name) => {
+                StdStream::connect_addr(&SocketAddr::from_abstract_name(name)?)
+            }
         }
     }
 }
@@ -131,7 +136,10 @@ fn bind_path(path: &Path, mode: u32) -> Result<StdListener, SocketError> {
     }
     // Bind under a temporary name, set the mode, then rename: the final path never
     // exists with the umask's (possibly wider) permissions.
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let staging = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&staging);
     let listener = StdListener::bind(&staging).map_err(io_err)?;
@@ -150,10 +158,19 @@ mod tests {
 
     #[test]
     fn endpoint_forms() {
-        assert_eq!(Endpoint::parse("/run/k.sock"), Endpoint::Path("/run/k.sock".into()));
-        assert_eq!(Endpoint::parse("unix:///run/k.sock"), Endpoint::Path("/run/k.sock".into()));
+        assert_eq!(
+            Endpoint::parse("/run/k.sock"),
+            Endpoint::Path("/run/k.sock".into())
+        );
+        assert_eq!(
+            Endpoint::parse("unix:///run/k.sock"),
+            Endpoint::Path("/run/k.sock".into())
+        );
         assert_eq!(Endpoint::parse("@kms"), Endpoint::Abstract("kms".into()));
-        assert_eq!(Endpoint::parse("unix:///@kms"), Endpoint::Abstract("kms".into()));
+        assert_eq!(
+            Endpoint::parse("unix:///@kms"),
+            Endpoint::Abstract("kms".into())
+        );
         assert_eq!(Endpoint::parse("@kms").to_string(), "@kms");
     }
 
@@ -165,7 +182,11 @@ mod tests {
         let listener = bind(&endpoint, 0o600).expect("bind");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dir_mode = std::fs::metadata(path.parent().expect("parent")).expect("meta").permissions().mode() & 0o777;
+        let dir_mode = std::fs::metadata(path.parent().expect("parent"))
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dir_mode, 0o700);
 
         assert!(matches!(bind(&endpoint, 0o600), Err(SocketError::InUse(_))));
@@ -181,7 +202,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("kms.sock");
         std::fs::write(&path, b"precious").expect("write");
-        assert!(matches!(bind(&Endpoint::Path(path.clone()), 0o600), Err(SocketError::NotASocket(_))));
+        assert!(matches!(
+            bind(&Endpoint::Path(path.clone()), 0o600),
+            Err(SocketError::NotASocket(_))
+        ));
         assert_eq!(std::fs::read(&path).expect("still there"), b"precious");
     }
 
