@@ -258,7 +258,12 @@ impl Keyring {
                 .await;
             match unwrapped {
                 Ok(cipher) => {
-                    let plaintext = cipher.open(&aad, ciphertext)?;
+                    let plaintext = cipher.open(&aad, ciphertext).map_err(|e| match requested {
+                        // The copy came from a configured root but the key_id is not ours:
+                        // the key_id is what is wrong.
+                        None => KeyringError::UnknownKeyId,
+                        Some(_) => KeyringError::Envelope(e),
+                    })?;
                     requested.unwrap_or(root).stats.note_decrypt();
                     return Ok(plaintext);
                 }

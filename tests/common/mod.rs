@@ -1,0 +1,261 @@
+//! Test harness: runs the real `kms-plugin` binary on a real Unix socket and talks to it
+//! with a real tonic client.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use kms_plugin::proto::v2::key_management_service_client::KeyManagementServiceClient;
+use kms_plugin::proto::v2::{
+    DecryptRequest, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
+};
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kms-plugin");
+
+/// A running plugin process. Killed on drop.
+pub struct Plugin {
+    child: Option<Child>,
+    pub socket: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    runs: u32,
+}
+
+impl Plugin {
+    /// Starts `kms-plugin serve <args>` with `env`, logging to `<log_dir>/plugin-N.log`,
+    /// and waits until Status answers.
+    pub async fn start(
+        socket: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> Self {
+        let mut plugin = Self::spawn(socket, args, env, log_dir);
+        plugin.wait_ready().await;
+        plugin
+    }
+
+    /// Starts the process without waiting for it.
+    pub fn spawn(socket: &str, args: &[&str], env: &[(String, String)], log_dir: &Path) -> Self {
+        let mut plugin = Plugin {
+            child: None,
+            socket: socket.to_string(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: env.to_vec(),
+            log: log_dir.to_path_buf(),
+            runs: 0,
+        };
+        plugin.launch();
+        plugin
+    }
+
+    fn launch(&mut self) {
+        self.runs += 1;
+        let log = std::fs::File::create(self.log_path()).expect("log file");
+        let child = Command::new(BIN)
+            .arg("serve")
+            .args(&self.args)
+            .envs(self.env.iter().cloned())
+            .env("KMS_PLUGIN_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn kms-plugin");
+        self.child = Some(child);
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.log.join(format!("plugin-{}.log", self.runs))
+    }
+
+    /// Everything the current run wrote to stdout and stderr.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Polls until Status answers (or the process dies, which fails the test).
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "kms-plugin exited with {status} before becoming ready:\n{}",
+                    self.output()
+                );
+            }
+            if let Ok(Ok(mut client)) =
+                tokio::time::timeout(Duration::from_secs(2), connect(&self.socket)).await
+            {
+                if client.status(StatusRequest {}).await.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kms-plugin not ready after 30 s:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A fresh client connection.
+    pub async fn client(&self) -> KeyManagementServiceClient<Channel> {
+        connect(&self.socket).await.expect("connect to plugin")
+    }
+
+    /// The process's exit status if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("try_wait"))
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+            let rc = unsafe { libc::kill(child.id() as i32, signal) };
+            assert_eq!(rc, 0, "kill failed");
+        }
+    }
+
+    /// SIGKILL: a crash, leaving the socket file behind.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait_exit(Duration::from_secs(10));
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kms-plugin did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the same command line again and waits until ready.
+    pub async fn restart(&mut self) {
+        if self.try_wait().is_none() {
+            self.kill9();
+        }
+        self.launch();
+        self.wait_ready().await;
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Connects a KMS v2 client to `socket`.
+pub async fn connect(
+    socket: &str,
+) -> Result<KeyManagementServiceClient<Channel>, tonic::transport::Error> {
+    Ok(kms_plugin::client::kms(
+        kms_plugin::client::connect(socket).await?,
+    ))
+}
+
+/// Runs `kms-plugin <args>` to completion.
+pub fn run_cli(args: &[&str], env: &[(String, String)]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .envs(env.iter().cloned())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kms-plugin")
+}
+
+pub async fn status(client: &mut KeyManagementServiceClient<Channel>) -> StatusResponse {
+    client
+        .status(StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+pub async fn encrypt(
+    client: &mut KeyManagementServiceClient<Channel>,
+    plaintext: &[u8],
+) -> EncryptResponse {
+    client
+        .encrypt(EncryptRequest {
+            plaintext: plaintext.to_vec(),
+            uid: uid(),
+        })
+        .await
+        .expect("encrypt")
+        .into_inner()
+}
+
+pub fn decrypt_request(sealed: &EncryptResponse) -> DecryptRequest {
+    DecryptRequest {
+        ciphertext: sealed.ciphertext.clone(),
+        uid: uid(),
+        key_id: sealed.key_id.clone(),
+        annotations: sealed.annotations.clone(),
+    }
+}
+
+pub async fn decrypt(
+    client: &mut KeyManagementServiceClient<Channel>,
+    sealed: &EncryptResponse,
+) -> Vec<u8> {
+    client
+        .decrypt(decrypt_request(sealed))
+        .await
+        .expect("decrypt")
+        .into_inner()
+        .plaintext
+}
+
+/// A random-looking per-call id, as the apiserver sends.
+pub fn uid() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// A random 32-byte DEK seed.
+pub fn seed() -> Vec<u8> {
+    (0..32).map(|_| rand::random::<u8>()).collect()
+}
+
+/// Writes a config file for one or more root keys and returns its path.
+/// `keys` are `(name, body)` pairs; `body` is the TOML under `[keys.NAME]`.
+pub fn write_config(
+    dir: &Path,
+    socket: &str,
+    active: &str,
+    keys: &[(&str, String)],
+    extra: &str,
+) -> PathBuf {
+    let mut text = format!("socket = \"{socket}\"\n{extra}\n[kek]\nactive = \"{active}\"\n");
+    for (name, body) in keys {
+        text.push_str(&format!("\n[keys.{name}]\n{body}\n"));
+    }
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// A socket path inside `dir`.
+pub fn socket_in(dir: &Path) -> String {
+    dir.join("run/kms.sock").to_string_lossy().into_owned()
+}

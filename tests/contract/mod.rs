@@ -1,0 +1,271 @@
+//! The contract every root key provider must pass, run through the real binary and socket.
+//! A provider test file implements [`Backend`] and calls [`contract_tests!`].
+
+use std::future::Future;
+use std::path::Path;
+
+use kms_plugin::envelope::annotations;
+use tonic::Code;
+
+use crate::common::{self, Plugin};
+
+/// How to give the plugin a root key of one provider.
+pub trait Backend: Sync {
+    /// Creates a fresh root key and returns the TOML body of its `[keys.NAME]` entry.
+    fn new_key(&self, dir: &Path, name: &str) -> impl Future<Output = String> + Send;
+    /// Environment variables the plugin process needs for this provider.
+    fn env(&self) -> Vec<(String, String)>;
+}
+
+/// Starts a plugin whose active root is a fresh key of `backend`.
+pub async fn start<B: Backend>(backend: &B, dir: &Path, extra: &str) -> Plugin {
+    let socket = common::socket_in(dir);
+    let key = backend.new_key(dir, "main").await;
+    let config = common::write_config(dir, &socket, "main", &[("main", key)], extra);
+    let config = config.to_string_lossy().into_owned();
+    Plugin::start(&socket, &["--config", &config], &backend.env(), dir).await
+}
+
+/// Generates one `#[tokio::test]` per contract case for the backend `$backend`.
+#[macro_export]
+macro_rules! contract_tests {
+    ($backend:expr) => {
+        #[tokio::test]
+        async fn status_is_healthy_and_stable() {
+            contract::status_is_healthy_and_stable(&$backend).await
+        }
+        #[tokio::test]
+        async fn seeds_and_other_sizes_round_trip() {
+            contract::seeds_and_other_sizes_round_trip(&$backend).await
+        }
+        #[tokio::test]
+        async fn responses_pass_apiserver_validation() {
+            contract::responses_pass_apiserver_validation(&$backend).await
+        }
+        #[tokio::test]
+        async fn tampering_is_rejected_and_plugin_stays_healthy() {
+            contract::tampering_is_rejected_and_plugin_stays_healthy(&$backend).await
+        }
+        #[tokio::test]
+        async fn ciphertexts_survive_kill_and_restart() {
+            contract::ciphertexts_survive_kill_and_restart(&$backend).await
+        }
+        #[tokio::test]
+        async fn concurrent_calls_all_succeed() {
+            contract::concurrent_calls_all_succeed(&$backend).await
+        }
+    };
+}
+
+pub async fn status_is_healthy_and_stable<B: Backend>(backend: &B) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plugin = start(backend, dir.path(), "").await;
+    let mut client = plugin.client().await;
+    let first = common::status(&mut client).await;
+    assert_eq!(first.version, "v2");
+    assert_eq!(first.healthz, "ok");
+    assert!(!first.key_id.is_empty() && first.key_id.len() <= 1024);
+    for _ in 0..5 {
+        let again = common::status(&mut client).await;
+        assert_eq!(again.key_id, first.key_id, "key_id must not flip-flop");
+        assert_eq!(again.version, first.version);
+    }
+}
+
+pub async fn seeds_and_other_sizes_round_trip<B: Backend>(backend: &B) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plugin = start(backend, dir.path(), "").await;
+    let mut client = plugin.client().await;
+    for len in [32usize, 1, 16, 64, 500, 995] {
+        let plaintext: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        let sealed = common::encrypt(&mut client, &plaintext).await;
+        assert_eq!(
+            common::decrypt(&mut client, &sealed).await,
+            plaintext,
+            "len {len}"
+        );
+    }
+    let seed = common::seed();
+    let a = common::encrypt(&mut client, &seed).await;
+    let b = common::encrypt(&mut client, &seed).await;
+    assert_ne!(
+        a.ciphertext, b.ciphertext,
+        "same plaintext must give distinct ciphertexts"
+    );
+    assert!(
+        !a.ciphertext.windows(32).any(|w| w == seed.as_slice()),
+        "plaintext visible in ciphertext"
+    );
+
+    for bad in [vec![], vec![0u8; 996], vec![0u8; 64 * 1024]] {
+        let err = client
+            .encrypt(kms_plugin::proto::v2::EncryptRequest {
+                plaintext: bad.clone(),
+                uid: common::uid(),
+            })
+            .await
+            .expect_err("must be refused");
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "plaintext of {} bytes",
+            bad.len()
+        );
+    }
+}
+
+pub async fn responses_pass_apiserver_validation<B: Backend>(backend: &B) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plugin = start(backend, dir.path(), "").await;
+    let mut client = plugin.client().await;
+    let status = common::status(&mut client).await;
+    let sealed = common::encrypt(&mut client, &common::seed()).await;
+    assert_eq!(
+        sealed.key_id, status.key_id,
+        "Encrypt key_id must equal the Status key_id"
+    );
+    assert!(!sealed.ciphertext.is_empty() && sealed.ciphertext.len() <= 1024);
+    assert!(!sealed.annotations.is_empty());
+    for key in sealed.annotations.keys() {
+        assert!(
+            annotations::is_valid_key(key),
+            "annotation key {key} is not a valid FQDN"
+        );
+    }
+    let total: usize = sealed
+        .annotations
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    assert!(total <= 32 * 1024, "annotations total {total} bytes");
+}
+
+pub async fn tampering_is_rejected_and_plugin_stays_healthy<B: Backend>(backend: &B) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plugin = start(backend, dir.path(), "").await;
+    let mut client = plugin.client().await;
+    let seed = common::seed();
+    let sealed = common::encrypt(&mut client, &seed).await;
+    let good = common::decrypt_request(&sealed);
+    let (ann_key, ann_value) = sealed
+        .annotations
+        .iter()
+        .next()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .expect("annotation");
+
+    let mut cases: Vec<(&str, kms_plugin::proto::v2::DecryptRequest, Code)> = Vec::new();
+    let mut r = good.clone();
+    r.ciphertext[20] ^= 1;
+    cases.push(("flipped ciphertext bit", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.ciphertext.truncate(20);
+    cases.push(("truncated ciphertext", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.ciphertext.clear();
+    cases.push(("empty ciphertext", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.ciphertext[0] = 0x7f;
+    cases.push(("unknown format version", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.ciphertext.resize(2000, 0);
+    cases.push(("oversized ciphertext", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    let mut value = ann_value.clone();
+    let last = value.len() - 1;
+    value[last] ^= 1;
+    r.annotations.insert(ann_key.clone(), value);
+    cases.push(("tampered wrapped key", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.annotations.insert("extra.example.com".into(), vec![1]);
+    cases.push(("foreign annotation", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.annotations.clear();
+    cases.push(("no annotations", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.key_id = "file-00000000000000000000000000000000".into();
+    cases.push(("unknown key_id", r, Code::FailedPrecondition));
+    let mut r = good.clone();
+    r.key_id.clear();
+    cases.push(("empty key_id", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.annotations.remove(&ann_key);
+    r.annotations
+        .insert(format!("x{ann_key}"), ann_value.clone());
+    cases.push(("renamed annotation", r, Code::FailedPrecondition));
+
+    for (what, request, code) in cases {
+        let err = client.decrypt(request).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {}", err.message());
+        assert!(
+            !err.message().contains(&format!("{:?}", &seed[..4])),
+            "{what}: message echoes data"
+        );
+        assert_eq!(
+            common::status(&mut client).await.healthz,
+            "ok",
+            "unhealthy after {what}"
+        );
+    }
+    assert_eq!(
+        common::decrypt(&mut client, &sealed).await,
+        seed,
+        "genuine request still decrypts"
+    );
+}
+
+pub async fn ciphertexts_survive_kill_and_restart<B: Backend>(backend: &B) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut plugin = start(backend, dir.path(), "").await;
+    let mut client = plugin.client().await;
+    let key_id = common::status(&mut client).await.key_id;
+    let mut batch = Vec::new();
+    for _ in 0..10 {
+        let seed = common::seed();
+        batch.push((common::encrypt(&mut client, &seed).await, seed));
+    }
+    drop(client);
+    plugin.kill9();
+    plugin.restart().await;
+    let mut client = plugin.client().await;
+    assert_eq!(
+        common::status(&mut client).await.key_id,
+        key_id,
+        "key_id stable across restart"
+    );
+    for (sealed, seed) in &batch {
+        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+    }
+    // A clean stop and start too.
+    plugin.signal(libc::SIGTERM);
+    assert!(
+        plugin
+            .wait_exit(std::time::Duration::from_secs(10))
+            .success()
+    );
+    plugin.restart().await;
+    let mut client = plugin.client().await;
+    for (sealed, seed) in &batch {
+        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+    }
+}
+
+pub async fn concurrent_calls_all_succeed<B: Backend>(backend: &B) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plugin = start(backend, dir.path(), "").await;
+    let client = plugin.client().await;
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                let seed = common::seed();
+                let sealed = common::encrypt(&mut client, &seed).await;
+                assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+}

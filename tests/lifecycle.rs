@@ -1,0 +1,187 @@
+//! Start-up, shutdown and socket hygiene of the real binary on its embedded default.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::Plugin;
+
+/// `kms-plugin serve --socket S --state-dir D`: the embedded default.
+async fn embedded(dir: &Path, socket: &str) -> Plugin {
+    let state = dir.join("state").to_string_lossy().into_owned();
+    Plugin::start(socket, &["--socket", socket, "--state-dir", &state], &[], dir).await
+}
+
+fn mode_of(path: impl AsRef<Path>) -> u32 {
+    std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn embedded_default_creates_a_private_root_key_and_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let plugin = embedded(dir.path(), &socket).await;
+    let key = dir.path().join("state/root.key");
+    assert_eq!(std::fs::metadata(&key).expect("key file").len(), 32);
+    assert_eq!(mode_of(&key), 0o600);
+    assert_eq!(mode_of(dir.path().join("state")), 0o700);
+    assert_eq!(mode_of(&socket), 0o600);
+    assert_eq!(mode_of(dir.path().join("run")), 0o700);
+    let mut client = plugin.client().await;
+    let status = common::status(&mut client).await;
+    assert_eq!(status.healthz, "ok");
+    assert!(status.key_id.starts_with("file-"), "{}", status.key_id);
+    let log = plugin.output();
+    let key_bytes = std::fs::read(&key).expect("read key");
+    assert!(!log.contains(&hex::encode(&key_bytes)), "key bytes in the log");
+}
+
+#[tokio::test]
+async fn key_id_is_stable_across_instances_and_differs_per_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket_a = dir.path().join("a.sock").to_string_lossy().into_owned();
+    let socket_b = dir.path().join("b.sock").to_string_lossy().into_owned();
+    let a = embedded(dir.path(), &socket_a).await;
+    // A second instance on the same state directory shares the root key...
+    let b = embedded(dir.path(), &socket_b).await;
+    let id_a = common::status(&mut a.client().await).await.key_id;
+    let id_b = common::status(&mut b.client().await).await.key_id;
+    assert_eq!(id_a, id_b);
+    // ...and decrypts what the first one encrypted.
+    let seed = common::seed();
+    let sealed = common::encrypt(&mut a.client().await, &seed).await;
+    assert_eq!(common::decrypt(&mut b.client().await, &sealed).await, seed);
+
+    let other = tempfile::tempdir().expect("tempdir");
+    let socket_c = common::socket_in(other.path());
+    let c = embedded(other.path(), &socket_c).await;
+    assert_ne!(common::status(&mut c.client().await).await.key_id, id_a);
+}
+
+#[tokio::test]
+async fn refuses_a_root_key_file_others_can_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    drop(embedded(dir.path(), &socket).await);
+    let key = dir.path().join("state/root.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let state = dir.path().join("state").to_string_lossy().into_owned();
+    let mut plugin = Plugin::spawn(&socket, &["--socket", &socket, "--state-dir", &state], &[], dir.path());
+    let status = plugin.wait_exit(Duration::from_secs(10));
+    assert!(!status.success());
+    assert!(plugin.output().contains("chmod 600"), "{}", plugin.output());
+}
+
+#[tokio::test]
+async fn stale_socket_after_a_crash_is_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let mut plugin = embedded(dir.path(), &socket).await;
+    let seed = common::seed();
+    let sealed = common::encrypt(&mut plugin.client().await, &seed).await;
+    plugin.kill9();
+    assert!(Path::new(&socket).exists(), "SIGKILL leaves the socket file behind");
+    plugin.restart().await;
+    assert_eq!(common::decrypt(&mut plugin.client().await, &sealed).await, seed);
+    assert!(plugin.output().contains("stale socket"), "{}", plugin.output());
+}
+
+#[tokio::test]
+async fn a_live_plugin_on_the_socket_is_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let first = embedded(dir.path(), &socket).await;
+    let state = dir.path().join("state").to_string_lossy().into_owned();
+    let other_log = dir.path().join("second");
+    std::fs::create_dir(&other_log).expect("mkdir");
+    let mut second = Plugin::spawn(&socket, &["--socket", &socket, "--state-dir", &state], &[], &other_log);
+    assert!(!second.wait_exit(Duration::from_secs(10)).success());
+    assert!(second.output().contains("already serving"), "{}", second.output());
+    // The first plugin still serves on its socket.
+    assert_eq!(common::status(&mut first.client().await).await.healthz, "ok");
+}
+
+#[tokio::test]
+async fn a_path_that_is_not_a_socket_is_refused_and_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("kms.sock");
+    std::fs::write(&socket, b"not a socket").expect("write");
+    let socket = socket.to_string_lossy().into_owned();
+    let state = dir.path().join("state").to_string_lossy().into_owned();
+    let mut plugin = Plugin::spawn(&socket, &["--socket", &socket, "--state-dir", &state], &[], dir.path());
+    assert!(!plugin.wait_exit(Duration::from_secs(10)).success());
+    assert!(plugin.output().contains("not a socket"), "{}", plugin.output());
+    assert_eq!(std::fs::read(&socket).expect("kept"), b"not a socket");
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_and_removes_the_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let mut plugin = embedded(dir.path(), &socket).await;
+    let mut client = plugin.client().await;
+    common::encrypt(&mut client, &common::seed()).await;
+    plugin.signal(libc::SIGTERM);
+    let status = plugin.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    assert!(!Path::new(&socket).exists(), "socket removed on shutdown");
+}
+
+#[tokio::test]
+async fn sighup_does_not_kill_the_plugin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let mut plugin = embedded(dir.path(), &socket).await;
+    plugin.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(plugin.try_wait().is_none(), "SIGHUP killed the plugin");
+    assert_eq!(common::status(&mut plugin.client().await).await.healthz, "ok");
+}
+
+#[tokio::test]
+async fn abstract_socket_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = format!("@kms-plugin-test-{}", rand::random::<u64>());
+    let plugin = embedded(dir.path(), &socket).await;
+    let mut client = plugin.client().await;
+    let seed = common::seed();
+    let sealed = common::encrypt(&mut client, &seed).await;
+    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+}
+
+#[tokio::test]
+async fn status_command_reports_health_and_detail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let plugin = embedded(dir.path(), &socket).await;
+    let key_id = common::status(&mut plugin.client().await).await.key_id;
+    let out = common::run_cli(&["status", "--socket", &socket], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("healthz: ok"), "{text}");
+    assert!(text.contains(&key_id), "{text}");
+    assert!(text.contains("root default (file, active)"), "{text}");
+
+    let missing = dir.path().join("nothing.sock").to_string_lossy().into_owned();
+    let out = common::run_cli(&["status", "--socket", &missing], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no plugin answers"));
+}
+
+#[tokio::test]
+async fn bad_config_files_are_rejected_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[kek]\nactive = \"main\"\n[keys.main]\nprovider = \"file\"\npath = \"/x\"\ntypo = 1\n")
+        .expect("write");
+    let out = common::run_cli(&["serve", "--config", &config.to_string_lossy()], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("typo") && err.contains("bad.toml"), "{err}");
+
+    let out = common::run_cli(&["serve", "--config", "/nonexistent/kms.toml"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
+}
