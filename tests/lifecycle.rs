@@ -11,11 +11,21 @@ use common::Plugin;
 /// `kms-plugin serve --socket S --state-dir D`: the embedded default.
 async fn embedded(dir: &Path, socket: &str) -> Plugin {
     let state = dir.join("state").to_string_lossy().into_owned();
-    Plugin::start(socket, &["--socket", socket, "--state-dir", &state], &[], dir).await
+    Plugin::start(
+        socket,
+        &["--socket", socket, "--state-dir", &state],
+        &[],
+        dir,
+    )
+    .await
 }
 
 fn mode_of(path: impl AsRef<Path>) -> u32 {
-    std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
 }
 
 #[tokio::test]
@@ -35,7 +45,10 @@ async fn embedded_default_creates_a_private_root_key_and_socket() {
     assert!(status.key_id.starts_with("file-"), "{}", status.key_id);
     let log = plugin.output();
     let key_bytes = std::fs::read(&key).expect("read key");
-    assert!(!log.contains(&hex::encode(&key_bytes)), "key bytes in the log");
+    assert!(
+        !log.contains(&hex::encode(&key_bytes)),
+        "key bytes in the log"
+    );
 }
 
 #[tokio::test]
@@ -68,7 +81,12 @@ async fn refuses_a_root_key_file_others_can_read() {
     let key = dir.path().join("state/root.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let state = dir.path().join("state").to_string_lossy().into_owned();
-    let mut plugin = Plugin::spawn(&socket, &["--socket", &socket, "--state-dir", &state], &[], dir.path());
+    let mut plugin = Plugin::spawn(
+        &socket,
+        &["--socket", &socket, "--state-dir", &state],
+        &[],
+        dir.path(),
+    );
     let status = plugin.wait_exit(Duration::from_secs(10));
     assert!(!status.success());
     assert!(plugin.output().contains("chmod 600"), "{}", plugin.output());
@@ -82,10 +100,20 @@ async fn stale_socket_after_a_crash_is_replaced() {
     let seed = common::seed();
     let sealed = common::encrypt(&mut plugin.client().await, &seed).await;
     plugin.kill9();
-    assert!(Path::new(&socket).exists(), "SIGKILL leaves the socket file behind");
+    assert!(
+        Path::new(&socket).exists(),
+        "SIGKILL leaves the socket file behind"
+    );
     plugin.restart().await;
-    assert_eq!(common::decrypt(&mut plugin.client().await, &sealed).await, seed);
-    assert!(plugin.output().contains("stale socket"), "{}", plugin.output());
+    assert_eq!(
+        common::decrypt(&mut plugin.client().await, &sealed).await,
+        seed
+    );
+    assert!(
+        plugin.output().contains("stale socket"),
+        "{}",
+        plugin.output()
+    );
 }
 
 #[tokio::test]
@@ -96,11 +124,23 @@ async fn a_live_plugin_on_the_socket_is_left_alone() {
     let state = dir.path().join("state").to_string_lossy().into_owned();
     let other_log = dir.path().join("second");
     std::fs::create_dir(&other_log).expect("mkdir");
-    let mut second = Plugin::spawn(&socket, &["--socket", &socket, "--state-dir", &state], &[], &other_log);
+    let mut second = Plugin::spawn(
+        &socket,
+        &["--socket", &socket, "--state-dir", &state],
+        &[],
+        &other_log,
+    );
     assert!(!second.wait_exit(Duration::from_secs(10)).success());
-    assert!(second.output().contains("already serving"), "{}", second.output());
+    assert!(
+        second.output().contains("already serving"),
+        "{}",
+        second.output()
+    );
     // The first plugin still serves on its socket.
-    assert_eq!(common::status(&mut first.client().await).await.healthz, "ok");
+    assert_eq!(
+        common::status(&mut first.client().await).await.healthz,
+        "ok"
+    );
 }
 
 #[tokio::test]
@@ -110,9 +150,18 @@ async fn a_path_that_is_not_a_socket_is_refused_and_kept() {
     std::fs::write(&socket, b"not a socket").expect("write");
     let socket = socket.to_string_lossy().into_owned();
     let state = dir.path().join("state").to_string_lossy().into_owned();
-    let mut plugin = Plugin::spawn(&socket, &["--socket", &socket, "--state-dir", &state], &[], dir.path());
+    let mut plugin = Plugin::spawn(
+        &socket,
+        &["--socket", &socket, "--state-dir", &state],
+        &[],
+        dir.path(),
+    );
     assert!(!plugin.wait_exit(Duration::from_secs(10)).success());
-    assert!(plugin.output().contains("not a socket"), "{}", plugin.output());
+    assert!(
+        plugin.output().contains("not a socket"),
+        "{}",
+        plugin.output()
+    );
     assert_eq!(std::fs::read(&socket).expect("kept"), b"not a socket");
 }
 
@@ -137,7 +186,10 @@ async fn sighup_does_not_kill_the_plugin() {
     plugin.signal(libc::SIGHUP);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(plugin.try_wait().is_none(), "SIGHUP killed the plugin");
-    assert_eq!(common::status(&mut plugin.client().await).await.healthz, "ok");
+    assert_eq!(
+        common::status(&mut plugin.client().await).await.healthz,
+        "ok"
+    );
 }
 
 #[tokio::test]
@@ -164,7 +216,11 @@ async fn status_command_reports_health_and_detail() {
     assert!(text.contains(&key_id), "{text}");
     assert!(text.contains("root default (file, active)"), "{text}");
 
-    let missing = dir.path().join("nothing.sock").to_string_lossy().into_owned();
+    let missing = dir
+        .path()
+        .join("nothing.sock")
+        .to_string_lossy()
+        .into_owned();
     let out = common::run_cli(&["status", "--socket", &missing], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no plugin answers"));
@@ -174,8 +230,11 @@ async fn status_command_reports_health_and_detail() {
 async fn bad_config_files_are_rejected_with_the_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("bad.toml");
-    std::fs::write(&config, "[kek]\nactive = \"main\"\n[keys.main]\nprovider = \"file\"\npath = \"/x\"\ntypo = 1\n")
-        .expect("write");
+    std::fs::write(
+        &config,
+        "[kek]\nactive = \"main\"\n[keys.main]\nprovider = \"file\"\npath = \"/x\"\ntypo = 1\n",
+    )
+    .expect("write");
     let out = common::run_cli(&["serve", "--config", &config.to_string_lossy()], &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
