@@ -143,10 +143,10 @@ impl Pkcs11KeyConfig {
         if self.key_label.is_empty() {
             return Err("a pkcs11 key needs a non-empty key_label".into());
         }
-        if let Some(id) = &self.key_id_hex {
-            if id.is_empty() || hex::decode(id).is_err() {
-                return Err(format!("key_id_hex \"{id}\" is not a non-empty hex string"));
-            }
+        if let Some(id) = &self.key_id_hex
+            && (id.is_empty() || hex::decode(id).is_err())
+        {
+            return Err(format!("key_id_hex \"{id}\" is not a non-empty hex string"));
         }
         Ok(())
     }
@@ -387,10 +387,10 @@ impl Config {
         if self.socket_mode & !0o777 != 0 {
             return Err("socket_mode must be permission bits like \"0600\"".into());
         }
-        if let Some(socket) = &self.socket {
-            if socket.is_empty() || socket == "@" {
-                return Err("socket must be a path or @name".into());
-            }
+        if let Some(socket) = &self.socket
+            && (socket.is_empty() || socket == "@")
+        {
+            return Err("socket must be a path or @name".into());
         }
         Ok(())
     }

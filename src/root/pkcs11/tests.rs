@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{OnceLock, RwLock, RwLockReadGuard};
+use std::sync::OnceLock;
+
+use tokio::sync::{RwLock, RwLockReadGuard};
 
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::Mechanism;
@@ -26,12 +28,10 @@ struct Fixture {
 }
 
 /// Tests hold this for reading; the one that logs the whole process out holds it for writing.
-static EXCLUSIVE: RwLock<()> = RwLock::new(());
+static EXCLUSIVE: RwLock<()> = RwLock::const_new(());
 
-fn shared() -> RwLockReadGuard<'static, ()> {
-    EXCLUSIVE
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+async fn shared() -> RwLockReadGuard<'static, ()> {
+    EXCLUSIVE.read().await
 }
 
 /// The SoftHSM2 module, or a panic saying how to get it: tests never skip silently.
@@ -159,7 +159,7 @@ async fn open_err(config: &Pkcs11KeyConfig) -> RootError {
 
 #[tokio::test]
 async fn keygen_creates_a_sensitive_non_extractable_key() {
-    let _g = shared();
+    let _g = shared().await;
     let c = config("keygen");
     assert!(Pkcs11Root::create(&c).await.expect("create"));
     assert!(
@@ -228,7 +228,7 @@ async fn keygen_creates_a_sensitive_non_extractable_key() {
 
 #[tokio::test]
 async fn wrap_round_trip_and_binding() {
-    let _g = shared();
+    let _g = shared().await;
     let (a, b) = (config("wrap-a"), config("wrap-b"));
     Pkcs11Root::create(&a).await.expect("create a");
     Pkcs11Root::create(&b).await.expect("create b");
@@ -291,7 +291,7 @@ async fn wrap_round_trip_and_binding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_calls_share_the_session_pool() {
-    let _g = shared();
+    let _g = shared().await;
     let c = config("concurrent");
     Pkcs11Root::create(&c).await.expect("create");
     let root = std::sync::Arc::new(Pkcs11Root::open(&c).await.expect("open"));
@@ -315,7 +315,7 @@ async fn concurrent_calls_share_the_session_pool() {
 
 #[tokio::test]
 async fn key_id_is_stable_and_follows_the_key_material() {
-    let _g = shared();
+    let _g = shared().await;
     let c = config("recreated");
     Pkcs11Root::create(&c).await.expect("create");
     let first = Pkcs11Root::open(&c).await.expect("open");
@@ -346,7 +346,7 @@ async fn key_id_is_stable_and_follows_the_key_material() {
 
 #[tokio::test]
 async fn clear_errors_for_pin_token_key_and_module() {
-    let _g = shared();
+    let _g = shared().await;
     let base = config("errors");
     Pkcs11Root::create(&base).await.expect("create");
 
@@ -434,7 +434,7 @@ async fn clear_errors_for_pin_token_key_and_module() {
 
 #[tokio::test]
 async fn key_id_hex_selects_among_keys_sharing_a_label() {
-    let _g = shared();
+    let _g = shared().await;
     let one = Pkcs11KeyConfig {
         key_id_hex: Some("01".into()),
         ..config("shared-label")
@@ -460,7 +460,7 @@ async fn key_id_hex_selects_among_keys_sharing_a_label() {
 
 #[tokio::test]
 async fn extractable_or_readable_keys_are_refused() {
-    let _g = shared();
+    let _g = shared().await;
     let session = raw_session(&fixture().module);
     for (label, sensitive, extractable) in [("extractable", true, true), ("readable", false, false)]
     {
@@ -504,7 +504,7 @@ async fn extractable_or_readable_keys_are_refused() {
 
 #[tokio::test]
 async fn a_128_bit_key_is_refused() {
-    let _g = shared();
+    let _g = shared().await;
     let session = raw_session(&fixture().module);
     session
         .generate_key(
@@ -527,9 +527,7 @@ async fn a_128_bit_key_is_refused() {
 #[tokio::test]
 async fn recovers_after_the_login_is_lost() {
     // Logging out affects every session of the process: run alone.
-    let _g = EXCLUSIVE
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _g = EXCLUSIVE.write().await;
     let c = config("recover");
     Pkcs11Root::create(&c).await.expect("create");
     let root = Pkcs11Root::open(&c).await.expect("open");
