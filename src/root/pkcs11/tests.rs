@@ -345,11 +345,12 @@ async fn key_id_is_stable_and_follows_the_key_material() {
 }
 
 #[tokio::test]
-async fn clear_errors_for_pin_token_key_and_module() {
-    let _g = shared().await;
+async fn a_wrong_pin_is_named_as_such() {
+    // Login state is per process and token: while any session is logged in, C_Login does
+    // not check the PIN at all (CKR_USER_ALREADY_LOGGED_IN). Run alone, with no sessions.
+    let _g = EXCLUSIVE.write().await;
     let base = config("errors");
     Pkcs11Root::create(&base).await.expect("create");
-
     let dir = tempfile::tempdir().expect("tempdir");
     let wrong = dir.path().join("wrong-pin");
     std::fs::write(&wrong, "0000\n").expect("write");
@@ -364,6 +365,13 @@ async fn clear_errors_for_pin_token_key_and_module() {
         "{e}"
     );
     assert!(!e.to_string().contains("0000"));
+}
+
+#[tokio::test]
+async fn clear_errors_for_token_key_and_module() {
+    let _g = shared().await;
+    let base = config("errors");
+    Pkcs11Root::create(&base).await.expect("create");
 
     let e = open_err(&config("nope")).await;
     assert!(
