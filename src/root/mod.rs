@@ -3,6 +3,8 @@
 //! sees only the [`RootKey`] trait.
 
 pub mod file;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -142,6 +144,10 @@ impl RootError {
 pub async fn open(name: &str, config: &KeyConfig) -> Result<Arc<dyn RootKey>, RootError> {
     let opened: Arc<dyn RootKey> = match config {
         KeyConfig::File(c) => Arc::new(file::FileRoot::open(&c.path).await?),
+        #[cfg(feature = "pkcs11")]
+        KeyConfig::Pkcs11(c) => Arc::new(pkcs11::Pkcs11Root::open(c).await?),
+        #[cfg(not(feature = "pkcs11"))]
+        KeyConfig::Pkcs11(_) => return Err(not_built("pkcs11")),
     };
     tracing::debug!(key = name, provider = opened.provider(), key_id = %opened.key_id(), "opened root key");
     Ok(opened)
@@ -152,7 +158,19 @@ pub async fn open(name: &str, config: &KeyConfig) -> Result<Arc<dyn RootKey>, Ro
 pub async fn create(config: &KeyConfig) -> Result<bool, RootError> {
     match config {
         KeyConfig::File(c) => file::FileRoot::create(&c.path).await,
+        #[cfg(feature = "pkcs11")]
+        KeyConfig::Pkcs11(c) => pkcs11::Pkcs11Root::create(c).await,
+        #[cfg(not(feature = "pkcs11"))]
+        KeyConfig::Pkcs11(_) => Err(not_built("pkcs11")),
     }
+}
+
+/// The error for a provider whose Cargo feature was left out of this build.
+#[allow(dead_code)]
+fn not_built(provider: &str) -> RootError {
+    RootError::Config(format!(
+        "provider \"{provider}\" is not in this build of kms-plugin (rebuild with --features {provider})"
+    ))
 }
 
 #[cfg(test)]

@@ -100,10 +100,10 @@ pub fn bind(endpoint: &Endpoint, mode: u32) -> Result<UnixListener, SocketError>
 
 /// Removes the socket file at shutdown (only if it is still a socket).
 pub fn remove(endpoint: &Endpoint) {
-    if let Endpoint::Path(path) = endpoint {
-        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-            let _ = std::fs::remove_file(path);
-        }
+    if let Endpoint::Path(path) = endpoint
+        && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+    {
+        let _ = std::fs::remove_file(path);
     }
 }
 

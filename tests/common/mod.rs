@@ -90,10 +90,9 @@ impl Plugin {
             }
             if let Ok(Ok(mut client)) =
                 tokio::time::timeout(Duration::from_secs(2), connect(&self.socket)).await
+                && client.status(StatusRequest {}).await.is_ok()
             {
-                if client.status(StatusRequest {}).await.is_ok() {
-                    return;
-                }
+                return;
             }
             assert!(
                 Instant::now() < deadline,
