@@ -80,6 +80,8 @@ pub enum KeyConfig {
     File(FileKeyConfig),
     /// A symmetric AWS KMS key, by ARN.
     AwsKms(AwsKmsKeyConfig),
+    /// An AES-256 key inside a PKCS#11 token (HSM, SoftHSM2).
+    Pkcs11(Pkcs11KeyConfig),
 }
 
 impl KeyConfig {
@@ -88,6 +90,7 @@ impl KeyConfig {
         match self {
             KeyConfig::File(_) => "file",
             KeyConfig::AwsKms(_) => "aws-kms",
+            KeyConfig::Pkcs11(_) => "pkcs11",
         }
     }
 }
@@ -194,6 +197,67 @@ impl AwsKmsKeyConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// `provider = "pkcs11"`. Holds where the PIN is, never the PIN itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11KeyConfig {
+    /// Path of the PKCS#11 module (shared library), e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// Label of the token holding the key (or give `slot`).
+    #[serde(default)]
+    pub token_label: Option<String>,
+    /// Slot number of the token (or give `token_label`).
+    #[serde(default)]
+    pub slot: Option<u64>,
+    /// CKA_LABEL of the AES key.
+    pub key_label: String,
+    /// CKA_ID of the AES key, in hex, to tell apart keys sharing a label.
+    #[serde(default)]
+    pub key_id_hex: Option<String>,
+    /// File holding the user PIN (a trailing newline is ignored).
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+    /// Name of the environment variable holding the user PIN.
+    #[serde(default)]
+    pub pin_env: Option<String>,
+    /// Accept a key that is extractable or not sensitive (not recommended).
+    #[serde(default)]
+    pub allow_extractable: bool,
+}
+
+impl Pkcs11KeyConfig {
+    /// Checks the choices that must be exactly one of two.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.token_label.is_some() == self.slot.is_some() {
+            return Err("a pkcs11 key needs exactly one of token_label and slot".into());
+        }
+        if self.pin_file.is_some() == self.pin_env.is_some() {
+            return Err(
+                "a pkcs11 key needs exactly one of pin_file and pin_env (never a PIN literal)"
+                    .into(),
+            );
+        }
+        if self.key_label.is_empty() {
+            return Err("a pkcs11 key needs a non-empty key_label".into());
+        }
+        if let Some(id) = &self.key_id_hex
+            && (id.is_empty() || hex::decode(id).is_err())
+        {
+            return Err(format!("key_id_hex \"{id}\" is not a non-empty hex string"));
+        }
+        Ok(())
+    }
+
+    /// The token as named in messages.
+    pub fn token_name(&self) -> String {
+        match (&self.token_label, self.slot) {
+            (Some(label), _) => format!("token \"{label}\""),
+            (None, Some(slot)) => format!("the token in slot {slot}"),
+            (None, None) => "the token".into(),
+        }
     }
 }
 
@@ -401,8 +465,10 @@ impl Config {
             }
         }
         for (name, key) in &self.keys {
-            if let KeyConfig::AwsKms(aws) = key {
-                aws.validate(name)?;
+            match key {
+                KeyConfig::AwsKms(aws) => aws.validate(name)?,
+                KeyConfig::Pkcs11(p) => p.validate().map_err(|e| format!("[keys.{name}]: {e}"))?,
+                KeyConfig::File(_) => {}
             }
         }
         let lk = &self.local_kek;
@@ -618,6 +684,43 @@ mod tests {
         let clash =
             format!("{AWS}\n[keys.aws.encryption_context]\n\"kms-plugin/purpose\" = \"x\"\n");
         assert!(error_of(&clash).contains("reserved"));
+    }
+
+    const PKCS11: &str = r#"
+        [kek]
+        active = "hsm"
+        [keys.hsm]
+        provider = "pkcs11"
+        module = "/usr/lib/softhsm/libsofthsm2.so"
+        token_label = "kms"
+        key_label = "root"
+        pin_file = "/etc/kms-plugin/pin"
+    "#;
+
+    #[test]
+    fn pkcs11_config_parses_and_validates() {
+        let c = Config::parse(PKCS11).expect("valid");
+        let KeyConfig::Pkcs11(p) = &c.keys["hsm"] else {
+            panic!("not pkcs11")
+        };
+        assert_eq!(p.token_label.as_deref(), Some("kms"));
+        assert!(!p.allow_extractable);
+        assert_eq!(c.keys["hsm"].provider(), "pkcs11");
+        assert!(
+            error_of(&PKCS11.replace("key_label", "pin = \"1234\"\nkey_label")).contains("pin")
+        );
+        assert!(
+            error_of(&PKCS11.replace("token_label = \"kms\"", "token_label = \"kms\"\nslot = 1"))
+                .contains("exactly one of token_label")
+        );
+        assert!(
+            error_of(&PKCS11.replace("pin_file", "pin_env = \"PIN\"\npin_file"))
+                .contains("exactly one of pin_file")
+        );
+        assert!(
+            error_of(&PKCS11.replace("key_label", "key_id_hex = \"zz\"\nkey_label"))
+                .contains("hex")
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!
 //! Layers, outside in:
 //! - [`server`]: Unix socket, tonic server, signals;
+//! - [`h2authority`]: rewrites the invalid `:authority` older apiservers send, so h2 accepts it;
 //! - [`service`]: the gRPC handlers and the one error-to-status mapping;
 //! - [`plugin`]: the keyring in force, reloads;
 //! - [`keyring`]: local KEKs, their rotation, the unwrap cache, the roots' roles;
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod envelope;
+pub mod h2authority;
 pub mod keyring;
 pub mod plugin;
 pub mod proto;

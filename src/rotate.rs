@@ -89,7 +89,13 @@ pub fn rewrite(text: &str, old_active: &str, to: &str) -> Result<String, RotateE
         .get_mut("kek")
         .and_then(|k| k.as_table_like_mut())
         .ok_or_else(|| RotateError::Invalid("config has no [kek] table".into()))?;
-    kek.insert("active", value(to));
+    // Replace the value in place: the key's own comments stay.
+    match kek.get_mut("active") {
+        Some(active) => *active = value(to),
+        None => {
+            kek.insert("active", value(to));
+        }
+    }
     for list in ["retired", "also_wrap"] {
         if let Some(array) = kek.get_mut(list).and_then(|v| v.as_array_mut()) {
             array.retain(|v| v.as_str() != Some(to));

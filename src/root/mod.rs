@@ -5,6 +5,8 @@
 #[cfg(feature = "aws-kms")]
 pub mod aws_kms;
 pub mod file;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -148,6 +150,10 @@ pub async fn open(name: &str, config: &KeyConfig) -> Result<Arc<dyn RootKey>, Ro
         KeyConfig::AwsKms(c) => Arc::new(aws_kms::AwsKmsRoot::open(c).await?),
         #[cfg(not(feature = "aws-kms"))]
         KeyConfig::AwsKms(_) => return Err(not_built("aws-kms")),
+        #[cfg(feature = "pkcs11")]
+        KeyConfig::Pkcs11(c) => Arc::new(pkcs11::Pkcs11Root::open(c).await?),
+        #[cfg(not(feature = "pkcs11"))]
+        KeyConfig::Pkcs11(_) => return Err(not_built("pkcs11")),
     };
     tracing::debug!(key = name, provider = opened.provider(), key_id = %opened.key_id(), "opened root key");
     Ok(opened)
@@ -162,14 +168,18 @@ pub async fn create(config: &KeyConfig) -> Result<bool, RootError> {
         KeyConfig::AwsKms(c) => aws_kms::AwsKmsRoot::create(c).await,
         #[cfg(not(feature = "aws-kms"))]
         KeyConfig::AwsKms(_) => Err(not_built("aws-kms")),
+        #[cfg(feature = "pkcs11")]
+        KeyConfig::Pkcs11(c) => pkcs11::Pkcs11Root::create(c).await,
+        #[cfg(not(feature = "pkcs11"))]
+        KeyConfig::Pkcs11(_) => Err(not_built("pkcs11")),
     }
 }
 
-/// The config names a provider this binary was built without.
-#[allow(dead_code)] // used only when some provider feature is off
+/// The error for a provider whose Cargo feature was left out of this build.
+#[allow(dead_code)]
 fn not_built(provider: &str) -> RootError {
     RootError::Config(format!(
-        "provider \"{provider}\" is not in this build of kms-plugin (cargo feature \"{provider}\")"
+        "provider \"{provider}\" is not in this build of kms-plugin (rebuild with --features {provider})"
     ))
 }
 

@@ -7,9 +7,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
+use crate::h2authority::AuthorityFix;
 use crate::plugin::Plugin;
 use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
@@ -27,7 +29,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SocketError> {
     let listener = socket::bind(endpoint, mode)?;
-    let incoming = UnixListenerStream::new(listener);
+    // kube-apiserver 1.27-1.31 and grpcio send the socket path as `:authority`, which h2
+    // rejects; every connection goes through the rewriter that makes it `localhost`.
+    let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new));
     let service = Service::new(plugin.clone());
     tracing::info!(socket = %endpoint, key_id = %plugin.keyring().key_id(), "serving KMS v2");
     notify_systemd("READY=1");

@@ -1,0 +1,395 @@
+//! HPACK header block decoding (RFC 7541 §5, §6).
+
+use super::table::{DynamicTable, ENTRY_OVERHEAD};
+use super::{Field, HpackError, huffman};
+
+/// Initial dynamic table size: the SETTINGS_HEADER_TABLE_SIZE default (RFC 9113 §6.5.2).
+pub const DEFAULT_TABLE_SIZE: usize = 4096;
+/// Largest dynamic table size update we accept from a client.
+pub const MAX_TABLE_SIZE: usize = 64 * 1024;
+/// Cap on the decoded header list, counted as in SETTINGS_MAX_HEADER_LIST_SIZE.
+/// Needed because indexed fields can expand a small block enormously.
+pub const MAX_HEADER_LIST_SIZE: usize = 1024 * 1024;
+
+/// Decoder whose dynamic table mirrors the one of the peer's encoder.
+#[derive(Debug)]
+pub struct Decoder {
+    table: DynamicTable,
+    max_table_size: usize,
+    max_list_size: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self::new(MAX_TABLE_SIZE, MAX_HEADER_LIST_SIZE)
+    }
+}
+
+impl Decoder {
+    /// A decoder accepting table size updates up to `max_table_size` and
+    /// decoded header lists up to `max_list_size`.
+    pub fn new(max_table_size: usize, max_list_size: usize) -> Self {
+        Self {
+            table: DynamicTable::new(DEFAULT_TABLE_SIZE.min(max_table_size)),
+            max_table_size,
+            max_list_size,
+        }
+    }
+
+    /// The mirrored dynamic table (for tests and diagnostics).
+    pub fn table(&self) -> &DynamicTable {
+        &self.table
+    }
+
+    /// Decodes one complete header block, appending its fields to `fields`.
+    ///
+    /// On error the dynamic table may be partly updated; the connection must
+    /// then be dropped.
+    pub fn decode(&mut self, block: &[u8], fields: &mut Vec<Field>) -> Result<(), HpackError> {
+        let mut src = block;
+        let mut list_size: usize = 0;
+        let mut seen_field = false;
+        while let Some(&first) = src.first() {
+            if first & 0x80 != 0 {
+                // §6.1 indexed header field.
+                let index = decode_int(&mut src, 7)?;
+                let (n, v) = self.table.get(index)?;
+                let field = Field {
+                    name: n.to_vec(),
+                    value: v.to_vec(),
+                    never_indexed: false,
+                };
+                self.push(fields, field, &mut list_size)?;
+                seen_field = true;
+            } else if first & 0xe0 == 0x20 {
+                // §6.3 dynamic table size update: only before the first field.
+                if seen_field {
+                    return Err(HpackError::SizeUpdateNotAtStart);
+                }
+                let size = decode_int(&mut src, 5)?;
+                if size > self.max_table_size {
+                    return Err(HpackError::TableSizeTooLarge {
+                        requested: size,
+                        limit: self.max_table_size,
+                    });
+                }
+                self.table.set_max_size(size);
+            } else {
+                // §6.2 literals: 01 = incremental indexing (6-bit prefix),
+                // 0000 = without indexing, 0001 = never indexed (4-bit prefix).
+                let (prefix, indexing, never_indexed) = if first & 0xc0 == 0x40 {
+                    (6, true, false)
+                } else {
+                    (4, false, first & 0x10 != 0)
+                };
+                let name_index = decode_int(&mut src, prefix)?;
+                let name = if name_index == 0 {
+                    decode_string(&mut src)?
+                } else {
+                    self.table.get(name_index)?.0.to_vec()
+                };
+                let value = decode_string(&mut src)?;
+                if indexing {
+                    self.table.insert(name.clone(), value.clone());
+                }
+                let field = Field {
+                    name,
+                    value,
+                    never_indexed,
+                };
+                self.push(fields, field, &mut list_size)?;
+                seen_field = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn push(
+        &self,
+        fields: &mut Vec<Field>,
+        field: Field,
+        list_size: &mut usize,
+    ) -> Result<(), HpackError> {
+        *list_size = list_size
+            .saturating_add(field.name.len())
+            .saturating_add(field.value.len())
+            .saturating_add(ENTRY_OVERHEAD);
+        if *list_size > self.max_list_size {
+            return Err(HpackError::HeaderListTooLarge {
+                limit: self.max_list_size,
+            });
+        }
+        fields.push(field);
+        Ok(())
+    }
+}
+
+/// Decodes an integer with an N-bit prefix (§5.1), advancing `src`.
+/// Values above `u32::MAX` are rejected.
+pub fn decode_int(src: &mut &[u8], prefix_bits: u8) -> Result<usize, HpackError> {
+    let (&first, rest) = src.split_first().ok_or(HpackError::Truncated)?;
+    let mask: u8 = if prefix_bits >= 8 {
+        0xff
+    } else {
+        (1u8 << prefix_bits) - 1
+    };
+    let mut value = u64::from(first & mask);
+    *src = rest;
+    if value < u64::from(mask) {
+        return usize::try_from(value).map_err(|_| HpackError::IntegerOverflow);
+    }
+    let mut shift: u32 = 0;
+    loop {
+        let (&byte, rest) = src.split_first().ok_or(HpackError::Truncated)?;
+        *src = rest;
+        // Beyond 5 continuation bytes the value cannot fit in 32 bits.
+        if shift > 28 {
+            return Err(HpackError::IntegerOverflow);
+        }
+        value += u64::from(byte & 0x7f) << shift;
+        if value > u64::from(u32::MAX) {
+            return Err(HpackError::IntegerOverflow);
+        }
+        if byte & 0x80 == 0 {
+            return usize::try_from(value).map_err(|_| HpackError::IntegerOverflow);
+        }
+        shift += 7;
+    }
+}
+
+/// Decodes a string literal (§5.2), Huffman-coded or raw, advancing `src`.
+fn decode_string(src: &mut &[u8]) -> Result<Vec<u8>, HpackError> {
+    let huffman_coded = src.first().ok_or(HpackError::Truncated)? & 0x80 != 0;
+    let len = decode_int(src, 7)?;
+    if len > src.len() {
+        return Err(HpackError::Truncated);
+    }
+    let (data, rest) = src.split_at(len);
+    *src = rest;
+    if huffman_coded {
+        let mut out = Vec::new();
+        huffman::decode(data, &mut out)?;
+        Ok(out)
+    } else {
+        Ok(data.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn fields(list: &[(&str, &str)]) -> Vec<Field> {
+        list.iter()
+            .map(|(n, v)| Field {
+                name: n.as_bytes().to_vec(),
+                value: v.as_bytes().to_vec(),
+                never_indexed: false,
+            })
+            .collect()
+    }
+
+    fn decode_one(d: &mut Decoder, block: &[u8]) -> Result<Vec<Field>, HpackError> {
+        let mut out = Vec::new();
+        d.decode(block, &mut out).map(|()| out)
+    }
+
+    #[test]
+    fn integers_rfc_c1() {
+        // C.1.1: 10 with a 5-bit prefix.
+        assert_eq!(decode_int(&mut &[0b0000_1010][..], 5).unwrap(), 10);
+        // C.1.2: 1337 with a 5-bit prefix.
+        let mut src = &[0b0001_1111, 0b1001_1010, 0b0000_1010, 0xaa][..];
+        assert_eq!(decode_int(&mut src, 5).unwrap(), 1337);
+        assert_eq!(src, &[0xaa]);
+        // C.1.3: 42 with an 8-bit prefix.
+        assert_eq!(decode_int(&mut &[42][..], 8).unwrap(), 42);
+    }
+
+    #[test]
+    fn integer_errors() {
+        assert_eq!(decode_int(&mut &[][..], 5), Err(HpackError::Truncated));
+        assert_eq!(
+            decode_int(&mut &[0x1f, 0x80][..], 5),
+            Err(HpackError::Truncated)
+        );
+        let big = [0x1f, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        assert_eq!(
+            decode_int(&mut &big[..], 5),
+            Err(HpackError::IntegerOverflow)
+        );
+        let long = [0x1f, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01];
+        assert_eq!(
+            decode_int(&mut &long[..], 5),
+            Err(HpackError::IntegerOverflow)
+        );
+        // u32::MAX itself is fine: 31 + 0xffffffe0.
+        let max = [0x1f, 0xe0, 0xff, 0xff, 0xff, 0x0f];
+        assert_eq!(decode_int(&mut &max[..], 5).unwrap(), u32::MAX as usize);
+    }
+
+    #[test]
+    fn rfc_c2_single_fields() {
+        let mut d = Decoder::default();
+        // C.2.1 literal with indexing.
+        let b = hex("400a 6375 7374 6f6d 2d6b 6579 0d63 7573 746f 6d2d 6865 6164 6572");
+        assert_eq!(
+            decode_one(&mut d, &b).unwrap(),
+            fields(&[("custom-key", "custom-header")])
+        );
+        assert_eq!(d.table().size(), 55);
+        // C.2.2 literal without indexing.
+        let mut d = Decoder::default();
+        let b = hex("040c 2f73 616d 706c 652f 7061 7468");
+        assert_eq!(
+            decode_one(&mut d, &b).unwrap(),
+            fields(&[(":path", "/sample/path")])
+        );
+        assert_eq!(d.table().len(), 0);
+        // C.2.3 never indexed.
+        let b = hex("1008 7061 7373 776f 7264 0673 6563 7265 74");
+        let got = decode_one(&mut d, &b).unwrap();
+        assert_eq!(got[0].value, b"secret");
+        assert!(got[0].never_indexed);
+        assert_eq!(d.table().len(), 0);
+        // C.2.4 indexed.
+        assert_eq!(
+            decode_one(&mut d, &[0x82]).unwrap(),
+            fields(&[(":method", "GET")])
+        );
+    }
+
+    fn check_requests(blocks: [&str; 3]) {
+        let mut d = Decoder::default();
+        let r1 = decode_one(&mut d, &hex(blocks[0])).unwrap();
+        assert_eq!(
+            r1,
+            fields(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com"),
+            ])
+        );
+        assert_eq!(d.table().size(), 57);
+        let r2 = decode_one(&mut d, &hex(blocks[1])).unwrap();
+        assert_eq!(
+            r2,
+            fields(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com"),
+                ("cache-control", "no-cache"),
+            ])
+        );
+        assert_eq!(d.table().size(), 110);
+        let r3 = decode_one(&mut d, &hex(blocks[2])).unwrap();
+        assert_eq!(
+            r3,
+            fields(&[
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/index.html"),
+                (":authority", "www.example.com"),
+                ("custom-key", "custom-value"),
+            ])
+        );
+        assert_eq!(d.table().size(), 164);
+        assert_eq!(d.table().len(), 3);
+    }
+
+    #[test]
+    fn rfc_c3_requests_without_huffman() {
+        check_requests([
+            "8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d",
+            "8286 84be 5808 6e6f 2d63 6163 6865",
+            "8287 85bf 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65",
+        ]);
+    }
+
+    #[test]
+    fn rfc_c4_requests_with_huffman() {
+        check_requests([
+            "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff",
+            "8286 84be 5886 a8eb 1064 9cbf",
+            "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
+        ]);
+    }
+
+    #[test]
+    fn rfc_c5_responses_with_eviction() {
+        // C.5: 256-byte table; the third response evicts older entries.
+        let mut d = Decoder::default();
+        let set = hex("3fe1 01"); // size update to 256, then C.5.1 follows.
+        let r1 = hex(
+            "4803 3330 3258 0770 7269 7661 7465 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133 \
+             2032 303a 3133 3a32 3120 474d 546e 1768 7474 7073 3a2f 2f77 7777 2e65 7861 6d70 \
+             6c65 2e63 6f6d",
+        );
+        let mut b1 = set.clone();
+        b1.extend_from_slice(&r1);
+        assert_eq!(decode_one(&mut d, &b1).unwrap().len(), 4);
+        assert_eq!(d.table().size(), 222);
+        let r2 = decode_one(&mut d, &hex("4803 3330 37c1 c0bf")).unwrap();
+        assert_eq!(r2[0].value, b"307");
+        assert_eq!(r2[3].value, b"https://www.example.com");
+        assert_eq!(d.table().size(), 222);
+        assert_eq!(d.table().len(), 4);
+    }
+
+    #[test]
+    fn malformed_blocks_are_errors() {
+        let cases: &[(&[u8], HpackError)] = &[
+            (&[0x80], HpackError::InvalidIndex(0)),
+            (&[0xbe], HpackError::InvalidIndex(62)),
+            (&[0xff, 0xff, 0x7f], HpackError::InvalidIndex(127 + 0x3fff)),
+            (&[0x41], HpackError::Truncated),
+            (&[0x41, 0x05, b'a'], HpackError::Truncated),
+            (&[0x40, 0x01], HpackError::Truncated),
+            (&[0x40], HpackError::Truncated),
+            (&[0x7e, 0x00, 0x00], HpackError::InvalidIndex(62)),
+            // Huffman value 'a' with zero padding.
+            (&[0x41, 0x81, 0x18], HpackError::HuffmanPadding),
+            // Huffman value that is all EOS.
+            (
+                &[0x41, 0x84, 0xff, 0xff, 0xff, 0xff],
+                HpackError::HuffmanEos,
+            ),
+            (&[0x82, 0x20], HpackError::SizeUpdateNotAtStart),
+            (
+                &[0x3f, 0xe1, 0xff, 0x07],
+                HpackError::TableSizeTooLarge {
+                    requested: 131_072,
+                    limit: MAX_TABLE_SIZE,
+                },
+            ),
+        ];
+        for (block, want) in cases {
+            let mut d = Decoder::default();
+            let got = decode_one(&mut d, block);
+            assert_eq!(got, Err(*want), "block {block:02x?}");
+        }
+    }
+
+    #[test]
+    fn header_list_size_is_bounded() {
+        // One 4000-byte entry referenced over and over expands far past the cap.
+        let mut d = Decoder::new(MAX_TABLE_SIZE, 64 * 1024);
+        let mut block = vec![0x40, 0x01, b'x', 0x7f, 0xa1, 0x1e];
+        block.extend(std::iter::repeat_n(b'v', 4000));
+        block.extend(std::iter::repeat_n(0xbe, 100));
+        assert_eq!(
+            decode_one(&mut d, &block),
+            Err(HpackError::HeaderListTooLarge { limit: 64 * 1024 })
+        );
+    }
+}

@@ -1,0 +1,333 @@
+//! Sans-IO rewriter for the client-to-server half of an HTTP/2 connection.
+
+use super::error::RewriteError;
+use super::frame::{
+    FLAG_END_HEADERS, FLAG_END_STREAM, FLAG_PADDED, FLAG_PRIORITY, FrameHeader, HEADER_LEN,
+    PREFACE, PRIORITY_LEN, TYPE_CONTINUATION, TYPE_HEADERS, write_header_block,
+};
+use super::hpack::{Decoder, Field, encode_block};
+
+/// Limit on the summed HEADERS + CONTINUATION payloads of one header block.
+pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// What an unparsable `:authority` is replaced with.
+pub const REPLACEMENT_AUTHORITY: &[u8] = b"localhost";
+/// Reusable buffers above this capacity are released after each header block.
+const KEEP_CAPACITY: usize = 16 * 1024;
+
+/// Rewrites invalid `:authority` values in the client's byte stream.
+///
+/// Feed it the bytes read from the client in chunks of any size; it appends
+/// what the HTTP/2 server should read to `out`. Frames other than HEADERS and
+/// CONTINUATION are streamed through as they arrive; header blocks are
+/// collected (up to [`MAX_HEADER_BLOCK`]) and decoded with a decoder that
+/// mirrors the client's HPACK state. While every `:authority` parses, blocks
+/// are forwarded verbatim. The first invalid one switches the connection to
+/// re-encoding every later block without the dynamic table, since the
+/// server's table no longer mirrors the client's.
+#[derive(Debug)]
+pub struct Rewriter {
+    state: State,
+    decoder: Decoder,
+    reencode: bool,
+    rewritten: u64,
+    /// The header block being collected, if any.
+    block: Option<Block>,
+    /// Payload of the current HEADERS / CONTINUATION frame.
+    payload: Vec<u8>,
+    /// Frames of the current block as received, for verbatim forwarding.
+    raw: Vec<u8>,
+    /// Header block fragments of the current block, padding removed.
+    fragment: Vec<u8>,
+    fields: Vec<Field>,
+    encoded: Vec<u8>,
+    failed: Option<RewriteError>,
+}
+
+#[derive(Debug)]
+enum State {
+    Preface {
+        matched: usize,
+    },
+    FrameHeader {
+        buf: [u8; HEADER_LEN],
+        got: usize,
+    },
+    Passthrough {
+        remaining: usize,
+    },
+    BlockPayload {
+        header: FrameHeader,
+        remaining: usize,
+    },
+}
+
+const NEXT_FRAME: State = State::FrameHeader {
+    buf: [0; HEADER_LEN],
+    got: 0,
+};
+
+#[derive(Debug)]
+struct Block {
+    stream_id: u32,
+    end_stream: bool,
+    priority: Option<[u8; PRIORITY_LEN]>,
+    payload_total: usize,
+}
+
+impl Default for Rewriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Rewriter {
+    pub fn new() -> Self {
+        Self {
+            state: State::Preface { matched: 0 },
+            decoder: Decoder::default(),
+            reencode: false,
+            rewritten: 0,
+            block: None,
+            payload: Vec::new(),
+            raw: Vec::new(),
+            fragment: Vec::new(),
+            fields: Vec::new(),
+            encoded: Vec::new(),
+            failed: None,
+        }
+    }
+
+    /// Whether the connection has switched to re-encoding header blocks.
+    pub fn is_reencoding(&self) -> bool {
+        self.reencode
+    }
+
+    /// Number of header blocks whose `:authority` was replaced.
+    pub fn rewritten_blocks(&self) -> u64 {
+        self.rewritten
+    }
+
+    /// The error that stopped this rewriter, if any.
+    pub fn error(&self) -> Option<&RewriteError> {
+        self.failed.as_ref()
+    }
+
+    /// Processes the next chunk of client bytes, appending output to `out`.
+    ///
+    /// After an error the rewriter stays failed (every call returns the same
+    /// error) and whatever this call appended to `out` must be discarded
+    /// along with the connection.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let result = self.feed_inner(input, out);
+        if let Err(e) = &result {
+            self.failed = Some(e.clone());
+        }
+        result
+    }
+
+    fn feed_inner(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
+        while !input.is_empty() {
+            match &mut self.state {
+                State::Preface { matched } => {
+                    let want = PREFACE.get(*matched..).unwrap_or_default();
+                    let n = want.len().min(input.len());
+                    let (chunk, rest) = input.split_at(n);
+                    if want.get(..n) != Some(chunk) {
+                        return Err(RewriteError::BadPreface);
+                    }
+                    out.extend_from_slice(chunk);
+                    input = rest;
+                    *matched += n;
+                    if *matched >= PREFACE.len() {
+                        self.state = NEXT_FRAME;
+                    }
+                }
+                State::FrameHeader { buf, got } => {
+                    let n = (HEADER_LEN - *got).min(input.len());
+                    let (chunk, rest) = input.split_at(n);
+                    if let Some(dst) = buf.get_mut(*got..*got + n) {
+                        dst.copy_from_slice(chunk);
+                    }
+                    input = rest;
+                    *got += n;
+                    if *got == HEADER_LEN {
+                        let raw = *buf;
+                        self.state = NEXT_FRAME;
+                        self.on_frame_header(raw, out)?;
+                    }
+                }
+                State::Passthrough { remaining } => {
+                    let n = (*remaining).min(input.len());
+                    let (chunk, rest) = input.split_at(n);
+                    out.extend_from_slice(chunk);
+                    input = rest;
+                    *remaining -= n;
+                    if *remaining == 0 {
+                        self.state = NEXT_FRAME;
+                    }
+                }
+                State::BlockPayload { header, remaining } => {
+                    let n = (*remaining).min(input.len());
+                    let (chunk, rest) = input.split_at(n);
+                    self.payload.extend_from_slice(chunk);
+                    input = rest;
+                    *remaining -= n;
+                    if *remaining == 0 {
+                        let header = *header;
+                        self.state = NEXT_FRAME;
+                        self.on_block_payload(header, out)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_frame_header(
+        &mut self,
+        raw: [u8; HEADER_LEN],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RewriteError> {
+        let h = FrameHeader::parse(&raw);
+        let unexpected = RewriteError::UnexpectedFrame {
+            kind: h.kind,
+            stream_id: h.stream_id,
+        };
+        // RFC 9113 §6.10: nothing may interleave with an open header block.
+        let open_total = match &self.block {
+            Some(b) if h.kind == TYPE_CONTINUATION && h.stream_id == b.stream_id => b.payload_total,
+            Some(_) => return Err(unexpected),
+            None if h.kind == TYPE_CONTINUATION => return Err(unexpected),
+            None => 0,
+        };
+        if h.kind != TYPE_HEADERS && h.kind != TYPE_CONTINUATION {
+            out.extend_from_slice(&raw);
+            if h.length > 0 {
+                self.state = State::Passthrough {
+                    remaining: h.length,
+                };
+            }
+            return Ok(());
+        }
+        let total = open_total.saturating_add(h.length);
+        if total > MAX_HEADER_BLOCK {
+            return Err(RewriteError::HeaderBlockTooLarge {
+                limit: MAX_HEADER_BLOCK,
+            });
+        }
+        if h.kind == TYPE_HEADERS {
+            self.raw.clear();
+            self.fragment.clear();
+            self.block = Some(Block {
+                stream_id: h.stream_id,
+                end_stream: h.flags & FLAG_END_STREAM != 0,
+                priority: None,
+                payload_total: 0,
+            });
+        }
+        if let Some(b) = &mut self.block {
+            b.payload_total = total;
+        }
+        self.raw.extend_from_slice(&raw);
+        self.payload.clear();
+        if h.length == 0 {
+            self.on_block_payload(h, out)
+        } else {
+            self.state = State::BlockPayload {
+                header: h,
+                remaining: h.length,
+            };
+            Ok(())
+        }
+    }
+
+    fn on_block_payload(&mut self, h: FrameHeader, out: &mut Vec<u8>) -> Result<(), RewriteError> {
+        self.raw.extend_from_slice(&self.payload);
+        let mut frag: &[u8] = &self.payload;
+        if h.kind == TYPE_HEADERS {
+            let malformed = RewriteError::MalformedHeaders {
+                stream_id: h.stream_id,
+            };
+            let mut pad = 0;
+            if h.flags & FLAG_PADDED != 0 {
+                let (&p, rest) = frag.split_first().ok_or_else(|| malformed.clone())?;
+                pad = usize::from(p);
+                frag = rest;
+            }
+            if h.flags & FLAG_PRIORITY != 0 {
+                if frag.len() < PRIORITY_LEN {
+                    return Err(malformed);
+                }
+                let (prio, rest) = frag.split_at(PRIORITY_LEN);
+                if let (Some(b), Ok(p)) = (&mut self.block, prio.try_into()) {
+                    b.priority = Some(p);
+                }
+                frag = rest;
+            }
+            let keep = frag.len().checked_sub(pad).ok_or(malformed)?;
+            frag = frag.get(..keep).unwrap_or_default();
+        }
+        self.fragment.extend_from_slice(frag);
+        if h.flags & FLAG_END_HEADERS != 0 {
+            self.finish_block(out)?;
+        }
+        Ok(())
+    }
+
+    fn finish_block(&mut self, out: &mut Vec<u8>) -> Result<(), RewriteError> {
+        let Some(block) = self.block.take() else {
+            return Ok(());
+        };
+        self.fields.clear();
+        self.decoder.decode(&self.fragment, &mut self.fields)?;
+        let mut replaced = false;
+        for f in &mut self.fields {
+            if f.name == b":authority"
+                && http::uri::Authority::try_from(f.value.as_slice()).is_err()
+            {
+                f.value = REPLACEMENT_AUTHORITY.to_vec();
+                replaced = true;
+            }
+        }
+        if replaced {
+            self.reencode = true;
+            self.rewritten += 1;
+        }
+        if self.reencode {
+            self.encoded.clear();
+            encode_block(&self.fields, &mut self.encoded);
+            write_header_block(
+                out,
+                block.stream_id,
+                block.end_stream,
+                block.priority,
+                &self.encoded,
+            );
+        } else {
+            out.extend_from_slice(&self.raw);
+        }
+        self.release_buffers();
+        Ok(())
+    }
+
+    /// Keeps an idle connection small after an unusually large header block.
+    fn release_buffers(&mut self) {
+        self.fields.clear();
+        for buf in [
+            &mut self.payload,
+            &mut self.raw,
+            &mut self.fragment,
+            &mut self.encoded,
+        ] {
+            buf.clear();
+            buf.shrink_to(KEEP_CAPACITY);
+        }
+        self.fields.shrink_to(256);
+    }
+}
+
+#[cfg(test)]
+mod tests;

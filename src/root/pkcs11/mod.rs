@@ -1,0 +1,487 @@
+//! `provider = "pkcs11"`: the root key is an AES-256 secret key inside a PKCS#11 token
+//! (an HSM, or SoftHSM2). Local KEKs are wrapped inside the token with CKM_AES_GCM; the
+//! key never leaves it, so the plugin's memory holds only unwrapped local KEKs.
+//!
+//! Wrapped blob: 12-byte IV || 32-byte ciphertext || 16-byte tag, with
+//! [`WrapContext::aad`] as associated data. The key_id is derived from a check value the
+//! token computes (AES-ECB of a fixed block), so it follows the key material, not its
+//! label: a key deleted and re-created under the same label gets a new key_id.
+
+mod session;
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cryptoki::error::{Error, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use rand::RngCore;
+use rand::rngs::OsRng;
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+use self::session::{MAX_SESSIONS, Token, describe, is_session_lost};
+use super::{BoxFuture, KeyId, RootError, RootKey, WrapContext};
+use crate::config::Pkcs11KeyConfig;
+use crate::secret::{KEY_LEN, Key256};
+
+const IV_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+/// IV + encrypted key + tag.
+const WRAPPED_LEN: usize = IV_LEN + KEY_LEN + TAG_LEN;
+/// The block the token encrypts to give the check value the key_id is derived from.
+const CHECK_BLOCK: &[u8; 16] = b"kms-plugin kcv 1";
+
+/// A root key in a PKCS#11 token.
+pub struct Pkcs11Root {
+    inner: Arc<Inner>,
+    key_id: KeyId,
+}
+
+struct Inner {
+    token: Token,
+    /// Handle of the key object; found again after a session loss.
+    key: Mutex<ObjectHandle>,
+    /// The check value of the key at start-up: a re-found key must match it.
+    check: Vec<u8>,
+    /// Bounds concurrent token calls to the session pool size.
+    permits: Semaphore,
+}
+
+/// How a token call failed.
+enum Failure {
+    /// Already classified (session could not be recovered, key replaced, ...).
+    Root(RootError),
+    /// The operation itself failed; the caller decides what that means.
+    Token(Error),
+}
+
+impl Pkcs11Root {
+    /// Loads the module, logs in to the token and finds the key, refusing one that could
+    /// leave the token unless `allow_extractable` is set.
+    pub async fn open(config: &Pkcs11KeyConfig) -> Result<Self, RootError> {
+        let config = config.clone();
+        let (token, key, check) = blocking(move || {
+            let token = Token::new(&config)?;
+            let session = token.open_session()?;
+            let key = find_key(&session, &token)?;
+            check_attributes(&session, key, &token)?;
+            let check = check_value(&session, key).map_err(|e| {
+                RootError::Config(format!(
+                    "the key labelled \"{}\" on {} cannot encrypt: {}",
+                    token.config().key_label,
+                    token.name(),
+                    describe(&e)
+                ))
+            })?;
+            token.put(session);
+            Ok((token, key, check))
+        })
+        .await?;
+        let key_id = KeyId::derive("pkcs11", &check);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                token,
+                key: Mutex::new(key),
+                check,
+                permits: Semaphore::new(MAX_SESSIONS),
+            }),
+            key_id,
+        })
+    }
+
+    /// Generates the key in the token if there is none with its label (and CKA_ID).
+    /// Returns whether it created one.
+    pub async fn create(config: &Pkcs11KeyConfig) -> Result<bool, RootError> {
+        let config = config.clone();
+        blocking(move || {
+            let token = Token::new(&config)?;
+            let session = token.open_session()?;
+            if !find_keys(&session, &config)
+                .map_err(|e| lookup_error(&token, &e))?
+                .is_empty()
+            {
+                return Ok(false);
+            }
+            let mut template = vec![
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen((KEY_LEN as u64).into()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Label(config.key_label.as_bytes().to_vec()),
+            ];
+            if let Some(id) = key_cka_id(&config) {
+                template.push(Attribute::Id(id));
+            }
+            session
+                .generate_key(&Mechanism::AesKeyGen, &template)
+                .map_err(|e| {
+                    RootError::Config(format!(
+                        "cannot generate an AES-256 key on {}: {}",
+                        token.name(),
+                        describe(&e)
+                    ))
+                })?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Runs `op` on a pooled session, off the async threads. After a lost session or a
+    /// stale key handle it opens a fresh session, finds the key again and retries once.
+    async fn run<T, F>(&self, op: F) -> Result<T, Failure>
+    where
+        T: Send + 'static,
+        F: Fn(&Session, ObjectHandle) -> Result<T, Error> + Send + 'static,
+    {
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Failure::Root(RootError::Unavailable("session pool closed".into())))?;
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.run_blocking(op))
+            .await
+            .map_err(|e| {
+                Failure::Root(RootError::Unavailable(format!(
+                    "token call panicked or was cancelled: {e}"
+                )))
+            })?
+    }
+}
+
+impl Inner {
+    fn run_blocking<T>(
+        &self,
+        op: impl Fn(&Session, ObjectHandle) -> Result<T, Error>,
+    ) -> Result<T, Failure> {
+        let key = *self.key.lock().unwrap_or_else(PoisonError::into_inner);
+        let first = match self.token.take() {
+            Ok(session) => match op(&session, key) {
+                Ok(value) => {
+                    self.token.put(session);
+                    return Ok(value);
+                }
+                Err(e) if is_session_lost(&e) => describe(&e),
+                Err(e) => {
+                    self.token.put(session);
+                    return Err(Failure::Token(e));
+                }
+            },
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(token = %self.token.name(), error = %first, "PKCS#11 session lost; reconnecting");
+        self.token.clear();
+        let unavailable = |why: String| {
+            Failure::Root(RootError::Unavailable(format!(
+                "{} is unavailable: {why}",
+                self.token.name()
+            )))
+        };
+        let session = self.token.open_session().map_err(|e| match e {
+            // A PIN that worked at start-up and fails now was changed or locked: an operator
+            // must act, retrying will not help.
+            RootError::Config(why) if why.contains("PIN") => {
+                Failure::Root(RootError::Rejected(why))
+            }
+            other => unavailable(other.to_string()),
+        })?;
+        let key = self.refind_key(&session)?;
+        match op(&session, key) {
+            Ok(value) => {
+                self.token.put(session);
+                Ok(value)
+            }
+            Err(e) if is_session_lost(&e) => Err(unavailable(describe(&e))),
+            Err(e) => {
+                self.token.put(session);
+                Err(Failure::Token(e))
+            }
+        }
+    }
+
+    /// Finds the key again on a fresh session and checks it is still the same key material.
+    fn refind_key(&self, session: &Session) -> Result<ObjectHandle, Failure> {
+        let key = find_key(session, &self.token).map_err(|e| match e {
+            RootError::Config(why) => Failure::Root(RootError::Rejected(why)),
+            other => Failure::Root(other),
+        })?;
+        let check = check_value(session, key).map_err(|e| {
+            Failure::Root(RootError::Unavailable(format!(
+                "{} is unavailable: {}",
+                self.token.name(),
+                describe(&e)
+            )))
+        })?;
+        if check != self.check {
+            return Err(Failure::Root(RootError::Rejected(format!(
+                "the key labelled \"{}\" on {} is no longer the key this plugin started with \
+                 (deleted and re-created?); restart the plugin to adopt the new key",
+                self.token.config().key_label,
+                self.token.name()
+            ))));
+        }
+        *self.key.lock().unwrap_or_else(PoisonError::into_inner) = key;
+        Ok(key)
+    }
+}
+
+impl RootKey for Pkcs11Root {
+    fn provider(&self) -> &'static str {
+        "pkcs11"
+    }
+
+    fn key_id(&self) -> &KeyId {
+        &self.key_id
+    }
+
+    fn wrap<'a>(
+        &'a self,
+        kek: &'a Key256,
+        ctx: &'a WrapContext,
+    ) -> BoxFuture<'a, Result<Vec<u8>, RootError>> {
+        Box::pin(async move {
+            let mut iv = [0u8; IV_LEN];
+            OsRng.fill_bytes(&mut iv);
+            let aad = ctx.aad();
+            let plain = Zeroizing::new(*kek.expose());
+            let body = self
+                .run(move |session, key| {
+                    let mut iv = iv;
+                    let params = GcmParams::new(&mut iv, &aad, ((TAG_LEN * 8) as u64).into())?;
+                    session.encrypt(&Mechanism::AesGcm(params), key, plain.as_slice())
+                })
+                .await
+                .map_err(|f| self.failure(f, "wrap"))?;
+            if body.len() != KEY_LEN + TAG_LEN {
+                return Err(RootError::Unavailable(format!(
+                    "{} returned {} bytes for an AES-GCM wrap, expected {}",
+                    self.inner.token.name(),
+                    body.len(),
+                    KEY_LEN + TAG_LEN
+                )));
+            }
+            let mut out = Vec::with_capacity(WRAPPED_LEN);
+            out.extend_from_slice(&iv);
+            out.extend_from_slice(&body);
+            Ok(out)
+        })
+    }
+
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a [u8],
+        ctx: &'a WrapContext,
+    ) -> BoxFuture<'a, Result<Key256, RootError>> {
+        Box::pin(async move {
+            if wrapped.len() != WRAPPED_LEN {
+                return Err(RootError::Authentication);
+            }
+            let mut iv = [0u8; IV_LEN];
+            iv.copy_from_slice(&wrapped[..IV_LEN]);
+            let body = wrapped[IV_LEN..].to_vec();
+            let aad = ctx.aad();
+            let plain = self
+                .run(move |session, key| {
+                    let mut iv = iv;
+                    let params = GcmParams::new(&mut iv, &aad, ((TAG_LEN * 8) as u64).into())?;
+                    session
+                        .decrypt(&Mechanism::AesGcm(params), key, &body)
+                        .map(Zeroizing::new)
+                })
+                .await
+                .map_err(|f| match f {
+                    // SoftHSM 2.6 reports a GCM tag mismatch as CKR_GENERAL_ERROR; others
+                    // use CKR_ENCRYPTED_DATA_INVALID. The blob is well-formed, so either
+                    // means it does not authenticate under this key and context.
+                    Failure::Token(Error::Pkcs11(
+                        RvError::GeneralError
+                        | RvError::EncryptedDataInvalid
+                        | RvError::EncryptedDataLenRange
+                        | RvError::DataInvalid,
+                        _,
+                    )) => RootError::Authentication,
+                    other => self.failure(other, "unwrap"),
+                })?;
+            Key256::from_slice(&plain).ok_or(RootError::Authentication)
+        })
+    }
+}
+
+impl Pkcs11Root {
+    fn failure(&self, failure: Failure, what: &str) -> RootError {
+        match failure {
+            Failure::Root(e) => e,
+            Failure::Token(e) => {
+                let why = format!("{what} on {}: {}", self.inner.token.name(), describe(&e));
+                match e {
+                    Error::Pkcs11(
+                        RvError::KeyFunctionNotPermitted
+                        | RvError::KeyTypeInconsistent
+                        | RvError::MechanismInvalid
+                        | RvError::MechanismParamInvalid
+                        | RvError::PinExpired
+                        | RvError::PinLocked,
+                        _,
+                    ) => RootError::Rejected(why),
+                    _ => RootError::Unavailable(why),
+                }
+            }
+        }
+    }
+}
+
+/// Runs start-up work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, RootError> + Send + 'static,
+) -> Result<T, RootError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| RootError::Config(format!("PKCS#11 start-up task failed: {e}")))?
+}
+
+fn key_cka_id(config: &Pkcs11KeyConfig) -> Option<Vec<u8>> {
+    config
+        .key_id_hex
+        .as_deref()
+        .and_then(|h| hex::decode(h).ok())
+}
+
+/// AES secret keys with the configured label (and CKA_ID).
+fn find_keys(session: &Session, config: &Pkcs11KeyConfig) -> Result<Vec<ObjectHandle>, Error> {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Label(config.key_label.as_bytes().to_vec()),
+    ];
+    if let Some(id) = key_cka_id(config) {
+        template.push(Attribute::Id(id));
+    }
+    session.find_objects(&template)
+}
+
+fn lookup_error(token: &Token, e: &Error) -> RootError {
+    RootError::Unavailable(format!(
+        "cannot search {} for keys: {}",
+        token.name(),
+        describe(e)
+    ))
+}
+
+/// The one key the config names, or a message saying what is missing.
+fn find_key(session: &Session, token: &Token) -> Result<ObjectHandle, RootError> {
+    let config = token.config();
+    let keys = find_keys(session, config).map_err(|e| lookup_error(token, &e))?;
+    let with_id = match &config.key_id_hex {
+        Some(id) => format!(" with CKA_ID {id}"),
+        None => String::new(),
+    };
+    match keys.as_slice() {
+        [key] => Ok(*key),
+        [] => Err(RootError::Config(format!(
+            "no AES key labelled \"{}\"{with_id} on {} (create it with `kms-plugin keygen`)",
+            config.key_label,
+            token.name()
+        ))),
+        more => Err(RootError::Config(format!(
+            "{} AES keys labelled \"{}\"{with_id} on {}; set key_id_hex to pick one",
+            more.len(),
+            config.key_label,
+            token.name()
+        ))),
+    }
+}
+
+/// Refuses keys that are not AES-256, cannot encrypt and decrypt, or could leave the token.
+fn check_attributes(session: &Session, key: ObjectHandle, token: &Token) -> Result<(), RootError> {
+    let config = token.config();
+    let attrs = session
+        .get_attributes(
+            key,
+            &[
+                AttributeType::ValueLen,
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::Encrypt,
+                AttributeType::Decrypt,
+            ],
+        )
+        .map_err(|e| {
+            RootError::Config(format!(
+                "cannot read the attributes of key \"{}\" on {}: {}",
+                config.key_label,
+                token.name(),
+                describe(&e)
+            ))
+        })?;
+    let (mut len, mut sensitive, mut extractable, mut encrypt, mut decrypt) =
+        (None, None, None, false, false);
+    for attr in attrs {
+        match attr {
+            Attribute::ValueLen(n) => len = Some(u64::from(n)),
+            Attribute::Sensitive(b) => sensitive = Some(b),
+            Attribute::Extractable(b) => extractable = Some(b),
+            Attribute::Encrypt(b) => encrypt = b,
+            Attribute::Decrypt(b) => decrypt = b,
+            _ => {}
+        }
+    }
+    let named = format!(
+        "the key labelled \"{}\" on {}",
+        config.key_label,
+        token.name()
+    );
+    if len != Some(KEY_LEN as u64) {
+        return Err(RootError::Config(format!(
+            "{named} is not an AES-256 key (CKA_VALUE_LEN {len:?}, need {KEY_LEN})"
+        )));
+    }
+    if !(encrypt && decrypt) {
+        return Err(RootError::Config(format!(
+            "{named} needs CKA_ENCRYPT and CKA_DECRYPT set"
+        )));
+    }
+    if !config.allow_extractable {
+        // Unknown (unreadable) counts as unsafe: the point of an HSM is that the key stays in it.
+        if extractable != Some(false) {
+            return Err(RootError::Config(format!(
+                "{named} is extractable (CKA_EXTRACTABLE is not false), so it could be exported \
+                 from the token; generate a non-extractable key or set allow_extractable = true"
+            )));
+        }
+        if sensitive != Some(true) {
+            return Err(RootError::Config(format!(
+                "{named} is not sensitive (CKA_SENSITIVE is not true), so its value can be read \
+                 out of the token; generate a sensitive key or set allow_extractable = true"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A value that identifies the key material without revealing it: the token encrypts a
+/// fixed block. ECB first; tokens that forbid ECB get AES-GCM with a fixed IV and no
+/// plaintext (a pure tag), which is just as deterministic. Only a mechanism refusal
+/// (deterministic for a given token) falls back, so the key_id cannot flip between runs.
+fn check_value(session: &Session, key: ObjectHandle) -> Result<Vec<u8>, Error> {
+    match session.encrypt(&Mechanism::AesEcb, key, CHECK_BLOCK) {
+        Ok(check) => Ok(check),
+        Err(Error::Pkcs11(RvError::MechanismInvalid | RvError::KeyFunctionNotPermitted, _)) => {
+            let mut iv = [0u8; IV_LEN];
+            let params = GcmParams::new(&mut iv, CHECK_BLOCK, 128.into())?;
+            let mut tag = session.encrypt(&Mechanism::AesGcm(params), key, &[])?;
+            tag.insert(0, b'g');
+            Ok(tag)
+        }
+        Err(e) => Err(e),
+    }
+}
