@@ -132,6 +132,9 @@ async fn seeds_round_trip_and_survive_sigkill_restart() {
     }
     open_all(&plugin, &sealed).await;
 
+    // The plugin logs at debug level in tests (SDK included): the secret never shows.
+    assert!(!plugin.output().contains(moto::SECRET_ACCESS_KEY));
+
     plugin.restart().await;
     assert_eq!(
         common::status(&mut plugin.client().await).await.key_id,
@@ -408,4 +411,39 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
     let after = seal_many(&plugin, 2).await;
     open_all(&plugin, &after).await;
     open_all(&plugin, &before).await;
+}
+
+#[tokio::test]
+async fn keygen_checks_the_key_in_aws_and_creates_nothing() {
+    let moto = Moto::start();
+    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let ghost = "arn:aws:kms:us-east-1:123456789012:key/00000000-1111-2222-3333-444444444444";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = [
+        ("main", key_body(&arn, &moto.endpoint(), "")),
+        ("ghost", key_body(ghost, &moto.endpoint(), "")),
+    ];
+    write(dir.path(), &keys, "");
+    let config = dir
+        .path()
+        .join("config.toml")
+        .to_string_lossy()
+        .into_owned();
+
+    let out = common::run_cli(&["keygen", "--config", &config, "--key", "main"], &env());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("already exists") && stdout.contains("key_id aws-"),
+        "{stdout}"
+    );
+
+    let out = common::run_cli(&["keygen", "--config", &config, "--key", "ghost"], &env());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("created in AWS"), "{stderr}");
 }

@@ -96,12 +96,20 @@ impl AwsKmsRoot {
                 "DescribeKey returned no key metadata".into(),
             ));
         };
-        if meta.key_usage() != Some(&KeyUsageType::EncryptDecrypt)
-            || meta.key_spec() != Some(&KeySpec::SymmetricDefault)
-        {
+        // A field left out is taken as AWS's default (moto omits KeyUsage).
+        let usage_ok = meta
+            .key_usage()
+            .is_none_or(|u| *u == KeyUsageType::EncryptDecrypt);
+        let spec_ok = meta
+            .key_spec()
+            .is_none_or(|s| *s == KeySpec::SymmetricDefault);
+        if !(usage_ok && spec_ok) {
             return Err(RootError::Config(format!(
-                "{} is not a symmetric ENCRYPT_DECRYPT key (SYMMETRIC_DEFAULT)",
-                root.arn
+                "{} is not a symmetric encrypt/decrypt key (usage {:?}, spec {:?}; need \
+                 ENCRYPT_DECRYPT, SYMMETRIC_DEFAULT)",
+                root.arn,
+                meta.key_usage().map(|u| u.as_str()),
+                meta.key_spec().map(|s| s.as_str()),
             )));
         }
         if meta.key_state() != Some(&KeyState::Enabled) {

@@ -14,10 +14,13 @@ use tokio::sync::watch;
 
 pub const REGION: &str = "us-east-1";
 
+/// A secret moto accepts (it checks none) and that must never show in the plugin's logs.
+pub const SECRET_ACCESS_KEY: &str = "kms-plugin-test-secret-do-not-log";
+
 /// The dummy credentials moto accepts; the plugin gets them through the environment.
 pub const CREDENTIAL_ENV: [(&str, &str); 3] = [
     ("AWS_ACCESS_KEY_ID", "testing"),
-    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
     ("AWS_REGION", REGION),
 ];
 
