@@ -172,6 +172,11 @@ fn expect_success(cmd: &mut Command, what: &str, plugin: &Plugin) {
 }
 
 fn run_go(plugin: &Plugin, authority: &str) {
+    run_go_expecting(plugin, authority, "");
+}
+
+/// `version` "" accepts what 1.29+ accept; "v2beta1" is what 1.27 and 1.28 require.
+fn run_go_expecting(plugin: &Plugin, authority: &str, version: &str) {
     let bin = go_client();
     expect_success(
         Command::new(bin).args([
@@ -179,6 +184,8 @@ fn run_go(plugin: &Plugin, authority: &str) {
             &plugin.socket,
             "-authority",
             authority,
+            "-version",
+            version,
             "-n",
             ROUNDS,
         ]),
@@ -220,6 +227,31 @@ async fn grpc_go_with_socket_path_as_authority() {
     let socket = common::socket_in(dir.path());
     let plugin = embedded(dir.path(), &socket).await;
     run_go(&plugin, "");
+}
+
+/// kube-apiserver 1.27/1.28: socket path as `:authority` and only `v2beta1` accepted.
+#[tokio::test]
+async fn grpc_go_as_apiserver_1_27_with_api_version_v2beta1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let key = dir.path().join("keys/main.key");
+    let body = format!("provider = \"file\"\npath = \"{}\"", key.display());
+    let config = common::write_config(
+        dir.path(),
+        &socket,
+        "main",
+        &[("main", body)],
+        "api_version = \"v2beta1\"",
+    );
+    let config = config.to_string_lossy().into_owned();
+    let out = common::run_cli(&["keygen", "--config", &config, "--key", "main"], &[]);
+    assert!(
+        out.status.success(),
+        "keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
+    run_go_expecting(&plugin, "", "v2beta1");
 }
 
 /// `endpoint: unix:///@name`: the apiserver dials "@name", which is also the authority

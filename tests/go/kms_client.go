@@ -69,9 +69,14 @@ func checkKeyID(what, keyID string) error {
 	return nil
 }
 
-func checkStatus(r *kmsv2.StatusResponse) error {
+// checkStatus applies the Status checks; wantVersion "" accepts what 1.29+ accept,
+// "v2beta1" is what 1.27 and 1.28 require.
+func checkStatus(r *kmsv2.StatusResponse, wantVersion string) error {
 	if r.Healthz != "ok" {
 		return fmt.Errorf("status: healthz = %q, want \"ok\"", r.Healthz)
+	}
+	if wantVersion != "" && r.Version != wantVersion {
+		return fmt.Errorf("status: version = %q, want %q", r.Version, wantVersion)
 	}
 	if r.Version != "v2" && r.Version != "v2beta1" {
 		return fmt.Errorf("status: version = %q, want \"v2\" or \"v2beta1\"", r.Version)
@@ -145,7 +150,7 @@ func call(f func(ctx context.Context) error) error {
 	return f(ctx)
 }
 
-func run(socket, authority string, n int) error {
+func run(socket, authority, wantVersion string, n int) error {
 	conn, err := dial(socket, authority)
 	if err != nil {
 		return fmt.Errorf("dial %s: %v", socket, err)
@@ -163,7 +168,7 @@ func run(socket, authority string, n int) error {
 		}); err != nil {
 			return fmt.Errorf("round %d: status: %v", i, err)
 		}
-		if err := checkStatus(status); err != nil {
+		if err := checkStatus(status, wantVersion); err != nil {
 			return fmt.Errorf("round %d: %v", i, err)
 		}
 
@@ -211,6 +216,7 @@ func run(socket, authority string, n int) error {
 func main() {
 	socket := flag.String("socket", "", "socket path, or @name for an abstract socket")
 	authority := flag.String("authority", "", "value for grpc.WithAuthority; empty sends the socket path like apiserver 1.27-1.31")
+	version := flag.String("version", "", "require this Status version (\"v2beta1\" for apiserver 1.27/1.28); empty accepts v2 or v2beta1")
 	n := flag.Int("n", 5, "Status+Encrypt+Decrypt rounds on one connection")
 	flag.Parse()
 	if *socket == "" {
@@ -218,7 +224,7 @@ func main() {
 		os.Exit(2)
 	}
 	target := strings.TrimPrefix(*socket, "unix://")
-	if err := run(target, *authority, *n); err != nil {
+	if err := run(target, *authority, *version, *n); err != nil {
 		fmt.Fprintf(os.Stderr, "kms_client (grpc-go, authority=%q): FAIL: %v\n", *authority, err)
 		os.Exit(1)
 	}
