@@ -28,7 +28,13 @@ const ROUNDS: &str = "5";
 /// `kms-plugin serve --socket S --state-dir D`: the embedded default.
 async fn embedded(dir: &Path, socket: &str) -> Plugin {
     let state = dir.join("state").to_string_lossy().into_owned();
-    Plugin::start(socket, &["--socket", socket, "--state-dir", &state], &[], dir).await
+    Plugin::start(
+        socket,
+        &["--socket", socket, "--state-dir", &state],
+        &[],
+        dir,
+    )
+    .await
 }
 
 fn abstract_name() -> String {
@@ -54,7 +60,10 @@ fn go_prerequisites() -> Result<(), String> {
     let libraries = [
         ("google.golang.org/grpc", "golang-google-grpc-dev"),
         ("google.golang.org/protobuf", "golang-google-protobuf-dev"),
-        ("github.com/golang/protobuf", "golang-github-golang-protobuf-1-5-dev"),
+        (
+            "github.com/golang/protobuf",
+            "golang-github-golang-protobuf-1-5-dev",
+        ),
     ];
     let mut missing: Vec<&str> = commands
         .iter()
@@ -159,7 +168,9 @@ fn python_prerequisites() -> Result<(), String> {
 
 /// Runs a client to completion and fails the test with its output unless it succeeded.
 fn expect_success(cmd: &mut Command, what: &str, plugin: &Plugin) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -189,7 +200,10 @@ fn run_go_expecting(plugin: &Plugin, authority: &str, version: &str) {
             "-n",
             ROUNDS,
         ]),
-        &format!("grpc-go client (authority {authority:?}) on {}", plugin.socket),
+        &format!(
+            "grpc-go client (authority {authority:?}) on {}",
+            plugin.socket
+        ),
         plugin,
     );
 }
@@ -319,7 +333,11 @@ async fn garbage_on_the_socket_leaves_the_plugin_healthy() {
         drop(conn);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(plugin.try_wait().is_none(), "plugin died:\n{}", plugin.output());
+    assert!(
+        plugin.try_wait().is_none(),
+        "plugin died:\n{}",
+        plugin.output()
+    );
     let mut client = plugin.client().await;
     assert_eq!(common::status(&mut client).await.healthz, "ok");
     let seed = common::seed();
