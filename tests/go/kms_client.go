@@ -214,7 +214,7 @@ func run(socket, authority, wantVersion string, n int) error {
 }
 
 func main() {
-	socket := flag.String("socket", "", "socket path, or @name for an abstract socket")
+	socket := flag.String("socket", "", "socket path or @name (abstract), optionally as unix:///path or unix:///@name")
 	authority := flag.String("authority", "", "value for grpc.WithAuthority; empty sends the socket path like apiserver 1.27-1.31")
 	version := flag.String("version", "", "require this Status version (\"v2beta1\" for apiserver 1.27/1.28); empty accepts v2 or v2beta1")
 	n := flag.Int("n", 5, "Status+Encrypt+Decrypt rounds on one connection")
@@ -223,7 +223,11 @@ func main() {
 		fmt.Fprintln(os.Stderr, "kms_client: -socket is required")
 		os.Exit(2)
 	}
+	// The apiserver's parseEndpoint: "unix:///path" -> "/path", "unix:///@name" -> "@name".
 	target := strings.TrimPrefix(*socket, "unix://")
+	if strings.HasPrefix(target, "/@") {
+		target = target[1:]
+	}
 	if err := run(target, *authority, *version, *n); err != nil {
 		fmt.Fprintf(os.Stderr, "kms_client (grpc-go, authority=%q): FAIL: %v\n", *authority, err)
 		os.Exit(1)
