@@ -14,21 +14,7 @@ impl Backend for FileBackend {
         let path = dir.join(format!("keys/{name}.key"));
         let body = format!("provider = \"file\"\npath = \"{}\"", path.display());
         let config = common::write_config(dir, "unused", name, &[(name, body.clone())], "");
-        let out = common::run_cli(
-            &[
-                "keygen",
-                "--config",
-                &config.to_string_lossy(),
-                "--key",
-                name,
-            ],
-            &[],
-        );
-        assert!(
-            out.status.success(),
-            "keygen: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::keygen(&config, name, &[]);
         body
     }
 

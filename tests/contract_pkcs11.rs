@@ -25,21 +25,7 @@ impl Backend for SoftHsmBackend {
         let pin_file = hsm().pin_file(dir, softhsm::PIN);
         let body = softhsm::key_body(&token, name, &pin_file);
         let config = common::write_config(dir, "unused", name, &[(name, body.clone())], "");
-        let out = common::run_cli(
-            &[
-                "keygen",
-                "--config",
-                &config.to_string_lossy(),
-                "--key",
-                name,
-            ],
-            &hsm().env(),
-        );
-        assert!(
-            out.status.success(),
-            "keygen: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::keygen(&config, name, &hsm().env());
         body
     }
 

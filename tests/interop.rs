@@ -25,18 +25,6 @@ const DEBIAN_GOPATH: &str = "/usr/share/gocode";
 /// Status+Encrypt+Decrypt rounds per client run, all on one connection.
 const ROUNDS: &str = "5";
 
-/// `kms-plugin serve --socket S --state-dir D`: the embedded default.
-async fn embedded(dir: &Path, socket: &str) -> Plugin {
-    let state = dir.join("state").to_string_lossy().into_owned();
-    Plugin::start(
-        socket,
-        &["--socket", socket, "--state-dir", &state],
-        &[],
-        dir,
-    )
-    .await
-}
-
 fn abstract_name() -> String {
     format!("@kms-plugin-interop-{}", rand::random::<u64>())
 }
@@ -230,7 +218,7 @@ fn run_python(plugin: &Plugin) {
 async fn grpc_go_with_localhost_authority() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    let plugin = embedded(dir.path(), &socket).await;
+    let plugin = Plugin::embedded(dir.path(), &socket).await;
     run_go(&plugin, "localhost");
 }
 
@@ -239,7 +227,7 @@ async fn grpc_go_with_localhost_authority() {
 async fn grpc_go_with_socket_path_as_authority() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    let plugin = embedded(dir.path(), &socket).await;
+    let plugin = Plugin::embedded(dir.path(), &socket).await;
     run_go(&plugin, "");
 }
 
@@ -273,7 +261,7 @@ async fn grpc_go_as_apiserver_1_27_with_api_version_v2beta1() {
 #[tokio::test]
 async fn grpc_go_on_an_abstract_socket() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let plugin = embedded(dir.path(), &abstract_name()).await;
+    let plugin = Plugin::embedded(dir.path(), &abstract_name()).await;
     run_go(&plugin, "");
     run_go(&plugin, "localhost");
 }
@@ -283,7 +271,7 @@ async fn grpc_go_on_an_abstract_socket() {
 async fn python_grpcio_with_default_options() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    let plugin = embedded(dir.path(), &socket).await;
+    let plugin = Plugin::embedded(dir.path(), &socket).await;
     run_python(&plugin);
 }
 
@@ -291,7 +279,7 @@ async fn python_grpcio_with_default_options() {
 #[tokio::test]
 async fn python_grpcio_on_an_abstract_socket() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let plugin = embedded(dir.path(), &abstract_name()).await;
+    let plugin = Plugin::embedded(dir.path(), &abstract_name()).await;
     run_python(&plugin);
 }
 
@@ -311,7 +299,7 @@ fn raw_connect(socket: &str) -> UnixStream {
 async fn garbage_on_the_socket_leaves_the_plugin_healthy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    let mut plugin = embedded(dir.path(), &socket).await;
+    let mut plugin = Plugin::embedded(dir.path(), &socket).await;
     let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".as_slice();
     let random: Vec<u8> = (0..4096).map(|_| rand::random::<u8>()).collect();
     // A HEADERS frame (stream 1, END_HEADERS) whose block is an invalid HPACK index.

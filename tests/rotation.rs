@@ -19,30 +19,12 @@ fn file_key(dir: &Path, name: &str) -> String {
     )
 }
 
-fn keygen(config: &Path, name: &str) {
-    let out = common::run_cli(
-        &[
-            "keygen",
-            "--config",
-            &config.to_string_lossy(),
-            "--key",
-            name,
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "keygen {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A plugin with keys `a` (active) and `b` (configured, unused); both key files exist.
 async fn two_keys(dir: &Path, kek_extra: &str) -> (Plugin, PathBuf) {
     let socket = common::socket_in(dir);
     let config = write(dir, &socket, "active = \"a\"", kek_extra);
-    keygen(&config, "a");
-    keygen(&config, "b");
+    common::keygen(&config, "a", &[]);
+    common::keygen(&config, "b", &[]);
     let plugin = Plugin::start(&socket, &["--config", &config.to_string_lossy()], &[], dir).await;
     (plugin, config)
 }
