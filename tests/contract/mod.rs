@@ -1,6 +1,8 @@
 //! The contract every root key provider must pass, run through the real binary and socket.
 //! A provider test file implements [`Backend`] and calls [`contract_tests!`].
 
+#![allow(dead_code)] // each binary uses part of it
+
 use std::future::Future;
 use std::path::Path;
 
@@ -15,6 +17,8 @@ pub trait Backend: Sync {
     fn new_key(&self, dir: &Path, name: &str) -> impl Future<Output = String> + Send;
     /// Environment variables the plugin process needs for this provider.
     fn env(&self) -> Vec<(String, String)>;
+    /// Destroys the key made by `new_key(dir, name)` for good (disaster-recovery tests).
+    fn lose_key(&self, dir: &Path, name: &str) -> impl Future<Output = ()> + Send;
 }
 
 /// Starts a plugin whose active root is a fresh key of `backend`.
