@@ -116,6 +116,14 @@ pub async fn seeds_and_other_sizes_round_trip<B: Backend>(backend: &B) {
             bad.len()
         );
     }
+    // Far past any sane request: refused before it is decoded; the plugin stays up.
+    let huge = kms_plugin::proto::v2::DecryptRequest {
+        ciphertext: vec![1; 1 << 20],
+        ..Default::default()
+    };
+    let err = client.decrypt(huge).await.expect_err("must be refused");
+    assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
+    assert_eq!(common::status(&mut client).await.healthz, "ok");
 }
 
 pub async fn responses_pass_apiserver_validation<B: Backend>(backend: &B) {
