@@ -10,8 +10,12 @@ use kms_plugin::config::{Config, Source};
 use kms_plugin::keyring::Keyring;
 use kms_plugin::keyring::cache::KekCache;
 use kms_plugin::plugin::Plugin;
+use kms_plugin::proto::v2::key_management_service_client::KeyManagementServiceClient;
+use kms_plugin::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use kms_plugin::proto::v2::{DecryptRequest, EncryptRequest};
 use kms_plugin::server::socket::Endpoint;
+use kms_plugin::service::Service;
+use tonic::transport::Channel;
 
 fn runtime() -> tokio::runtime::Runtime {
     match tokio::runtime::Builder::new_multi_thread()
@@ -64,13 +68,24 @@ fn keyring(c: &mut Criterion) {
     group.finish();
 }
 
-fn grpc_over_socket(c: &mut Criterion) {
-    let rt = runtime();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = embedded_config(dir.path());
-    let socket = dir.path().join("kms.sock").to_string_lossy().into_owned();
+/// Serves the plugin on a fresh socket and returns a connected client. With `rewriter` the
+/// production path (`server::serve`, every connection through the `:authority` rewriter);
+/// without it a bare tonic server on the same service, to measure what the rewriter costs.
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    rewriter: bool,
+) -> (
+    KeyManagementServiceClient<Channel>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let config = embedded_config(dir);
+    let socket = dir
+        .join(format!("kms-{rewriter}.sock"))
+        .to_string_lossy()
+        .into_owned();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let mut client = rt.block_on(async {
+    let client = rt.block_on(async {
         kms_plugin::root::create(&config.keys["default"])
             .await
             .expect("key");
@@ -78,12 +93,23 @@ fn grpc_over_socket(c: &mut Criterion) {
             .await
             .expect("plugin");
         let endpoint = Endpoint::parse(&socket);
-        tokio::spawn(async move {
-            let _ = kms_plugin::server::serve(plugin, &endpoint, 0o600, async {
-                let _ = rx.await;
-            })
-            .await;
-        });
+        let shutdown = async {
+            let _ = rx.await;
+        };
+        if rewriter {
+            tokio::spawn(async move {
+                let _ = kms_plugin::server::serve(plugin, &endpoint, 0o600, shutdown).await;
+            });
+        } else {
+            let listener = kms_plugin::server::socket::bind(&endpoint, 0o600).expect("bind");
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let service = KeyManagementServiceServer::new(Service::new(plugin));
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(incoming, shutdown),
+            );
+        }
         loop {
             if let Ok(channel) = kms_plugin::client::connect(&socket).await {
                 break kms_plugin::client::kms(channel);
@@ -91,38 +117,50 @@ fn grpc_over_socket(c: &mut Criterion) {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     });
-    let mut group = c.benchmark_group("grpc_unix_socket");
-    group.throughput(Throughput::Elements(1));
-    let request = EncryptRequest {
-        plaintext: vec![7; 32],
-        uid: "bench".into(),
-    };
-    group.bench_function("encrypt_32B", |b| {
-        b.to_async(&rt).iter(|| {
-            let mut client = client.clone();
-            let request = request.clone();
-            async move { client.encrypt(request).await.expect("encrypt") }
-        })
-    });
-    let sealed = rt
-        .block_on(client.encrypt(request.clone()))
-        .expect("encrypt")
-        .into_inner();
-    let decrypt = DecryptRequest {
-        ciphertext: sealed.ciphertext,
-        uid: "bench".into(),
-        key_id: sealed.key_id,
-        annotations: sealed.annotations,
-    };
-    group.bench_function("decrypt_32B_cache_hit", |b| {
-        b.to_async(&rt).iter(|| {
-            let mut client = client.clone();
-            let request = decrypt.clone();
-            async move { client.decrypt(request).await.expect("decrypt") }
-        })
-    });
-    group.finish();
-    let _ = tx.send(());
+    (client, tx)
+}
+
+fn grpc_over_socket(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (group_name, rewriter) in [
+        ("grpc_unix_socket", true),
+        ("grpc_unix_socket_no_rewriter", false),
+    ] {
+        let (mut client, stop) = serve(&rt, dir.path(), rewriter);
+        let mut group = c.benchmark_group(group_name);
+        group.throughput(Throughput::Elements(1));
+        let request = EncryptRequest {
+            plaintext: vec![7; 32],
+            uid: "bench".into(),
+        };
+        group.bench_function("encrypt_32B", |b| {
+            b.to_async(&rt).iter(|| {
+                let mut client = client.clone();
+                let request = request.clone();
+                async move { client.encrypt(request).await.expect("encrypt") }
+            })
+        });
+        let sealed = rt
+            .block_on(client.encrypt(request.clone()))
+            .expect("encrypt")
+            .into_inner();
+        let decrypt = DecryptRequest {
+            ciphertext: sealed.ciphertext,
+            uid: "bench".into(),
+            key_id: sealed.key_id,
+            annotations: sealed.annotations,
+        };
+        group.bench_function("decrypt_32B_cache_hit", |b| {
+            b.to_async(&rt).iter(|| {
+                let mut client = client.clone();
+                let request = decrypt.clone();
+                async move { client.decrypt(request).await.expect("decrypt") }
+            })
+        });
+        group.finish();
+        let _ = stop.send(());
+    }
 }
 
 criterion_group!(benches, keyring, grpc_over_socket);

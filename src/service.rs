@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
+use zeroize::Zeroize;
 
 use crate::keyring::KeyringError;
 use crate::plugin::Plugin;
@@ -50,9 +51,11 @@ impl KeyManagementService for Service {
         request: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
         let started = std::time::Instant::now();
-        let request = request.into_inner();
+        let mut request = request.into_inner();
         let keyring = self.plugin.keyring();
         let result = keyring.encrypt(&request.plaintext);
+        // Our copy of the DEK seed; transport buffers are tonic's and freed by it.
+        request.plaintext.zeroize();
         log_call(
             "encrypt",
             &request.uid,

@@ -1,40 +1,8 @@
 //! The provider contract against `provider = "file"`.
 
+mod backends;
 mod common;
 mod contract;
+mod softhsm;
 
-use std::path::Path;
-
-use contract::Backend;
-
-struct FileBackend;
-
-impl Backend for FileBackend {
-    async fn new_key(&self, dir: &Path, name: &str) -> String {
-        let path = dir.join(format!("keys/{name}.key"));
-        let body = format!("provider = \"file\"\npath = \"{}\"", path.display());
-        let config = common::write_config(dir, "unused", name, &[(name, body.clone())], "");
-        let out = common::run_cli(
-            &[
-                "keygen",
-                "--config",
-                &config.to_string_lossy(),
-                "--key",
-                name,
-            ],
-            &[],
-        );
-        assert!(
-            out.status.success(),
-            "keygen: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        body
-    }
-
-    fn env(&self) -> Vec<(String, String)> {
-        Vec::new()
-    }
-}
-
-contract_tests!(FileBackend);
+contract_tests!(backends::file::FileBackend);

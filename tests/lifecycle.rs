@@ -8,18 +8,6 @@ use std::time::Duration;
 
 use common::Plugin;
 
-/// `kms-plugin serve --socket S --state-dir D`: the embedded default.
-async fn embedded(dir: &Path, socket: &str) -> Plugin {
-    let state = dir.join("state").to_string_lossy().into_owned();
-    Plugin::start(
-        socket,
-        &["--socket", socket, "--state-dir", &state],
-        &[],
-        dir,
-    )
-    .await
-}
-
 fn mode_of(path: impl AsRef<Path>) -> u32 {
     std::fs::metadata(path)
         .expect("metadata")
@@ -32,7 +20,7 @@ fn mode_of(path: impl AsRef<Path>) -> u32 {
 async fn embedded_default_creates_a_private_root_key_and_socket() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    let plugin = embedded(dir.path(), &socket).await;
+    let plugin = Plugin::embedded(dir.path(), &socket).await;
     let key = dir.path().join("state/root.key");
     assert_eq!(std::fs::metadata(&key).expect("key file").len(), 32);
     assert_eq!(mode_of(&key), 0o600);
@@ -56,9 +44,9 @@ async fn key_id_is_stable_across_instances_and_differs_per_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket_a = dir.path().join("a.sock").to_string_lossy().into_owned();
     let socket_b = dir.path().join("b.sock").to_string_lossy().into_owned();
-    let a = embedded(dir.path(), &socket_a).await;
+    let a = Plugin::embedded(dir.path(), &socket_a).await;
     // A second instance on the same state directory shares the root key...
-    let b = embedded(dir.path(), &socket_b).await;
+    let b = Plugin::embedded(dir.path(), &socket_b).await;
     let id_a = common::status(&mut a.client().await).await.key_id;
     let id_b = common::status(&mut b.client().await).await.key_id;
     assert_eq!(id_a, id_b);
@@ -69,7 +57,7 @@ async fn key_id_is_stable_across_instances_and_differs_per_key() {
 
     let other = tempfile::tempdir().expect("tempdir");
     let socket_c = common::socket_in(other.path());
-    let c = embedded(other.path(), &socket_c).await;
+    let c = Plugin::embedded(other.path(), &socket_c).await;
     assert_ne!(common::status(&mut c.client().await).await.key_id, id_a);
 }
 
@@ -77,7 +65,7 @@ async fn key_id_is_stable_across_instances_and_differs_per_key() {
 async fn refuses_a_root_key_file_others_can_read() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    drop(embedded(dir.path(), &socket).await);
+    drop(Plugin::embedded(dir.path(), &socket).await);
     let key = dir.path().join("state/root.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let state = dir.path().join("state").to_string_lossy().into_owned();
@@ -96,7 +84,7 @@ async fn refuses_a_root_key_file_others_can_read() {
 async fn stale_socket_after_a_crash_is_replaced() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    let mut plugin = embedded(dir.path(), &socket).await;
+    let mut plugin = Plugin::embedded(dir.path(), &socket).await;
     let seed = common::seed();
     let sealed = common::encrypt(&mut plugin.client().await, &seed).await;
     plugin.kill9();
@@ -120,7 +108,7 @@ async fn stale_socket_after_a_crash_is_replaced() {
 async fn a_live_plugin_on_the_socket_is_left_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    let first = embedded(dir.path(), &socket).await;
+    let first = Plugin::embedded(dir.path(), &socket).await;
     let state = dir.path().join("state").to_string_lossy().into_owned();
     let other_log = dir.path().join("second");
     std::fs::create_dir(&other_log).expect("mkdir");
@@ -169,7 +157,7 @@ async fn a_path_that_is_not_a_socket_is_refused_and_kept() {
 async fn sigterm_stops_cleanly_and_removes_the_socket() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    let mut plugin = embedded(dir.path(), &socket).await;
+    let mut plugin = Plugin::embedded(dir.path(), &socket).await;
     let mut client = plugin.client().await;
     common::encrypt(&mut client, &common::seed()).await;
     plugin.signal(libc::SIGTERM);
@@ -182,7 +170,7 @@ async fn sigterm_stops_cleanly_and_removes_the_socket() {
 async fn sighup_does_not_kill_the_plugin() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    let mut plugin = embedded(dir.path(), &socket).await;
+    let mut plugin = Plugin::embedded(dir.path(), &socket).await;
     plugin.signal(libc::SIGHUP);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(plugin.try_wait().is_none(), "SIGHUP killed the plugin");
@@ -196,7 +184,7 @@ async fn sighup_does_not_kill_the_plugin() {
 async fn abstract_socket_serves() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = format!("@kms-plugin-test-{}", rand::random::<u64>());
-    let plugin = embedded(dir.path(), &socket).await;
+    let plugin = Plugin::embedded(dir.path(), &socket).await;
     let mut client = plugin.client().await;
     let seed = common::seed();
     let sealed = common::encrypt(&mut client, &seed).await;
@@ -207,7 +195,7 @@ async fn abstract_socket_serves() {
 async fn status_command_reports_health_and_detail() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    let plugin = embedded(dir.path(), &socket).await;
+    let plugin = Plugin::embedded(dir.path(), &socket).await;
     let key_id = common::status(&mut plugin.client().await).await.key_id;
     let out = common::run_cli(&["status", "--socket", &socket], &[]);
     let text = String::from_utf8_lossy(&out.stdout);

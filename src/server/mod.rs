@@ -18,6 +18,10 @@ use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use crate::service::Service;
 use socket::{Endpoint, SocketError};
 
+/// Largest request accepted: a Decrypt carries at most 1 KiB of ciphertext and 32 KiB of
+/// annotations, so anything near tonic's 4 MiB default is garbage or abuse.
+pub const MAX_REQUEST_BYTES: usize = 128 * 1024;
+
 /// How long calls in flight get to finish after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -39,8 +43,11 @@ pub async fn serve(
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
-        .add_service(KeyManagementServiceServer::new(service.clone()))
-        .add_service(AdminServer::new(service))
+        .add_service(
+            KeyManagementServiceServer::new(service.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(AdminServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             let _ = stopping_tx.send(());

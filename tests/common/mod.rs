@@ -39,6 +39,18 @@ impl Plugin {
         plugin
     }
 
+    /// `kms-plugin serve --socket S --state-dir <dir>/state`: the embedded default.
+    pub async fn embedded(dir: &Path, socket: &str) -> Self {
+        let state = dir.join("state").to_string_lossy().into_owned();
+        Self::start(
+            socket,
+            &["--socket", socket, "--state-dir", &state],
+            &[],
+            dir,
+        )
+        .await
+    }
+
     /// Starts the process without waiting for it.
     pub fn spawn(socket: &str, args: &[&str], env: &[(String, String)], log_dir: &Path) -> Self {
         let mut plugin = Plugin {
@@ -171,6 +183,17 @@ pub async fn connect(
     Ok(kms_plugin::client::kms(
         kms_plugin::client::connect(socket).await?,
     ))
+}
+
+/// `kms-plugin keygen --config C --key NAME`, which must succeed.
+pub fn keygen(config: &Path, name: &str, env: &[(String, String)]) {
+    let config = config.to_string_lossy();
+    let out = run_cli(&["keygen", "--config", &config, "--key", name], env);
+    assert!(
+        out.status.success(),
+        "keygen {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs `kms-plugin <args>` to completion.

@@ -1,6 +1,8 @@
 //! The contract every root key provider must pass, run through the real binary and socket.
 //! A provider test file implements [`Backend`] and calls [`contract_tests!`].
 
+#![allow(dead_code)] // each binary uses part of it
+
 use std::future::Future;
 use std::path::Path;
 
@@ -15,6 +17,8 @@ pub trait Backend: Sync {
     fn new_key(&self, dir: &Path, name: &str) -> impl Future<Output = String> + Send;
     /// Environment variables the plugin process needs for this provider.
     fn env(&self) -> Vec<(String, String)>;
+    /// Destroys the key made by `new_key(dir, name)` for good (disaster-recovery tests).
+    fn lose_key(&self, dir: &Path, name: &str) -> impl Future<Output = ()> + Send;
 }
 
 /// Starts a plugin whose active root is a fresh key of `backend`.
@@ -112,6 +116,14 @@ pub async fn seeds_and_other_sizes_round_trip<B: Backend>(backend: &B) {
             bad.len()
         );
     }
+    // Far past any sane request: refused before it is decoded; the plugin stays up.
+    let huge = kms_plugin::proto::v2::DecryptRequest {
+        ciphertext: vec![1; 1 << 20],
+        ..Default::default()
+    };
+    let err = client.decrypt(huge).await.expect_err("must be refused");
+    assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
+    assert_eq!(common::status(&mut client).await.healthz, "ok");
 }
 
 pub async fn responses_pass_apiserver_validation<B: Backend>(backend: &B) {

@@ -1,0 +1,91 @@
+//! Root key rotation between two file keys (the provider-generic suite), plus the reload
+//! cases that need a hand-edited config file.
+
+mod backends;
+mod common;
+mod contract;
+mod rotation;
+mod softhsm;
+
+use std::time::Duration;
+
+use backends::file::FileBackend;
+use rotation::{all_decrypt, batch, key_id};
+
+rotation_tests!(FileBackend, FileBackend);
+
+async fn two_keys(kek_extra: &str) -> rotation::Setup {
+    rotation::two_keys(&FileBackend, &FileBackend, kek_extra).await
+}
+
+#[tokio::test]
+async fn broken_configs_leave_the_old_one_serving() {
+    let s = two_keys("").await;
+    let (dir, plugin, config) = (&s.dir, &s.plugin, s.config.clone());
+    let id = key_id(plugin).await;
+    let sealed = batch(plugin, 3).await;
+    let good = std::fs::read_to_string(&config).expect("config");
+
+    // Bad TOML, via SIGHUP.
+    std::fs::write(&config, "this is [not toml").expect("write");
+    plugin.signal(libc::SIGHUP);
+    // A missing key file, via the Admin reload.
+    std::fs::write(
+        &config,
+        good.replace("active = \"a\"", "active = \"c\"").replace(
+            "[keys.b]",
+            "[keys.c]\nprovider = \"file\"\npath = \"/nonexistent/c.key\"\n\n[keys.b]",
+        ),
+    )
+    .expect("write");
+    let out = common::run_cli(&["reload", "--socket", &plugin.socket], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/c.key"), "{err}");
+    // rotate to a key whose file is missing: refused before anything changes.
+    std::fs::write(&config, &good).expect("write");
+    std::fs::remove_file(dir.path().join("keys/b.key")).expect("rm");
+    let before = std::fs::read_to_string(&config).expect("config");
+    let out = common::run_cli(
+        &["rotate", "--config", &config.to_string_lossy(), "--to", "b"],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not work, nothing was changed"));
+    assert_eq!(std::fs::read_to_string(&config).expect("config"), before);
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(key_id(plugin).await, id);
+    assert_eq!(
+        common::status(&mut plugin.client().await).await.healthz,
+        "ok"
+    );
+    all_decrypt(plugin, &sealed).await;
+    assert!(
+        plugin.output().contains("reload refused"),
+        "{}",
+        plugin.output()
+    );
+}
+
+#[tokio::test]
+async fn editing_the_config_file_reloads_it() {
+    let s = two_keys("").await;
+    let (plugin, config) = (&s.plugin, s.config.clone());
+    let old_id = key_id(plugin).await;
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("active = \"a\"", "active = \"b\"\nretired = [\"a\"]"),
+    )
+    .expect("write");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while key_id(plugin).await == old_id {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "file change not picked up:\n{}",
+            plugin.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
