@@ -21,15 +21,7 @@ use moto::Moto;
 use tonic::Code;
 
 fn env() -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = moto::CREDENTIAL_ENV
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    // Keep the host's AWS files and instance metadata out of the credential chain.
-    env.push(("AWS_CONFIG_FILE".into(), "/nonexistent".into()));
-    env.push(("AWS_SHARED_CREDENTIALS_FILE".into(), "/nonexistent".into()));
-    env.push(("AWS_EC2_METADATA_DISABLED".into(), "true".into()));
-    env
+    moto::plugin_env()
 }
 
 fn key_body(arn: &str, endpoint: &str, extra: &str) -> String {

@@ -24,6 +24,19 @@ pub const CREDENTIAL_ENV: [(&str, &str); 3] = [
     ("AWS_REGION", REGION),
 ];
 
+/// The environment of a plugin that talks to moto: dummy credentials only, and the host's
+/// AWS files and instance metadata kept out of the credential chain.
+pub fn plugin_env() -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = CREDENTIAL_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.push(("AWS_CONFIG_FILE".into(), "/nonexistent".into()));
+    env.push(("AWS_SHARED_CREDENTIALS_FILE".into(), "/nonexistent".into()));
+    env.push(("AWS_EC2_METADATA_DISABLED".into(), "true".into()));
+    env
+}
+
 /// A running `moto_server`, killed on drop.
 pub struct Moto {
     child: Child,
