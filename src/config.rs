@@ -37,6 +37,11 @@ pub struct Config {
     /// Permission bits of the socket file, as an octal string such as "0600".
     #[serde(default = "default_socket_mode", deserialize_with = "octal_mode")]
     pub socket_mode: u32,
+    /// User ids allowed to call. Default: anyone who can open the socket file (mode
+    /// `socket_mode`); for an abstract socket, which has no file mode, root and the
+    /// plugin's own user.
+    #[serde(default)]
+    pub allowed_uids: Option<Vec<u32>>,
     /// Directory for plugin state (the embedded default's root key).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
@@ -326,6 +331,7 @@ impl Config {
         Config {
             socket: None,
             socket_mode: default_socket_mode(),
+            allowed_uids: None,
             state_dir: Some(state_dir.to_path_buf()),
             api_version: ApiVersion::default(),
             kek: KekConfig {
