@@ -98,7 +98,8 @@ fn serve(
         };
         if rewriter {
             tokio::spawn(async move {
-                let _ = kms_plugin::server::serve(plugin, &endpoint, 0o600, shutdown).await;
+                let peers = kms_plugin::server::peer::PeerCheck::new(&endpoint, None);
+                let _ = kms_plugin::server::serve(plugin, &endpoint, 0o600, peers, shutdown).await;
             });
         } else {
             let listener = kms_plugin::server::socket::bind(&endpoint, 0o600).expect("bind");

@@ -158,7 +158,8 @@ async fn serve(
         Ok(signal) => signal,
         Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
     };
-    match server::serve(plugin, &endpoint, config.socket_mode, shutdown).await {
+    let peers = server::peer::PeerCheck::new(&endpoint, config.allowed_uids.as_deref());
+    match server::serve(plugin, &endpoint, config.socket_mode, peers, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string()),
     }

@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::envelope::annotations;
+
 /// Where the socket lives when neither the config file nor `--socket` names one.
 pub const DEFAULT_SOCKET: &str = "/run/kms-plugin/kms.sock";
 /// Where the embedded default keeps its root key.
@@ -37,6 +39,11 @@ pub struct Config {
     /// Permission bits of the socket file, as an octal string such as "0600".
     #[serde(default = "default_socket_mode", deserialize_with = "octal_mode")]
     pub socket_mode: u32,
+    /// User ids allowed to call. Default: anyone who can open the socket file (mode
+    /// `socket_mode`); for an abstract socket, which has no file mode, root and the
+    /// plugin's own user.
+    #[serde(default)]
+    pub allowed_uids: Option<Vec<u32>>,
     /// Directory for plugin state (the embedded default's root key).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
@@ -426,6 +433,7 @@ impl Config {
         Config {
             socket: None,
             socket_mode: default_socket_mode(),
+            allowed_uids: None,
             state_dir: Some(state_dir.to_path_buf()),
             api_version: ApiVersion::default(),
             kek: KekConfig {
@@ -470,6 +478,16 @@ impl Config {
                 KeyConfig::Pkcs11(p) => p.validate().map_err(|e| format!("[keys.{name}]: {e}"))?,
                 KeyConfig::File(_) => {}
             }
+        }
+        // Each wrapping root adds one annotation of at most MAX_WRAPPED_LEN bytes plus a
+        // 63-byte key; kube-apiserver refuses annotations over 32 KiB in all.
+        let per_copy = annotations::MAX_WRAPPED_LEN + 64;
+        if (1 + self.kek.also_wrap.len()) * per_copy > annotations::MAX_TOTAL_LEN {
+            return Err(format!(
+                "[kek] also_wrap lists {} keys; at most {} fit kube-apiserver's 32 KiB annotation limit",
+                self.kek.also_wrap.len(),
+                annotations::MAX_TOTAL_LEN / per_copy - 1
+            ));
         }
         let lk = &self.local_kek;
         if lk.max_encryptions == 0 || lk.max_age_seconds == 0 {
@@ -721,6 +739,27 @@ mod tests {
             error_of(&PKCS11.replace("key_label", "key_id_hex = \"zz\"\nkey_label"))
                 .contains("hex")
         );
+    }
+
+    #[test]
+    fn too_many_also_wrap_keys_are_rejected() {
+        let mut text =
+            MINIMAL.replace("active = \"main\"", "active = \"main\"\nalso_wrap = [ALSO]");
+        let names: Vec<String> = (0..7).map(|i| format!("k{i}")).collect();
+        for name in &names {
+            text.push_str(&format!(
+                "\n[keys.{name}]\nprovider = \"file\"\npath = \"/{name}\"\n"
+            ));
+        }
+        let list = |n: usize| {
+            names[..n]
+                .iter()
+                .map(|k| format!("\"{k}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        assert!(Config::parse(&text.replace("ALSO", &list(6))).is_ok());
+        assert!(error_of(&text.replace("ALSO", &list(7))).contains("32 KiB"));
     }
 
     #[test]

@@ -131,6 +131,7 @@ impl Plugin {
         // The socket is bound once; the running one stays.
         new.socket = old.socket.clone();
         new.socket_mode = old.socket_mode;
+        new.allowed_uids = old.allowed_uids.clone();
         let current = self.keyring();
         let keyring = Arc::new(Keyring::open(&new, current.cache(), &current.stats()).await?);
         let kept: BTreeSet<&KeyId> = keyring.key_ids().collect();

@@ -232,3 +232,33 @@ async fn bad_config_files_are_rejected_with_the_reason() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
 }
+
+#[tokio::test]
+async fn callers_outside_allowed_uids_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let key = dir.path().join("main.key").to_string_lossy().into_owned();
+    let body = format!("provider = \"file\"\npath = \"{key}\"");
+    // SAFETY: getuid(2) cannot fail and touches no memory.
+    let me = unsafe { libc::getuid() };
+    let other = format!("allowed_uids = [{}]", me.wrapping_add(4242));
+    let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], &other);
+    common::keygen(&config, "main", &[]);
+    let config = config.to_string_lossy().into_owned();
+    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        if let Ok(mut client) = common::connect(&socket).await
+            && let Err(e) = client.status(kms_plugin::proto::v2::StatusRequest {}).await
+            && e.code() == tonic::Code::PermissionDenied
+        {
+            break e;
+        }
+        assert!(plugin.try_wait().is_none(), "{}", plugin.output());
+        assert!(std::time::Instant::now() < deadline, "{}", plugin.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(err.message().contains("not allowed"), "{}", err.message());
+    let out = common::run_cli(&["status", "--socket", &socket], &[]);
+    assert!(!out.status.success());
+}

@@ -1,6 +1,7 @@
 //! Serving: the socket, the tonic server on it, signals, systemd readiness and a
 //! graceful stop (stop accepting, finish calls in flight, remove the socket).
 
+pub mod peer;
 pub mod socket;
 
 use std::future::Future;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::h2authority::AuthorityFix;
@@ -16,6 +18,7 @@ use crate::plugin::Plugin;
 use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use crate::service::Service;
+use peer::PeerCheck;
 use socket::{Endpoint, SocketError};
 
 /// Largest request accepted: a Decrypt carries at most 1 KiB of ciphertext and 32 KiB of
@@ -30,6 +33,7 @@ pub async fn serve(
     plugin: Arc<Plugin>,
     endpoint: &Endpoint,
     mode: u32,
+    peers: PeerCheck,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SocketError> {
     let listener = socket::bind(endpoint, mode)?;
@@ -43,11 +47,18 @@ pub async fn serve(
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
-        .add_service(
+        .add_service(InterceptedService::new(
             KeyManagementServiceServer::new(service.clone())
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(AdminServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
+            {
+                let peers = peers.clone();
+                move |request| peers.check(request)
+            },
+        ))
+        .add_service(InterceptedService::new(
+            AdminServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
+            move |request| peers.check(request),
+        ))
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             let _ = stopping_tx.send(());
