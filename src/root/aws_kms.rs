@@ -24,6 +24,7 @@ use zeroize::Zeroizing;
 
 use super::{BoxFuture, KeyId, RootError, RootKey, WrapContext};
 use crate::config::AwsKmsKeyConfig;
+use crate::envelope::annotations::MAX_WRAPPED_LEN;
 use crate::secret::{KEY_LEN, Key256};
 
 /// First backoff step; doubles per attempt up to [`MAX_BACKOFF`].
@@ -195,6 +196,13 @@ impl RootKey for AwsKmsRoot {
                 })
                 .await?;
             match out.ciphertext_blob {
+                // Decrypt refuses annotations longer than this: never hand out such a copy.
+                Some(blob) if blob.as_ref().len() > MAX_WRAPPED_LEN => {
+                    Err(RootError::Config(format!(
+                        "KMS Encrypt returned {} bytes, more than the {MAX_WRAPPED_LEN} an annotation may hold",
+                        blob.as_ref().len()
+                    )))
+                }
                 Some(blob) if !blob.as_ref().is_empty() => Ok(blob.into_inner()),
                 _ => Err(RootError::Unavailable(
                     "KMS Encrypt returned no ciphertext".into(),
