@@ -45,6 +45,11 @@ impl KekCache {
         self.lock().put(id, slot);
     }
 
+    /// The cached key, if it is already unwrapped (never waits, never unwraps).
+    pub fn get(&self, id: &CacheId) -> Option<Arc<KekCipher>> {
+        self.lock().get(id).and_then(|slot| slot.get().cloned())
+    }
+
     /// Returns the cached key, or runs `unwrap` once for all concurrent callers.
     /// A failed unwrap is not cached: the next call tries again.
     pub async fn get_or_unwrap<F, Fut, E>(
@@ -144,6 +149,18 @@ mod tests {
             first = Some(got);
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn get_only_returns_finished_unwraps() {
+        let cache = KekCache::new(4);
+        let id = KekCache::id("file-a", b"w");
+        assert!(cache.get(&id).is_none());
+        let cipher = cache
+            .get_or_unwrap(id, || async { Ok::<_, ()>(cipher()) })
+            .await
+            .expect("ok");
+        assert!(cache.get(&id).is_some_and(|c| Arc::ptr_eq(&c, &cipher)));
     }
 
     #[tokio::test]

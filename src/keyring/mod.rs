@@ -266,6 +266,26 @@ impl Keyring {
             return Err(KeyringError::UnknownKeyId);
         }
         let aad = associated_data(key_id, &annotations::digest(annotations));
+        let open = |cipher: &KekCipher, root: &Arc<Root>| {
+            let plaintext = cipher.open(&aad, ciphertext).map_err(|e| match requested {
+                // The copy came from a configured root but the key_id is not ours: the
+                // key_id is what is wrong.
+                None => KeyringError::UnknownKeyId,
+                Some(_) => KeyringError::Envelope(e),
+            })?;
+            requested.unwrap_or(root).stats.note_decrypt();
+            Ok(plaintext)
+        };
+        // Any copy already unwrapped wins: with the preferred root down, Decrypt must not
+        // wait for it on every call once another root has opened the local KEK.
+        for (root, wrapped) in &candidates {
+            if let Some(cipher) = self
+                .cache
+                .get(&KekCache::id(root.key_id().as_str(), wrapped))
+            {
+                return open(&cipher, root);
+            }
+        }
         let mut failure = None;
         for (root, wrapped) in candidates {
             let id = KekCache::id(root.key_id().as_str(), wrapped);
@@ -276,16 +296,7 @@ impl Keyring {
                 })
                 .await;
             match unwrapped {
-                Ok(cipher) => {
-                    let plaintext = cipher.open(&aad, ciphertext).map_err(|e| match requested {
-                        // The copy came from a configured root but the key_id is not ours:
-                        // the key_id is what is wrong.
-                        None => KeyringError::UnknownKeyId,
-                        Some(_) => KeyringError::Envelope(e),
-                    })?;
-                    requested.unwrap_or(root).stats.note_decrypt();
-                    return Ok(plaintext);
-                }
+                Ok(cipher) => return open(&cipher, root),
                 Err(e) => {
                     tracing::warn!(root = %root.name, key_id = %root.key_id(), error = %e, "cannot unwrap local KEK");
                     failure = Some(match e {
