@@ -23,5 +23,14 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+echo "== fuzz smoke: the :authority rewriter parses untrusted bytes (30 s)"
+command -v cargo-fuzz >/dev/null || cargo install -q --locked cargo-fuzz
+mkdir -p fuzz/corpus/authority_rewriter
+fuzz_log=$(mktemp)
+if ! (cd fuzz && cargo fuzz run authority_rewriter corpus/authority_rewriter seeds/authority_rewriter \
+      -s none -- -max_total_time=30 >"$fuzz_log" 2>&1); then
+  tail -n 80 "$fuzz_log"; echo "fuzzing found a crash (reproducer under fuzz/artifacts/)"; exit 1
+fi
+grep -E '^Done [0-9]+ runs' "$fuzz_log" || tail -n 3 "$fuzz_log"
 echo "== cargo test"
 cargo test --all-targets
