@@ -158,6 +158,14 @@ async fn serve(
         Ok(signal) => signal,
         Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
     };
+    if let Some(addr) = config.metrics_listen {
+        match server::metrics_http::bind(addr, plugin.clone()).await {
+            Ok(serve_metrics) => {
+                tokio::spawn(serve_metrics);
+            }
+            Err(e) => return fail(&format!("cannot serve metrics on {addr}: {e}")),
+        }
+    }
     let peers = server::peer::PeerCheck::new(&endpoint, config.allowed_uids.as_deref());
     match server::serve(plugin, &endpoint, config.socket_mode, peers, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

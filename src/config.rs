@@ -44,6 +44,10 @@ pub struct Config {
     /// plugin's own user.
     #[serde(default)]
     pub allowed_uids: Option<Vec<u32>>,
+    /// Address for Prometheus metrics over HTTP (`GET /metrics`), e.g. "127.0.0.1:9464";
+    /// off when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Directory for plugin state (the embedded default's root key).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
@@ -434,6 +438,7 @@ impl Config {
             socket: None,
             socket_mode: default_socket_mode(),
             allowed_uids: None,
+            metrics_listen: None,
             state_dir: Some(state_dir.to_path_buf()),
             api_version: ApiVersion::default(),
             kek: KekConfig {

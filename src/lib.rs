@@ -12,7 +12,7 @@
 //! - [`keyring`]: local KEKs, their rotation, the unwrap cache, the roots' roles;
 //! - [`envelope`]: the ciphertext format and annotations;
 //! - [`root`]: root key providers behind one trait;
-//! - [`config`], [`secret`], [`proto`], [`client`], [`cli`].
+//! - [`config`], [`secret`], [`metrics`], [`proto`], [`client`], [`cli`].
 
 pub mod cli;
 pub mod client;
@@ -20,6 +20,7 @@ pub mod config;
 pub mod envelope;
 pub mod h2authority;
 pub mod keyring;
+pub mod metrics;
 pub mod plugin;
 pub mod proto;
 pub mod root;

@@ -14,6 +14,7 @@ use crate::config::{Config, ConfigError, Source};
 use crate::envelope::fingerprint;
 use crate::keyring::Keyring;
 use crate::keyring::cache::KekCache;
+use crate::metrics::Metrics;
 use crate::root::{KeyId, RootError};
 
 /// How often the config file is checked for changes.
@@ -46,6 +47,7 @@ pub enum ReloadError {
 /// Shared state of a running plugin.
 pub struct Plugin {
     keyring: RwLock<Arc<Keyring>>,
+    metrics: Metrics,
     source: Source,
     /// The configuration in force; the lock also serializes reloads.
     loaded: tokio::sync::Mutex<Loaded>,
@@ -70,6 +72,7 @@ impl Plugin {
         };
         Ok(Arc::new(Self {
             keyring: RwLock::new(keyring),
+            metrics: Metrics::default(),
             source,
             loaded: tokio::sync::Mutex::new(Loaded {
                 config: config.clone(),
@@ -84,6 +87,11 @@ impl Plugin {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The request counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Where the configuration came from.
@@ -132,6 +140,7 @@ impl Plugin {
         new.socket = old.socket.clone();
         new.socket_mode = old.socket_mode;
         new.allowed_uids = old.allowed_uids.clone();
+        new.metrics_listen = old.metrics_listen;
         let current = self.keyring();
         let keyring = Arc::new(Keyring::open(&new, current.cache(), &current.stats()).await?);
         let kept: BTreeSet<&KeyId> = keyring.key_ids().collect();

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroize;
 
 use crate::keyring::KeyringError;
+use crate::metrics::Op;
 use crate::plugin::Plugin;
 use crate::proto::admin::admin_server::Admin;
 use crate::proto::admin::{InfoRequest, InfoResponse, ReloadRequest, ReloadResponse};
@@ -31,14 +32,45 @@ impl Service {
     pub fn new(plugin: Arc<Plugin>) -> Self {
         Self { plugin }
     }
+
+    /// One log line and the metrics for a finished Encrypt or Decrypt.
+    fn log_call<T>(
+        &self,
+        op: Op,
+        uid: &str,
+        key_id: &str,
+        result: &Result<T, KeyringError>,
+        started: std::time::Instant,
+    ) {
+        let elapsed = started.elapsed();
+        self.plugin.metrics().observe(op, result.is_ok(), elapsed);
+        let micros = elapsed.as_micros() as u64;
+        let op = match op {
+            Op::Encrypt => "encrypt",
+            Op::Decrypt => "decrypt",
+            Op::Status => "status",
+        };
+        let (uid, key_id) = (loggable(uid), loggable(key_id));
+        match result {
+            Ok(_) => tracing::info!(op, uid = %uid, key_id = %key_id, outcome = "ok", micros),
+            Err(e) => {
+                tracing::warn!(op, uid = %uid, key_id = %key_id, outcome = "error", error = %e, micros)
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl KeyManagementService for Service {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let started = std::time::Instant::now();
         let keyring = self.plugin.keyring();
         let health = keyring.health();
         tracing::debug!(op = "status", key_id = %health.key_id, healthz = %health.healthz);
+        let healthy = health.healthz == "ok";
+        self.plugin
+            .metrics()
+            .observe(Op::Status, healthy, started.elapsed());
         Ok(Response::new(StatusResponse {
             version: keyring.api_version().as_str().to_string(),
             healthz: health.healthz,
@@ -56,8 +88,8 @@ impl KeyManagementService for Service {
         let result = keyring.encrypt(&request.plaintext);
         // Our copy of the DEK seed; transport buffers are tonic's and freed by it.
         request.plaintext.zeroize();
-        log_call(
-            "encrypt",
+        self.log_call(
+            Op::Encrypt,
             &request.uid,
             keyring.key_id().as_str(),
             &result,
@@ -83,13 +115,16 @@ impl KeyManagementService for Service {
         let result = match tokio::time::timeout(deadline, call).await {
             Ok(result) => result,
             Err(_) => {
+                self.plugin
+                    .metrics()
+                    .observe(Op::Decrypt, false, started.elapsed());
                 tracing::warn!(op = "decrypt", uid = %loggable(&request.uid), "deadline exceeded waiting for a root key");
                 return Err(Status::deadline_exceeded(
                     "timed out waiting for the root key",
                 ));
             }
         };
-        log_call("decrypt", &request.uid, &request.key_id, &result, started);
+        self.log_call(Op::Decrypt, &request.uid, &request.key_id, &result, started);
         let plaintext = result.map_err(|e| to_status(&e))?;
         Ok(Response::new(DecryptResponse {
             // The response buffer is freed by tonic after encoding; the Zeroizing copy here
@@ -148,23 +183,6 @@ pub fn to_status(error: &KeyringError) -> Status {
         }
         KeyringError::RootUnavailable { .. } | KeyringError::NotReady(_) => {
             Status::unavailable(message)
-        }
-    }
-}
-
-fn log_call<T>(
-    op: &str,
-    uid: &str,
-    key_id: &str,
-    result: &Result<T, KeyringError>,
-    started: std::time::Instant,
-) {
-    let micros = started.elapsed().as_micros() as u64;
-    let (uid, key_id) = (loggable(uid), loggable(key_id));
-    match result {
-        Ok(_) => tracing::info!(op, uid = %uid, key_id = %key_id, outcome = "ok", micros),
-        Err(e) => {
-            tracing::warn!(op, uid = %uid, key_id = %key_id, outcome = "error", error = %e, micros)
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Serving: the socket, the tonic server on it, signals, systemd readiness and a
 //! graceful stop (stop accepting, finish calls in flight, remove the socket).
 
+pub mod metrics_http;
 pub mod peer;
 pub mod socket;
 

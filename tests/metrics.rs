@@ -1,0 +1,81 @@
+//! Prometheus metrics of the real binary, scraped over HTTP like Prometheus would.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::Plugin;
+
+fn scrape(addr: &str, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
+}
+
+#[tokio::test]
+async fn metrics_count_calls_roots_and_health() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let key = dir.path().join("main.key").to_string_lossy().into_owned();
+    let body = format!("provider = \"file\"\npath = \"{key}\"");
+    let extra = format!("metrics_listen = \"{addr}\"");
+    let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], &extra);
+    common::keygen(&config, "main", &[]);
+    let config = config.to_string_lossy().into_owned();
+    let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
+
+    let mut client = plugin.client().await;
+    let key_id = common::status(&mut client).await.key_id;
+    let mut sealed = Vec::new();
+    for _ in 0..3 {
+        sealed.push(common::encrypt(&mut client, &common::seed()).await);
+    }
+    for s in &sealed[..2] {
+        common::decrypt(&mut client, s).await;
+    }
+    let mut bad = common::decrypt_request(&sealed[2]);
+    bad.ciphertext[5] ^= 1;
+    assert!(client.decrypt(bad).await.is_err());
+
+    let response = scrape(&addr, "/metrics");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    for line in [
+        "kms_plugin_requests_total{op=\"encrypt\",outcome=\"ok\"} 3".to_string(),
+        "kms_plugin_requests_total{op=\"decrypt\",outcome=\"ok\"} 2".to_string(),
+        "kms_plugin_requests_total{op=\"decrypt\",outcome=\"error\"} 1".to_string(),
+        "kms_plugin_request_duration_seconds_count{op=\"encrypt\"} 3".to_string(),
+        format!("kms_plugin_healthy{{key_id=\"{key_id}\"}} 1"),
+        format!("kms_plugin_root_calls_total{{root=\"main\",key_id=\"{key_id}\",kind=\"wrap\"}} 1"),
+        format!(
+            "kms_plugin_root_calls_total{{root=\"main\",key_id=\"{key_id}\",kind=\"unwrap\"}} 0"
+        ),
+        format!("kms_plugin_root_state{{root=\"main\",key_id=\"{key_id}\",state=\"ok\"}} 1"),
+        format!("kms_plugin_decrypts_total{{root=\"main\",key_id=\"{key_id}\"}} 2"),
+        "kms_plugin_local_kek_encryptions 3".to_string(),
+    ] {
+        assert!(
+            response.lines().any(|l| l == line),
+            "missing `{line}` in:\n{response}"
+        );
+    }
+    // Every sample line is `name{labels} number` or `name number`.
+    for line in response.split("\r\n\r\n").nth(1).expect("body").lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let value = line.rsplit(' ').next().expect("value");
+        assert!(value.parse::<f64>().is_ok(), "bad sample: {line}");
+    }
+    assert!(scrape(&addr, "/other").starts_with("HTTP/1.1 404"));
+}
