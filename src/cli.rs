@@ -227,7 +227,12 @@ async fn status(socket: &str) -> ExitCode {
         for r in info.roots {
             let last = match r.last_decrypt_unix {
                 0 => "never since start".to_string(),
-                t => format!("unix time {t}"),
+                t => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(t, |d| d.as_secs() as i64);
+                    format!("unix time {t} ({}s ago)", (now - t).max(0))
+                }
             };
             println!(
                 "root {} ({}, {}): key_id {} state {}; wraps {} unwraps {} failures {}; decrypts {}, last {}",
