@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kms_plugin::config::{Config, Source};
-use kms_plugin::keyring::Keyring;
 use kms_plugin::keyring::cache::KekCache;
+use kms_plugin::keyring::{Keyring, Retired};
 use kms_plugin::plugin::Plugin;
 use kms_plugin::proto::v2::key_management_service_client::KeyManagementServiceClient;
 use kms_plugin::proto::v2::key_management_service_server::KeyManagementServiceServer;
@@ -40,7 +40,7 @@ fn keyring(c: &mut Criterion) {
             .await
             .expect("key");
         let cache = Arc::new(KekCache::new(16));
-        let keyring = Keyring::open(&config, cache, &Default::default())
+        let keyring = Keyring::open(&config, cache, &Default::default(), Retired::Require)
             .await
             .expect("open");
         let keyring = Arc::new(keyring);

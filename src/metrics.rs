@@ -130,7 +130,7 @@ impl Metrics {
             (
                 "kms_plugin_root_state",
                 "gauge",
-                "1 for the root's current state (ok, degraded, rejected).",
+                "1 for the root's current state (ok, degraded, rejected; unavailable: could not be opened).",
             ),
             (
                 "kms_plugin_decrypts_total",
@@ -162,7 +162,7 @@ impl Metrics {
                         let _ = writeln!(out, "{name}{{{labels}}} {}", r.failed_calls);
                     }
                     "kms_plugin_root_state" => {
-                        for state in ["ok", "degraded", "rejected"] {
+                        for state in ["ok", "degraded", "rejected", "unavailable"] {
                             let _ = writeln!(
                                 out,
                                 "{name}{{{labels},state=\"{state}\"}} {}",

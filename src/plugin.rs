@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use crate::config::{Config, ConfigError, Source};
 use crate::envelope::fingerprint;
-use crate::keyring::Keyring;
 use crate::keyring::cache::KekCache;
+use crate::keyring::{Keyring, Retired};
 use crate::metrics::Metrics;
 use crate::root::{KeyId, RootError};
 
@@ -63,7 +63,8 @@ impl Plugin {
     /// Opens the roots of `config`, makes the first local KEK and starts upkeep.
     pub async fn start(config: &Config, source: Source) -> Result<Arc<Self>, RootError> {
         let cache = Arc::new(KekCache::new(config.cache.capacity));
-        let keyring = Arc::new(Keyring::open(config, cache, &Default::default()).await?);
+        let keyring =
+            Arc::new(Keyring::open(config, cache, &Default::default(), Retired::Skip).await?);
         keyring.start().await?;
         tokio::spawn(keyring.clone().maintain());
         let last_seen = match &source {
@@ -142,7 +143,9 @@ impl Plugin {
         new.allowed_uids = old.allowed_uids.clone();
         new.metrics_listen = old.metrics_listen;
         let current = self.keyring();
-        let keyring = Arc::new(Keyring::open(&new, current.cache(), &current.stats()).await?);
+        let keyring = Arc::new(
+            Keyring::open(&new, current.cache(), &current.stats(), Retired::Require).await?,
+        );
         let kept: BTreeSet<&KeyId> = keyring.key_ids().collect();
         let dropped: Vec<String> = current
             .key_ids()

@@ -89,3 +89,47 @@ async fn editing_the_config_file_reloads_it() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_retired_key_that_cannot_be_opened_does_not_stop_the_plugin() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let mut s = two_keys("").await;
+    let under_a = batch(&s.plugin, 3).await;
+    s.plugin.kill9();
+    // b is retired and its key file became unreadable for the plugin (wrong mode).
+    let b_key = s.dir.path().join("keys/b.key");
+    let socket = s.plugin.socket.clone();
+    rotation::write_config(
+        s.dir.path(),
+        &socket,
+        "active = \"a\"\nretired = [\"b\"]",
+        &[("a", &s.a), ("b", &s.b)],
+    );
+    std::fs::set_permissions(&b_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    s.plugin.restart().await;
+    assert_eq!(
+        common::status(&mut s.plugin.client().await).await.healthz,
+        "ok"
+    );
+    all_decrypt(&s.plugin, &under_a).await;
+    let out = common::run_cli(&["status", "--socket", &socket], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("root b (file, retired)") && text.contains("state unavailable"),
+        "{text}"
+    );
+    assert!(text.contains("chmod 600"), "{text}");
+
+    // Fixed, a reload brings it back (a reload itself never skips a root).
+    std::fs::set_permissions(&b_key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = common::run_cli(&["reload", "--socket", &socket], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = common::run_cli(&["status", "--socket", &socket], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("state unavailable"), "{text}");
+}

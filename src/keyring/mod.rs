@@ -63,6 +63,15 @@ pub enum KeyringError {
     NotReady(String),
 }
 
+/// What to do with a retired root key that cannot be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retired {
+    /// Start without it (plugin start-up: availability first).
+    Skip,
+    /// Refuse the whole configuration (reload: never half-apply).
+    Require,
+}
+
 /// What Encrypt returns.
 pub struct Encrypted {
     /// The sealed DEK seed.
@@ -98,6 +107,8 @@ pub struct Keyring {
     wrappers: Vec<Arc<Root>>,
     /// Every configured root in role order (active, also-wrap, retired).
     roots: Vec<Arc<Root>>,
+    /// Retired roots that could not be opened at start-up, as `status` shows them.
+    unopened: Vec<admin::RootInfo>,
     limits: LocalKekConfig,
     probe_interval: Option<Duration>,
     retry_interval: Duration,
@@ -111,19 +122,41 @@ pub struct Keyring {
 impl Keyring {
     /// Opens every root key of `config`. `cache` and `stats` carry over from the keyring
     /// this one replaces (both are keyed by key_id, so they stay valid).
+    ///
+    /// With [`Retired::Skip`] (start-up), a retired root that cannot be opened is left out
+    /// and reported instead of stopping the plugin: only data under that key is unreadable
+    /// until it is fixed and the config reloaded. Active and also-wrap roots must open.
     pub async fn open(
         config: &Config,
         cache: Arc<KekCache>,
         stats: &HashMap<KeyId, Arc<RootStats>>,
+        retired: Retired,
     ) -> Result<Self, RootError> {
         let mut roots: Vec<Arc<Root>> = Vec::new();
+        let mut unopened = Vec::new();
         for (name, role) in config.roles() {
             let Some(key_config) = config.keys.get(name) else {
                 return Err(RootError::Config(format!("no [keys.{name}] entry")));
             };
-            let key = root::open(name, key_config)
-                .await
-                .map_err(|e| name_error(name, key_config.provider(), e))?;
+            let key = match root::open(name, key_config).await {
+                Ok(key) => key,
+                Err(e) => {
+                    let e = name_error(name, key_config.provider(), e);
+                    if role != Role::Retired || retired == Retired::Require {
+                        return Err(e);
+                    }
+                    tracing::error!(key = name, error = %e, "retired root key cannot be opened; data under it stays unreadable until it is fixed and the config reloaded");
+                    unopened.push(admin::RootInfo {
+                        name: name.to_string(),
+                        provider: key_config.provider().to_string(),
+                        role: role.as_str().to_string(),
+                        state: "unavailable".to_string(),
+                        last_error: e.to_string(),
+                        ..Default::default()
+                    });
+                    continue;
+                }
+            };
             if let Some(twin) = roots.iter().find(|r| r.key_id() == key.key_id()) {
                 return Err(RootError::Config(format!(
                     "keys \"{}\" and \"{name}\" are the same root key (key_id {})",
@@ -152,6 +185,7 @@ impl Keyring {
             limits: config.local_kek.clone(),
             probe_interval: (interval > 0).then(|| Duration::from_secs(interval)),
             retry_interval: Duration::from_secs(config.health.retry_interval_seconds.max(1)),
+            unopened,
             current: RwLock::new(None),
             rotation_error: Mutex::new(None),
             cache,
@@ -353,6 +387,7 @@ impl Keyring {
                     decrypts: r.stats.decrypts.load(Ordering::Relaxed),
                 }
             })
+            .chain(self.unopened.iter().cloned())
             .collect();
         let current = self.current();
         let local = admin::LocalKekInfo {
