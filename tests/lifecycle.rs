@@ -262,3 +262,73 @@ async fn callers_outside_allowed_uids_are_refused() {
     let out = common::run_cli(&["status", "--socket", &socket], &[]);
     assert!(!out.status.success());
 }
+
+#[tokio::test]
+async fn every_call_is_logged_as_json_without_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let state = dir.path().join("state").to_string_lossy().into_owned();
+    let args = [
+        "--log-format",
+        "json",
+        "--socket",
+        &socket,
+        "--state-dir",
+        &state,
+    ];
+    let mut plugin = Plugin::start(&socket, &args, &[], dir.path()).await;
+    let mut client = plugin.client().await;
+    let seed = common::seed();
+    let sealed = client
+        .encrypt(kms_plugin::proto::v2::EncryptRequest {
+            plaintext: seed.clone(),
+            uid: "uid-enc-1".into(),
+        })
+        .await
+        .expect("encrypt")
+        .into_inner();
+    let mut request = common::decrypt_request(&sealed);
+    request.uid = "uid-dec-1".into();
+    client.decrypt(request.clone()).await.expect("decrypt");
+    request.uid = "uid-dec-2".into();
+    request.ciphertext[3] ^= 1;
+    assert!(client.decrypt(request).await.is_err());
+    plugin.signal(libc::SIGTERM);
+    assert!(plugin.wait_exit(Duration::from_secs(10)).success());
+
+    let log = plugin.output();
+    let key = std::fs::read(dir.path().join("state/root.key")).expect("key");
+    let mut seen = Vec::new();
+    for line in log.lines() {
+        // Every line is one JSON object; no key, seed or ciphertext bytes in any encoding.
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not JSON: {line}"
+        );
+        for secret in [&key[..], &seed[..], &sealed.ciphertext[..]] {
+            assert!(
+                !line.contains(&hex::encode(secret)),
+                "secret bytes in: {line}"
+            );
+            assert!(
+                !line.contains(&format!("{:?}", &secret[..8])),
+                "secret bytes in: {line}"
+            );
+        }
+        if let Some(uid) = ["uid-enc-1", "uid-dec-1", "uid-dec-2"]
+            .iter()
+            .find(|u| line.contains(*u))
+        {
+            seen.push(*uid);
+            assert!(line.contains(&sealed.key_id), "{line}");
+            assert!(line.contains("\"outcome\""), "{line}");
+            assert!(line.contains("\"micros\""), "{line}");
+        }
+    }
+    assert_eq!(seen, ["uid-enc-1", "uid-dec-1", "uid-dec-2"], "{log}");
+    assert!(
+        log.contains("\"op\":\"encrypt\"") && log.contains("\"op\":\"decrypt\""),
+        "{log}"
+    );
+    assert!(log.contains("\"outcome\":\"error\""), "{log}");
+}
