@@ -48,6 +48,7 @@ pub enum ReloadError {
 pub struct Plugin {
     keyring: RwLock<Arc<Keyring>>,
     metrics: Metrics,
+    in_flight: tokio::sync::watch::Sender<usize>,
     source: Source,
     /// The configuration in force; the lock also serializes reloads.
     loaded: tokio::sync::Mutex<Loaded>,
@@ -74,6 +75,7 @@ impl Plugin {
         Ok(Arc::new(Self {
             keyring: RwLock::new(keyring),
             metrics: Metrics::default(),
+            in_flight: tokio::sync::watch::Sender::new(0),
             source,
             loaded: tokio::sync::Mutex::new(Loaded {
                 config: config.clone(),
@@ -93,6 +95,17 @@ impl Plugin {
     /// The request counters.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Counts a KMS call as in flight until the guard drops (for a graceful stop).
+    pub fn call_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.send_modify(|n| *n += 1);
+        InFlight(self.clone())
+    }
+
+    /// Resolves once no call is in flight.
+    pub async fn calls_drained(&self) {
+        let _ = self.in_flight.subscribe().wait_for(|n| *n == 0).await;
     }
 
     /// Where the configuration came from.
@@ -187,6 +200,15 @@ impl Plugin {
             tracing::info!(config = %path.display(), "config file changed; reloading");
             let _ = self.reload(false).await;
         }
+    }
+}
+
+/// A call in flight; see [`Plugin::call_started`].
+pub struct InFlight(Arc<Plugin>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

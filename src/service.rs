@@ -82,6 +82,7 @@ impl KeyManagementService for Service {
         &self,
         request: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
+        let _in_flight = self.plugin.call_started();
         let started = std::time::Instant::now();
         let mut request = request.into_inner();
         let keyring = self.plugin.keyring();
@@ -107,6 +108,7 @@ impl KeyManagementService for Service {
         &self,
         request: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
+        let _in_flight = self.plugin.call_started();
         let started = std::time::Instant::now();
         let deadline = grpc_timeout(request.metadata()).unwrap_or(DEFAULT_DEADLINE);
         let request = request.into_inner();

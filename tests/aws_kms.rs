@@ -439,3 +439,35 @@ async fn keygen_checks_the_key_in_aws_and_creates_nothing() {
     assert!(!out.status.success());
     assert!(stderr.contains("created in AWS"), "{stderr}");
 }
+
+/// SIGTERM while a Decrypt waits on KMS: the call still gets the plugin's own answer (here
+/// Unavailable after the retry budget), not a dropped connection, and then the plugin exits 0.
+#[tokio::test]
+async fn sigterm_lets_a_call_in_flight_finish() {
+    let moto = Moto::start();
+    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let proxy = moto::Proxy::start(moto.port).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut plugin = start(
+        dir.path(),
+        &[("main", key_body(&arn, &proxy.endpoint(), ""))],
+        "",
+    )
+    .await;
+    let sealed = common::encrypt(&mut plugin.client().await, &common::seed()).await;
+    // A restart empties the cache; with KMS cut, Decrypt spends its retry budget (2.5 s).
+    plugin.restart().await;
+    proxy.set_up(false);
+    let mut client = plugin.client().await;
+    let call = tokio::spawn(async move { client.decrypt(common::decrypt_request(&sealed)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    plugin.signal(libc::SIGTERM);
+    let answer = call.await.expect("task").expect_err("KMS is down");
+    assert_eq!(answer.code(), Code::Unavailable, "{answer:?}");
+    assert!(
+        answer.message().contains("root key \"main\""),
+        "not the plugin's answer: {answer:?}"
+    );
+    let status = plugin.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}\n{}", plugin.output());
+}

@@ -160,10 +160,24 @@ async fn sigterm_stops_cleanly_and_removes_the_socket() {
     let mut plugin = Plugin::embedded(dir.path(), &socket).await;
     let mut client = plugin.client().await;
     common::encrypt(&mut client, &common::seed()).await;
+    // The client keeps its connection open, as kube-apiserver does: an idle connection must
+    // not hold the stop for the whole 5 s drain timeout.
+    let signalled = std::time::Instant::now();
     plugin.signal(libc::SIGTERM);
     let status = plugin.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        signalled.elapsed()
+    );
     assert!(!Path::new(&socket).exists(), "socket removed on shutdown");
+    assert!(
+        plugin.output().contains("no calls in flight"),
+        "{}",
+        plugin.output()
+    );
+    drop(client);
 }
 
 #[tokio::test]

@@ -28,6 +28,8 @@ pub const MAX_REQUEST_BYTES: usize = 128 * 1024;
 
 /// How long calls in flight get to finish after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long responses get to flush once no call is in flight.
+const FLUSH_GRACE: Duration = Duration::from_millis(200);
 
 /// Serves `plugin` on `endpoint` until `shutdown` resolves.
 pub async fn serve(
@@ -66,16 +68,28 @@ pub async fn serve(
         });
     tokio::pin!(server);
     let result = tokio::select! {
-        result = &mut server => result,
-        _ = async {
+        result = &mut server => Some(result),
+        drained = async {
             let _ = stopping_rx.await;
             tracing::info!("shutting down: no new connections, finishing calls in flight");
             notify_systemd("STOPPING=1");
-            tokio::time::sleep(DRAIN_TIMEOUT).await;
+            // Idle HTTP/2 connections (kube-apiserver keeps one open) would hold a graceful
+            // shutdown for the whole timeout: stop as soon as no call is in flight.
+            tokio::time::timeout(DRAIN_TIMEOUT, plugin.calls_drained()).await
         } => {
-            tracing::warn!("calls still in flight after {DRAIN_TIMEOUT:?}; exiting anyway");
-            Ok(())
+            match drained {
+                Ok(()) => tracing::info!("no calls in flight; exiting"),
+                Err(_) => tracing::warn!("calls still in flight after {DRAIN_TIMEOUT:?}; exiting anyway"),
+            }
+            None
         }
+    };
+    // The last responses may still be on their way out: give the server a moment to flush.
+    let result = match result {
+        Some(result) => result,
+        None => tokio::time::timeout(FLUSH_GRACE, &mut server)
+            .await
+            .unwrap_or(Ok(())),
     };
     socket::remove(endpoint);
     watcher.abort();
