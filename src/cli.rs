@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::{self, Config, KeyConfig, Source};
+use crate::config::{self, Config, Source};
 use crate::plugin::Plugin;
 use crate::proto::admin::InfoRequest;
 use crate::proto::v2::StatusRequest;
@@ -354,17 +354,13 @@ async fn keygen(config_path: &Path, name: &str) -> ExitCode {
             let what = if created { "created" } else { "already exists" };
             println!(
                 "key \"{name}\" ({}) {what}: key_id {}",
-                provider(key),
+                key.provider(),
                 opened.key_id()
             );
             ExitCode::SUCCESS
         }
         Err(e) => fail(&format!("key \"{name}\": {e}")),
     }
-}
-
-fn provider(key: &KeyConfig) -> &'static str {
-    key.provider()
 }
 
 fn unreachable_plugin(socket: &str, why: &str) -> ExitCode {

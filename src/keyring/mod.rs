@@ -399,7 +399,6 @@ impl Keyring {
                 .as_ref()
                 .map_or(0, |k| k.created.elapsed().as_secs()),
             max_age_seconds: self.limits.max_age_seconds,
-            next_prepared: false,
         };
         (roots, local)
     }
