@@ -305,11 +305,19 @@ impl Default for LocalKekConfig {
 pub struct CacheConfig {
     /// Most local KEKs held unwrapped at once (each 32 bytes plus cipher state).
     pub capacity: usize,
+    /// Root unwraps per second that Decrypt may cause, per root (cache misses only).
+    pub unwraps_per_second: u32,
+    /// Root unwraps allowed at once after a quiet period, per root.
+    pub unwrap_burst: u32,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { capacity: 1024 }
+        Self {
+            capacity: 1024,
+            unwraps_per_second: 10,
+            unwrap_burst: 20,
+        }
     }
 }
 
@@ -509,6 +517,12 @@ impl Config {
         if self.cache.capacity == 0 {
             return Err("[cache] capacity must be at least 1".into());
         }
+        if !(1..=10_000).contains(&self.cache.unwraps_per_second) {
+            return Err("[cache] unwraps_per_second must be 1 to 10000".into());
+        }
+        if !(1..=10_000).contains(&self.cache.unwrap_burst) {
+            return Err("[cache] unwrap_burst must be 1 to 10000".into());
+        }
         if self.socket_mode & !0o777 != 0 {
             return Err("socket_mode must be permission bits like \"0600\"".into());
         }
@@ -646,6 +660,10 @@ mod tests {
                 .contains("greater than zero")
         );
         assert!(error_of(&format!("{MINIMAL}\n[cache]\ncapacity = 0")).contains("capacity"));
+        for bad in ["unwraps_per_second = 0", "unwrap_burst = 0", "unwrap_burst = 10001"] {
+            let field = bad.split(' ').next().unwrap_or_default();
+            assert!(error_of(&format!("{MINIMAL}\n[cache]\n{bad}")).contains(field), "{bad}");
+        }
         assert!(error_of(&MINIMAL.replace("/run/kms-plugin/kms.sock", "")).contains("socket"));
         assert!(
             error_of("not toml [").contains("TOML") || error_of("not toml [").contains("expected")

@@ -2,8 +2,8 @@
 //!
 //! A reload (SIGHUP, a changed config file, or the Admin `Reload` call that
 //! `kms-plugin rotate` makes) builds a complete new keyring beside the old one: every root
-//! opens, the new active root passes a wrap + unwrap round trip, and the first local KEK is
-//! wrapped by every wrapping root. Only then is it swapped in, atomically; on any failure
+//! opens, and the first local KEK is wrapped by every wrapping root and each copy unwrapped
+//! again (the new active root's round trip). Only then is it swapped in, atomically; on any failure
 //! the old keyring keeps serving. Calls in flight finish on the keyring they started with.
 
 use std::collections::BTreeSet;
@@ -171,7 +171,8 @@ impl Plugin {
             }
             tracing::warn!(key_ids = %dropped.join(", "), "forced reload drops root keys");
         }
-        keyring.probe_active().await?;
+        // Wraps the first local KEK under every wrapping root and unwraps each copy again:
+        // the new active root is proven before anything is swapped.
         keyring.start_strict().await?;
         tokio::spawn(keyring.clone().maintain());
         let key_id = keyring.key_id().clone();

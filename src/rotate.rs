@@ -13,7 +13,7 @@ use std::path::Path;
 use toml_edit::{Array, DocumentMut, value};
 
 use crate::config::{Config, Role};
-use crate::keyring::roots::Root;
+use crate::keyring::roots::{Root, UnwrapRate};
 use crate::root;
 
 /// Why a rotation stopped. Nothing was changed unless the message says so.
@@ -68,7 +68,12 @@ pub async fn prepare(
             name: to.to_string(),
             source,
         })?;
-    Root::new(to, Role::Active, opened, Default::default())
+    let rate = UnwrapRate {
+        per_second: config.cache.unwraps_per_second,
+        burst: config.cache.unwrap_burst,
+    };
+    // A checked round trip: the copy NAME wraps must unwrap to the same key.
+    Root::new(to, Role::Active, opened, Default::default(), rate)
         .probe()
         .await
         .map_err(|source| RotateError::Root {

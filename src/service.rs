@@ -186,6 +186,7 @@ pub fn to_status(error: &KeyringError) -> Status {
         KeyringError::RootUnavailable { .. } | KeyringError::NotReady(_) => {
             Status::unavailable(message)
         }
+        KeyringError::Throttled { .. } => Status::resource_exhausted(message),
     }
 }
 
@@ -241,6 +242,10 @@ mod tests {
                 Code::Unavailable,
             ),
             (KeyringError::NotReady("x".into()), Code::Unavailable),
+            (
+                KeyringError::Throttled { name: "a".into() },
+                Code::ResourceExhausted,
+            ),
         ];
         for (error, code) in cases {
             assert_eq!(to_status(&error).code(), code, "{error}");

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use aws_sdk_kms::primitives::Blob;
 use common::Plugin;
 use kms_plugin::envelope::annotations::wrapped_kek_key;
-use kms_plugin::proto::admin::{InfoRequest, InfoResponse, RootInfo};
 use kms_plugin::proto::v2::{EncryptRequest, EncryptResponse};
 use kms_plugin::root::WrapContext;
 use moto::Moto;
@@ -44,27 +43,9 @@ fn write(dir: &Path, keys: &[(&str, String)], extra: &str) {
     common::write_config(dir, &socket, keys[0].0, keys, extra);
 }
 
-async fn info(plugin: &Plugin) -> InfoResponse {
-    let channel = kms_plugin::client::connect(&plugin.socket)
-        .await
-        .expect("connect");
-    kms_plugin::client::admin(channel)
-        .info(InfoRequest {})
-        .await
-        .expect("info")
-        .into_inner()
-}
-
-fn root<'a>(info: &'a InfoResponse, name: &str) -> &'a RootInfo {
-    info.roots
-        .iter()
-        .find(|r| r.name == name)
-        .expect("root in Info")
-}
-
 async fn calls(plugin: &Plugin, name: &str) -> (u64, u64) {
-    let info = info(plugin).await;
-    let r = root(&info, name);
+    let info = common::info(plugin).await;
+    let r = common::root_info(&info, name);
     (r.wrap_calls, r.unwrap_calls)
 }
 
@@ -294,8 +275,8 @@ async fn unknown_key_fails_clearly() {
     std::fs::write(&path, text).expect("config");
     let config = path.to_string_lossy().into_owned();
     let plugin = Plugin::start(&socket, &["--config", &config], &env(), dir.path()).await;
-    let info = info(&plugin).await;
-    let ghost_id = root(&info, "ghost").key_id.clone();
+    let info = common::info(&plugin).await;
+    let ghost_id = common::root_info(&info, "ghost").key_id.clone();
     let sealed = seal_many(&plugin, 1).await;
     let mut request = common::decrypt_request(&sealed[0].1);
     let wrapped = request
@@ -315,8 +296,8 @@ async fn unknown_key_fails_clearly() {
         .await
         .expect_err("ghost key");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    let info = self::info(&plugin).await;
-    let ghost_root = root(&info, "ghost");
+    let info = common::info(&plugin).await;
+    let ghost_root = common::root_info(&info, "ghost");
     assert_eq!(ghost_root.state, "rejected");
     assert!(
         ghost_root.last_error.contains("not found"),
@@ -345,9 +326,9 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
     let before = seal_many(&plugin, 1).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let info = info(&plugin).await;
+        let info = common::info(&plugin).await;
         let fresh = info.local_kek.as_ref().is_some_and(|k| k.encryptions == 0);
-        if root(&info, "main").wrap_calls == 2 && fresh {
+        if common::root_info(&info, "main").wrap_calls == 2 && fresh {
             break;
         }
         assert!(Instant::now() < deadline, "no successor local KEK");

@@ -1,35 +1,58 @@
-//! Bounded LRU of unwrapped local KEKs, keyed by a hash of (root key_id, wrapped bytes).
+//! Unwrapped local KEKs, keyed by a hash of (root key_id, wrapped bytes).
 //!
 //! Decrypt costs one root unwrap per distinct local KEK, not per call; concurrent misses
-//! for the same wrapped key share one unwrap (single flight). An evicted cipher is dropped
-//! as soon as the last in-flight user lets go, and dropping zeroizes its key schedule.
+//! for the same wrapped key share one unwrap (single flight). Three separate places, so
+//! that nothing a caller sends can push out a good key:
+//! - `ready`: a bounded LRU of opened keys; only a successful unwrap enters it;
+//! - `pending`: unwraps in flight (bounded by the callers waiting on them);
+//! - `failed`: a bounded LRU of wrapped keys that did not authenticate, answered without
+//!   another root call.
+//!
+//! An evicted cipher is dropped as soon as the last in-flight user lets go, and dropping
+//! zeroizes its key schedule.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use lru::LruCache;
 use tokio::sync::OnceCell;
 
 use crate::envelope::{KekCipher, fingerprint};
+use crate::root::RootError;
 
 /// Identifies one wrapped local KEK under one root.
 pub type CacheId = [u8; 32];
+
+/// Wrapped keys remembered as not authenticating (32 bytes each).
+pub const FAILED_CAPACITY: usize = 4096;
 
 type Slot = Arc<OnceCell<Arc<KekCipher>>>;
 
 /// The cache. Cheap to share behind an `Arc`.
 pub struct KekCache {
-    slots: Mutex<LruCache<CacheId, Slot>>,
+    inner: Mutex<Inner>,
     capacity: usize,
+}
+
+struct Inner {
+    ready: LruCache<CacheId, Arc<KekCipher>>,
+    pending: HashMap<CacheId, Slot>,
+    failed: LruCache<CacheId, ()>,
 }
 
 impl KekCache {
     /// A cache holding at most `capacity` unwrapped keys (at least one).
     pub fn new(capacity: usize) -> Self {
         let cap = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
+        let failed = NonZeroUsize::new(FAILED_CAPACITY).unwrap_or(NonZeroUsize::MIN);
         Self {
-            slots: Mutex::new(LruCache::new(cap)),
+            inner: Mutex::new(Inner {
+                ready: LruCache::new(cap),
+                pending: HashMap::new(),
+                failed: LruCache::new(failed),
+            }),
             capacity: cap.get(),
         }
     }
@@ -39,64 +62,86 @@ impl KekCache {
         fingerprint(b"kms-plugin kek cache", &[key_id.as_bytes(), wrapped])
     }
 
-    /// Stores a key this plugin just made, so Decrypt of fresh data needs no root call.
+    /// Stores a key this plugin just made (and verified), so Decrypt of fresh data needs
+    /// no root call.
     pub fn insert(&self, id: CacheId, cipher: Arc<KekCipher>) {
-        let slot = Arc::new(OnceCell::new_with(Some(cipher)));
-        self.lock().put(id, slot);
+        let mut inner = self.lock();
+        inner.failed.pop(&id);
+        inner.ready.put(id, cipher);
     }
 
     /// The cached key, if it is already unwrapped (never waits, never unwraps).
     pub fn get(&self, id: &CacheId) -> Option<Arc<KekCipher>> {
-        self.lock().get(id).and_then(|slot| slot.get().cloned())
+        self.lock().ready.get(id).cloned()
     }
 
     /// Returns the cached key, or runs `unwrap` once for all concurrent callers.
-    /// A failed unwrap is not cached: the next call tries again.
-    pub async fn get_or_unwrap<F, Fut, E>(
+    ///
+    /// A wrapped key that failed to authenticate is remembered and refused from then on
+    /// without calling `unwrap`; any other failure is not remembered (the root may be back
+    /// on the next call).
+    pub async fn get_or_unwrap<F, Fut>(
         &self,
         id: CacheId,
         unwrap: F,
-    ) -> Result<Arc<KekCipher>, E>
+    ) -> Result<Arc<KekCipher>, RootError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<KekCipher, E>>,
+        Fut: Future<Output = Result<KekCipher, RootError>>,
     {
         let slot = {
-            let mut slots = self.lock();
-            match slots.get(&id) {
-                Some(slot) => slot.clone(),
-                None => {
-                    let slot: Slot = Arc::new(OnceCell::new());
-                    slots.put(id, slot.clone());
-                    slot
-                }
+            let mut inner = self.lock();
+            if let Some(cipher) = inner.ready.get(&id) {
+                return Ok(cipher.clone());
             }
+            if inner.failed.get(&id).is_some() {
+                return Err(RootError::Authentication);
+            }
+            inner
+                .pending
+                .entry(id)
+                .or_insert_with(|| Arc::new(OnceCell::new()))
+                .clone()
         };
         let result = slot
-            .get_or_try_init(|| async { unwrap().await.map(Arc::new) })
+            .get_or_try_init(|| async {
+                // A waiter that runs after the leader failed: its verdict may be in.
+                if self.lock().failed.get(&id).is_some() {
+                    return Err(RootError::Authentication);
+                }
+                unwrap().await.map(Arc::new)
+            })
             .await
             .cloned();
-        if result.is_err() {
-            let mut slots = self.lock();
-            // Drop the empty slot unless a concurrent caller has filled it meanwhile.
-            if slots
-                .peek(&id)
-                .is_some_and(|s| Arc::ptr_eq(s, &slot) && !s.initialized())
-            {
-                slots.pop(&id);
+        let mut inner = self.lock();
+        if inner.pending.get(&id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+            inner.pending.remove(&id);
+        }
+        match &result {
+            Ok(cipher) => {
+                inner.ready.put(id, cipher.clone());
             }
+            Err(RootError::Authentication) => {
+                inner.failed.put(id, ());
+            }
+            Err(_) => {}
         }
         result
     }
 
-    /// Number of entries (including unwraps in flight).
+    /// Number of unwrapped keys held.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().ready.len()
     }
 
-    /// True when nothing is cached.
+    /// True when no unwrapped key is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Number of wrapped keys remembered as not authenticating.
+    pub fn failed_len(&self) -> usize {
+        self.lock().failed.len()
     }
 
     /// The configured bound.
@@ -104,9 +149,9 @@ impl KekCache {
         self.capacity
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<CacheId, Slot>> {
-        // The map holds no invariant a panicking holder could break half-way.
-        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The maps hold no invariant a panicking holder could break half-way.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -122,6 +167,10 @@ mod tests {
         KekCipher::new(&Key256::generate())
     }
 
+    fn down() -> RootError {
+        RootError::Unavailable("down".into())
+    }
+
     #[tokio::test]
     async fn concurrent_misses_unwrap_once() {
         let cache = Arc::new(KekCache::new(4));
@@ -135,7 +184,7 @@ mod tests {
                     .get_or_unwrap(id, || async {
                         calls.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        Ok::<_, ()>(cipher())
+                        Ok(cipher())
                     })
                     .await
             }));
@@ -157,26 +206,65 @@ mod tests {
         let id = KekCache::id("file-a", b"w");
         assert!(cache.get(&id).is_none());
         let cipher = cache
-            .get_or_unwrap(id, || async { Ok::<_, ()>(cipher()) })
+            .get_or_unwrap(id, || async { Ok(cipher()) })
             .await
             .expect("ok");
         assert!(cache.get(&id).is_some_and(|c| Arc::ptr_eq(&c, &cipher)));
     }
 
     #[tokio::test]
-    async fn failures_are_not_cached() {
+    async fn transient_failures_are_not_cached() {
         let cache = KekCache::new(4);
         let id = KekCache::id("file-a", b"w");
-        let err = cache
-            .get_or_unwrap(id, || async { Err::<KekCipher, _>("down") })
-            .await;
-        assert!(err.is_err());
+        assert!(cache.get_or_unwrap(id, || async { Err(down()) }).await.is_err());
         assert!(cache.is_empty());
-        let ok = cache
-            .get_or_unwrap(id, || async { Ok::<_, &str>(cipher()) })
-            .await;
+        assert_eq!(cache.failed_len(), 0);
+        let ok = cache.get_or_unwrap(id, || async { Ok(cipher()) }).await;
         assert!(ok.is_ok());
         assert_eq!(cache.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn keys_that_do_not_authenticate_are_refused_without_a_second_unwrap() {
+        let cache = KekCache::new(4);
+        let calls = AtomicUsize::new(0);
+        let id = KekCache::id("file-a", b"junk");
+        for _ in 0..3 {
+            let got = cache
+                .get_or_unwrap(id, || async {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Err(RootError::Authentication)
+                })
+                .await;
+            assert!(matches!(got, Err(RootError::Authentication)));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.failed_len(), 1);
+    }
+
+    #[tokio::test]
+    async fn failed_unwraps_never_evict_good_keys() {
+        let cache = KekCache::new(2);
+        let good: Vec<CacheId> = (0u8..2).map(|i| KekCache::id("file-a", &[i])).collect();
+        for id in &good {
+            cache.insert(*id, Arc::new(cipher()));
+        }
+        for i in 0u32..10_000 {
+            let junk = KekCache::id("file-a", &i.to_be_bytes());
+            let error = if i % 2 == 0 {
+                RootError::Authentication
+            } else {
+                down()
+            };
+            assert!(
+                cache
+                    .get_or_unwrap(junk, || async { Err(error) })
+                    .await
+                    .is_err()
+            );
+        }
+        assert!(good.iter().all(|id| cache.get(id).is_some()));
+        assert_eq!(cache.failed_len(), FAILED_CAPACITY);
     }
 
     #[tokio::test]
@@ -188,18 +276,14 @@ mod tests {
         cache.insert(ids[0], first);
         cache.insert(ids[1], Arc::new(cipher()));
         // Touch ids[1] so ids[0] is the least recently used.
-        let _ = cache
-            .get_or_unwrap(ids[1], || async { Err::<KekCipher, ()>(()) })
-            .await;
+        assert!(cache.get(&ids[1]).is_some());
         cache.insert(ids[2], Arc::new(cipher()));
         assert_eq!(cache.len(), 2);
         assert!(
             weak_first.upgrade().is_none(),
             "evicted key must be dropped"
         );
-        let refetch = cache
-            .get_or_unwrap(ids[0], || async { Err::<KekCipher, &str>("gone") })
-            .await;
+        let refetch = cache.get_or_unwrap(ids[0], || async { Err(down()) }).await;
         assert!(refetch.is_err(), "evicted entry must need a new unwrap");
     }
 

@@ -3,12 +3,14 @@
 //! layer only translates requests into calls here.
 //!
 //! Life of a local KEK: [`Keyring::start`] (and later the background [`Keyring::maintain`]
-//! task) generates a random key, has the active root and every `also_wrap` root wrap it,
-//! and only then makes it current. Encrypt never waits on a root: the successor is made
+//! task) generates a random key, has the active root and every `also_wrap` root wrap it
+//! and unwrap the copy again (a copy is trusted only once it has been shown to open), and
+//! only then makes it current. Encrypt never waits on a root: the successor is made
 //! in the background once the current key reaches `prepare_at_percent` of its limits; if
 //! no root can wrap one before the hard limit, Encrypt fails and Status says why.
 
 pub mod cache;
+pub mod limit;
 pub mod roots;
 
 use std::collections::HashMap;
@@ -27,7 +29,7 @@ use crate::proto::admin;
 use crate::root::{self, KeyId, RootError};
 use crate::secret::Key256;
 use cache::KekCache;
-use roots::{Root, RootHealth, RootStats};
+use roots::{Root, RootHealth, RootStats, UnwrapRate};
 
 /// kube-apiserver rejects longer key_ids; anything longer cannot be one of ours.
 const MAX_KEY_ID_LEN: usize = 1024;
@@ -55,6 +57,12 @@ pub enum KeyringError {
     /// A root key refused (access denied, disabled, deleted).
     #[error("root key \"{name}\" rejected the request")]
     RootRejected {
+        /// The `[keys.NAME]` entry.
+        name: String,
+    },
+    /// The root's unwrap budget for Decrypt is spent (many uncached wrapped keys at once).
+    #[error("too many uncached keys to unwrap under root key \"{name}\"; retry shortly")]
+    Throttled {
         /// The `[keys.NAME]` entry.
         name: String,
     },
@@ -113,7 +121,8 @@ pub struct Keyring {
     probe_interval: Option<Duration>,
     retry_interval: Duration,
     current: RwLock<Option<Arc<LocalKek>>>,
-    rotation_error: Mutex<Option<String>>,
+    /// Why the last attempt to make a local KEK failed; `None` after a success.
+    rotation_error: Mutex<Option<RootError>>,
     cache: Arc<KekCache>,
     wake: Notify,
     stopped: AtomicBool,
@@ -134,6 +143,10 @@ impl Keyring {
     ) -> Result<Self, RootError> {
         let mut roots: Vec<Arc<Root>> = Vec::new();
         let mut unopened = Vec::new();
+        let rate = UnwrapRate {
+            per_second: config.cache.unwraps_per_second,
+            burst: config.cache.unwrap_burst,
+        };
         for (name, role) in config.roles() {
             let Some(key_config) = config.keys.get(name) else {
                 return Err(RootError::Config(format!("no [keys.{name}] entry")));
@@ -165,8 +178,18 @@ impl Keyring {
                 )));
             }
             let stats = stats.get(key.key_id()).cloned().unwrap_or_default();
-            roots.push(Arc::new(Root::new(name, role, key, stats)));
+            roots.push(Arc::new(Root::new(name, role, key, stats, rate)));
         }
+        Self::assemble(config, roots, unopened, cache)
+    }
+
+    /// A keyring over roots already opened, in role order (active first).
+    fn assemble(
+        config: &Config,
+        roots: Vec<Arc<Root>>,
+        unopened: Vec<admin::RootInfo>,
+        cache: Arc<KekCache>,
+    ) -> Result<Self, RootError> {
         let active = roots
             .first()
             .cloned()
@@ -208,14 +231,6 @@ impl Keyring {
     /// so any failure to make the first local KEK is an error here.
     pub async fn start_strict(&self) -> Result<(), RootError> {
         self.rotate().await
-    }
-
-    /// A wrap + unwrap round trip through the active root.
-    pub async fn probe_active(&self) -> Result<(), RootError> {
-        self.active
-            .probe()
-            .await
-            .map_err(|e| name_error(&self.active.name, self.active.provider(), e))
     }
 
     /// The key_ids of every configured root.
@@ -326,17 +341,25 @@ impl Keyring {
             let unwrapped = self
                 .cache
                 .get_or_unwrap(id, || async {
-                    root.unwrap(wrapped).await.map(|k| KekCipher::new(&k))
+                    match root.unwrap_for_decrypt(wrapped).await {
+                        Some(key) => key.map(|k| KekCipher::new(&k)),
+                        None => Err(RootError::Throttled),
+                    }
                 })
                 .await;
             match unwrapped {
                 Ok(cipher) => return open(&cipher, root),
                 Err(e) => {
-                    tracing::warn!(root = %root.name, key_id = %root.key_id(), error = %e, "cannot unwrap local KEK");
+                    // Root health changes are logged by the root itself; a forged or
+                    // throttled copy is the caller's doing and must not flood the log.
+                    tracing::debug!(root = %root.name, key_id = %root.key_id(), error = %e, "cannot unwrap local KEK");
                     failure = Some(match e {
                         RootError::Authentication => {
                             KeyringError::Envelope(EnvelopeError::Authentication)
                         }
+                        RootError::Throttled => KeyringError::Throttled {
+                            name: root.name.clone(),
+                        },
                         RootError::Unavailable(_) => KeyringError::RootUnavailable {
                             name: root.name.clone(),
                         },
@@ -463,8 +486,11 @@ impl Keyring {
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(key_id = %self.key_id(), error = %e, "cannot make a new local KEK");
-                *error = Some(e.to_string());
+                // Retried every retry interval: log when the reason changes, not each time.
+                if error.as_ref().map(ToString::to_string) != Some(e.to_string()) {
+                    tracing::error!(key_id = %self.key_id(), error = %e, "cannot make a new local KEK");
+                }
+                *error = Some(e.clone());
                 Err(e)
             }
         }
@@ -476,7 +502,7 @@ impl Keyring {
         let mut ids = Vec::with_capacity(self.wrappers.len());
         for root in &self.wrappers {
             let wrapped = root
-                .wrap(&kek)
+                .wrap_checked(&kek)
                 .await
                 .map_err(|e| name_error(&root.name, root.provider(), e))?;
             ids.push(KekCache::id(root.key_id().as_str(), &wrapped));
@@ -500,11 +526,11 @@ impl Keyring {
         })
     }
 
+    /// Round trips through every wrapping root; failures land in each root's health (and
+    /// so in Status, `kms-plugin status`, metrics and, once per change, the log).
     async fn probe_wrappers(&self) {
         for root in &self.wrappers {
-            if let Err(e) = root.probe().await {
-                tracing::warn!(root = %root.name, key_id = %root.key_id(), error = %e, "root key probe failed");
-            }
+            let _ = root.probe().await;
         }
     }
 
@@ -537,21 +563,25 @@ impl Keyring {
         self.roots.iter().find(|r| r.key_id().as_str() == key_id)
     }
 
-    fn rotation_error(&self) -> String {
+    fn rotation_error(&self) -> Option<RootError> {
         self.rotation_error
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .unwrap_or_else(|| "its successor is still being made".into())
+    }
+
+    fn rotation_reason(&self) -> String {
+        self.rotation_error()
+            .map_or_else(|| "its successor is still being made".into(), |e| e.to_string())
     }
 
     /// Why an Encrypt would fail right now.
     fn encrypt_blocker(&self) -> String {
         match self.current() {
-            None => format!("no local KEK: {}", self.rotation_error()),
+            None => format!("no local KEK: {}", self.rotation_reason()),
             Some(_) => format!(
                 "local KEK used up and no successor: {}",
-                self.rotation_error()
+                self.rotation_reason()
             ),
         }
     }
@@ -564,9 +594,22 @@ impl Keyring {
         if !usable {
             return Some(self.encrypt_blocker());
         }
-        let (health, error) = self.active.stats.health();
-        (health == RootHealth::Rejected)
-            .then(|| format!("active root key \"{}\" rejected: {error}", self.active.name))
+        // A wrapping root that refuses or is broken cannot wrap the successor: that needs
+        // an operator now, not when the current local KEK runs out. A root that is merely
+        // unreachable is degraded, not failed (see ../shared/KMSV2.md §8).
+        for root in &self.wrappers {
+            let (health, error) = root.stats.health();
+            if health == RootHealth::Rejected {
+                return Some(format!(
+                    "{} root key \"{}\" rejected: {error}",
+                    root.role.as_str(),
+                    root.name
+                ));
+            }
+        }
+        self.rotation_error()
+            .filter(|e| !e.is_transient())
+            .map(|e| format!("cannot make the next local KEK: {e}"))
     }
 }
 
@@ -578,5 +621,9 @@ fn name_error(name: &str, provider: &str, e: RootError) -> RootError {
         RootError::Rejected(m) => RootError::Rejected(format!("{label}: {m}")),
         RootError::Config(m) => RootError::Config(format!("{label}: {m}")),
         RootError::Authentication => RootError::Authentication,
+        RootError::Throttled => RootError::Throttled,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,11 +1,15 @@
 //! The configured root keys with their roles, and what each has been doing: call
 //! counters, health, the last Decrypt that used it. Every root call goes through here, so
-//! the counters are exact whatever the provider.
+//! the counters are exact whatever the provider, and so does the rule that a wrapped copy
+//! is trusted only once the same root has unwrapped it back to the same key.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use subtle::ConstantTimeEq;
+
+use super::limit::UnwrapBudget;
 use crate::config::Role;
 use crate::root::{KeyId, RootError, RootKey, WrapContext};
 use crate::secret::Key256;
@@ -18,6 +22,8 @@ pub struct Root {
     pub role: Role,
     key: Arc<dyn RootKey>,
     ctx: WrapContext,
+    /// Unwraps that Decrypt may ask of this root.
+    budget: UnwrapBudget,
     /// Counters and health, kept across reloads for the same key_id.
     pub stats: Arc<RootStats>,
 }
@@ -57,17 +63,35 @@ pub struct RootStats {
     pub decrypts: AtomicU64,
     /// Unix time of the last Decrypt under this key_id; 0 if none since start.
     pub last_decrypt_unix: AtomicI64,
-    health: Mutex<(Option<RootHealth>, String)>,
+    /// Decrypt unwraps refused because the root's unwrap budget was spent.
+    pub throttled: AtomicU64,
+    health: Mutex<HealthState>,
+}
+
+#[derive(Default)]
+struct HealthState {
+    /// From the last call: `None` before any.
+    last: Option<(RootHealth, String)>,
+    /// Set when a wrapped copy did not round-trip; only a good round trip clears it, not
+    /// an unrelated successful call.
+    broken: Option<String>,
 }
 
 impl RootStats {
     /// Current health and the last error message (empty when healthy).
     pub fn health(&self) -> (RootHealth, String) {
         let guard = self.health.lock().unwrap_or_else(PoisonError::into_inner);
-        (guard.0.unwrap_or(RootHealth::Ok), guard.1.clone())
+        if let Some(why) = &guard.broken {
+            return (RootHealth::Rejected, why.clone());
+        }
+        guard
+            .last
+            .clone()
+            .unwrap_or((RootHealth::Ok, String::new()))
     }
 
-    fn record<T>(&self, result: &Result<T, RootError>) {
+    /// Records the outcome of a call; logs once per change of state or reason.
+    fn record<T>(&self, name: &str, result: &Result<T, RootError>) {
         let update = match result {
             Ok(_) => (RootHealth::Ok, String::new()),
             // A blob that fails to authenticate says nothing about the root's health.
@@ -79,7 +103,23 @@ impl RootStats {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
         let mut guard = self.health.lock().unwrap_or_else(PoisonError::into_inner);
-        *guard = (Some(update.0), update.1);
+        if guard.last.as_ref() != Some(&update) {
+            log_change(name, &update);
+        }
+        guard.last = Some(update);
+    }
+
+    /// Marks the root broken (`Some`) or proven by a round trip (`None`).
+    fn set_broken(&self, name: &str, why: Option<String>) {
+        let mut guard = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        if guard.broken != why {
+            match &why {
+                Some(why) => tracing::error!(root = name, error = %why, "root key is broken: no local KEK it wraps will be used"),
+                None if guard.broken.is_some() => tracing::info!(root = name, "root key round trip works again"),
+                None => {}
+            }
+        }
+        guard.broken = why;
     }
 
     /// Records that a Decrypt was served under this key_id.
@@ -93,15 +133,39 @@ impl RootStats {
     }
 }
 
+fn log_change(name: &str, (health, why): &(RootHealth, String)) {
+    match health {
+        RootHealth::Ok => tracing::info!(root = name, "root key calls succeed"),
+        RootHealth::Degraded => tracing::warn!(root = name, error = %why, "root key degraded"),
+        RootHealth::Rejected => tracing::error!(root = name, error = %why, "root key rejected"),
+    }
+}
+
+/// How many unwraps Decrypt may ask of one root: `burst` at once, then `per_second`.
+#[derive(Debug, Clone, Copy)]
+pub struct UnwrapRate {
+    /// Sustained unwraps per second.
+    pub per_second: u32,
+    /// Unwraps allowed at once after a quiet period.
+    pub burst: u32,
+}
+
 impl Root {
     /// Wraps an opened root key with its role.
-    pub fn new(name: &str, role: Role, key: Arc<dyn RootKey>, stats: Arc<RootStats>) -> Self {
+    pub fn new(
+        name: &str,
+        role: Role,
+        key: Arc<dyn RootKey>,
+        stats: Arc<RootStats>,
+        rate: UnwrapRate,
+    ) -> Self {
         let ctx = WrapContext::new(key.key_id());
         Self {
             name: name.to_string(),
             role,
             key,
             ctx,
+            budget: UnwrapBudget::new(rate.per_second, rate.burst),
             stats,
         }
     }
@@ -120,7 +184,7 @@ impl Root {
     pub async fn wrap(&self, kek: &Key256) -> Result<Vec<u8>, RootError> {
         self.stats.wraps.fetch_add(1, Ordering::Relaxed);
         let result = self.key.wrap(kek, &self.ctx).await;
-        self.stats.record(&result);
+        self.stats.record(&self.name, &result);
         result
     }
 
@@ -128,22 +192,46 @@ impl Root {
     pub async fn unwrap(&self, wrapped: &[u8]) -> Result<Key256, RootError> {
         self.stats.unwraps.fetch_add(1, Ordering::Relaxed);
         let result = self.key.unwrap(wrapped, &self.ctx).await;
-        self.stats.record(&result);
+        self.stats.record(&self.name, &result);
         result
     }
 
-    /// A wrap + unwrap round trip of a throwaway key: proves the root works end to end.
-    pub async fn probe(&self) -> Result<(), RootError> {
-        let kek = Key256::generate();
-        let wrapped = self.wrap(&kek).await?;
-        let back = self.unwrap(&wrapped).await?;
-        if back.expose() == kek.expose() {
-            Ok(())
-        } else {
-            Err(RootError::Config(format!(
-                "root key \"{}\" returned a different key on unwrap",
-                self.name
-            )))
+    /// Unwraps a copy that a Decrypt request carries, within this root's unwrap budget.
+    /// `None` when the budget is spent: no root call was made.
+    pub async fn unwrap_for_decrypt(&self, wrapped: &[u8]) -> Option<Result<Key256, RootError>> {
+        if !self.budget.take().await {
+            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
+        Some(self.unwrap(wrapped).await)
+    }
+
+    /// Wraps a local KEK and has the same root unwrap the copy again, comparing in
+    /// constant time: a copy is trusted only once it has been shown to open. A copy that
+    /// does not (a token that replaced the IV, a KMS that answered garbage) marks the root
+    /// broken, which fails Status until a round trip works again.
+    pub async fn wrap_checked(&self, kek: &Key256) -> Result<Vec<u8>, RootError> {
+        let wrapped = self.wrap(kek).await?;
+        let why = match self.unwrap(&wrapped).await {
+            Ok(back) if bool::from(back.expose().ct_eq(kek.expose())) => {
+                self.stats.set_broken(&self.name, None);
+                return Ok(wrapped);
+            }
+            Ok(_) => "unwraps to a different key",
+            Err(RootError::Authentication) => "does not unwrap (authentication failed)",
+            Err(e) => return Err(e),
+        };
+        let why = format!(
+            "a copy it has just wrapped {why}; nothing it wraps can be trusted \
+             (for PKCS#11: does the token replace the GCM IV or lack the mechanism?)"
+        );
+        self.stats.set_broken(&self.name, Some(why.clone()));
+        Err(RootError::Rejected(why))
+    }
+
+    /// A checked wrap + unwrap round trip of a throwaway key: proves the root works end to
+    /// end.
+    pub async fn probe(&self) -> Result<(), RootError> {
+        self.wrap_checked(&Key256::generate()).await.map(drop)
     }
 }

@@ -132,12 +132,16 @@ pub enum RootError {
     /// The root key is misconfigured (file mode, length, missing object, wrong PIN).
     #[error("{0}")]
     Config(String),
+    /// Not a root's answer: the plugin made no call because this root's unwrap budget for
+    /// Decrypt is spent (`[cache] unwraps_per_second`).
+    #[error("unwrap budget of this root key is spent; retry shortly")]
+    Throttled,
 }
 
 impl RootError {
     /// True when the same call may succeed later without operator action.
     pub fn is_transient(&self) -> bool {
-        matches!(self, RootError::Unavailable(_))
+        matches!(self, RootError::Unavailable(_) | RootError::Throttled)
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use kms_plugin::proto::admin::{InfoRequest, InfoResponse, RootInfo};
 use kms_plugin::proto::v2::key_management_service_client::KeyManagementServiceClient;
 use kms_plugin::proto::v2::{
     DecryptRequest, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
@@ -204,6 +205,26 @@ pub fn run_cli(args: &[&str], env: &[(String, String)]) -> std::process::Output 
         .stdin(Stdio::null())
         .output()
         .expect("run kms-plugin")
+}
+
+/// What `kms-plugin status` shows: the Admin service's Info.
+pub async fn info(plugin: &Plugin) -> InfoResponse {
+    let channel = kms_plugin::client::connect(&plugin.socket)
+        .await
+        .expect("connect");
+    kms_plugin::client::admin(channel)
+        .info(InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner()
+}
+
+/// The root named `name` in `info`.
+pub fn root_info<'a>(info: &'a InfoResponse, name: &str) -> &'a RootInfo {
+    info.roots
+        .iter()
+        .find(|r| r.name == name)
+        .expect("root in Info")
 }
 
 pub async fn status(client: &mut KeyManagementServiceClient<Channel>) -> StatusResponse {

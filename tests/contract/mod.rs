@@ -58,6 +58,10 @@ macro_rules! contract_tests {
         async fn concurrent_calls_all_succeed() {
             contract::concurrent_calls_all_succeed(&$backend).await
         }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn forged_copies_cost_few_root_calls_and_evict_nothing() {
+            contract::forged_copies_cost_few_root_calls_and_evict_nothing(&$backend).await
+        }
     };
 }
 
@@ -280,4 +284,77 @@ pub async fn concurrent_calls_all_succeed<B: Backend>(backend: &B) {
     for task in tasks {
         task.await.expect("task");
     }
+}
+
+/// 2,000 Decrypts carrying random wrapped copies under the plugin's own key_id (10,000 in
+/// the keyring's unit test; a debug build over the socket takes too long for that): each
+/// costs a root unwrap unless refused, so the root sees at most `[cache] unwrap_burst +
+/// unwraps_per_second * seconds` calls; the good keys stay cached (a two-entry cache here)
+/// and a forged copy seen once is refused from memory.
+pub async fn forged_copies_cost_few_root_calls_and_evict_nothing<B: Backend>(backend: &B) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = "[cache]\ncapacity = 2\nunwraps_per_second = 10\nunwrap_burst = 20";
+    let plugin = start(backend, dir.path(), extra).await;
+    let mut client = plugin.client().await;
+    let mut good = Vec::new();
+    for _ in 0..2 {
+        let seed = common::seed();
+        good.push((common::encrypt(&mut client, &seed).await, seed));
+    }
+    let (name, copy) = good[0].0.annotations.iter().next().expect("annotation");
+    let unwraps = |info: &kms_plugin::proto::admin::InfoResponse| {
+        common::root_info(info, "main").unwrap_calls
+    };
+    let before = unwraps(&common::info(&plugin).await);
+
+    let started = std::time::Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..16 {
+        let mut client = client.clone();
+        let mut request = common::decrypt_request(&good[0].0);
+        let (name, len) = (name.clone(), copy.len());
+        workers.push(tokio::spawn(async move {
+            let (mut refused, mut throttled) = (Vec::new(), 0u32);
+            for _ in 0..125 {
+                let forged: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
+                request.annotations.insert(name.clone(), forged);
+                let err = client.decrypt(request.clone()).await.expect_err("forged copy");
+                match err.code() {
+                    Code::InvalidArgument => refused.push(request.clone()),
+                    Code::ResourceExhausted => throttled += 1,
+                    other => panic!("forged copy: {other:?} {}", err.message()),
+                }
+            }
+            (refused, throttled)
+        }));
+    }
+    let (mut refused, mut throttled) = (Vec::new(), 0);
+    for worker in workers {
+        let (r, t) = worker.await.expect("worker");
+        refused.extend(r);
+        throttled += t;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let calls = unwraps(&common::info(&plugin).await) - before;
+    let bound = 20 + (10.0 * elapsed).ceil() as u64;
+    assert!(
+        calls <= bound,
+        "{calls} root unwraps for 2,000 forged Decrypts in {elapsed:.1} s (bound {bound})"
+    );
+    assert_eq!(calls, refused.len() as u64, "one root call per refused copy");
+    assert!(throttled > 0, "the budget never ran out in {elapsed:.1} s");
+
+    for (sealed, seed) in &good {
+        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+    }
+    for request in refused.iter().take(200) {
+        let err = client.decrypt(request.clone()).await.expect_err("forged");
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    }
+    assert_eq!(
+        unwraps(&common::info(&plugin).await) - before,
+        calls,
+        "good keys and known-forged copies cost no root call"
+    );
+    assert_eq!(common::status(&mut client).await.healthz, "ok");
 }

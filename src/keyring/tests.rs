@@ -1,0 +1,256 @@
+//! The keyring over real file root keys, some behind a fault injector that plays a broken
+//! root: a token that hands back copies that do not unwrap, a KMS that refuses or is down.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use rand::RngCore;
+
+use super::*;
+use crate::root::file::FileRoot;
+use crate::root::{BoxFuture, RootKey, WrapContext};
+
+/// What a [`Faulty`] root does on its next calls.
+const HEALTHY: u8 = 0;
+/// Wraps return a copy with one bit flipped (as with a token that replaced the IV).
+const CORRUPT_WRAPS: u8 = 1;
+/// Every call is refused (access denied).
+const REFUSE: u8 = 2;
+/// Every call fails as if the root were unreachable.
+const DOWN: u8 = 3;
+
+/// A real file root behind a switch that makes it misbehave.
+struct Faulty {
+    inner: FileRoot,
+    mode: AtomicU8,
+}
+
+impl Faulty {
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    fn failure(&self) -> Option<RootError> {
+        match self.mode.load(Ordering::SeqCst) {
+            REFUSE => Some(RootError::Rejected("access denied (injected)".into())),
+            DOWN => Some(RootError::Unavailable("unreachable (injected)".into())),
+            _ => None,
+        }
+    }
+}
+
+impl RootKey for Faulty {
+    fn provider(&self) -> &'static str {
+        "file"
+    }
+
+    fn key_id(&self) -> &KeyId {
+        self.inner.key_id()
+    }
+
+    fn wrap<'a>(
+        &'a self,
+        kek: &'a Key256,
+        ctx: &'a WrapContext,
+    ) -> BoxFuture<'a, Result<Vec<u8>, RootError>> {
+        Box::pin(async move {
+            if let Some(e) = self.failure() {
+                return Err(e);
+            }
+            let mut wrapped = self.inner.wrap(kek, ctx).await?;
+            if self.mode.load(Ordering::SeqCst) == CORRUPT_WRAPS {
+                if let Some(first) = wrapped.first_mut() {
+                    *first ^= 1;
+                }
+            }
+            Ok(wrapped)
+        })
+    }
+
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a [u8],
+        ctx: &'a WrapContext,
+    ) -> BoxFuture<'a, Result<Key256, RootError>> {
+        Box::pin(async move {
+            if let Some(e) = self.failure() {
+                return Err(e);
+            }
+            self.inner.unwrap(wrapped, ctx).await
+        })
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    keyring: Arc<Keyring>,
+    roots: Vec<Arc<Faulty>>,
+}
+
+/// A keyring whose roots are fresh file keys named `names` (first active, the rest
+/// `also_wrap`), each behind a [`Faulty`] switch.
+async fn fixture(names: &[&str], adjust: impl FnOnce(&mut Config)) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::embedded(dir.path());
+    adjust(&mut config);
+    let mut roots = Vec::new();
+    let mut faulty = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let path = dir.path().join(format!("{name}.key"));
+        FileRoot::create(&path).await.expect("create key");
+        let key = Arc::new(Faulty {
+            inner: FileRoot::open(&path).await.expect("open key"),
+            mode: AtomicU8::new(HEALTHY),
+        });
+        let role = if i == 0 { Role::Active } else { Role::AlsoWrap };
+        let rate = UnwrapRate {
+            per_second: config.cache.unwraps_per_second,
+            burst: config.cache.unwrap_burst,
+        };
+        let root: Arc<dyn RootKey> = key.clone();
+        roots.push(Arc::new(Root::new(name, role, root, Default::default(), rate)));
+        faulty.push(key);
+    }
+    let cache = Arc::new(KekCache::new(config.cache.capacity));
+    let keyring = Keyring::assemble(&config, roots, Vec::new(), cache).expect("keyring");
+    Fixture {
+        _dir: dir,
+        keyring: Arc::new(keyring),
+        roots: faulty,
+    }
+}
+
+fn unwraps(keyring: &Keyring, name: &str) -> u64 {
+    let (roots, _) = keyring.info();
+    roots
+        .iter()
+        .find(|r| r.name == name)
+        .map(|r| r.unwrap_calls)
+        .expect("root in info")
+}
+
+#[tokio::test]
+async fn a_copy_that_does_not_unwrap_is_never_used() {
+    let f = fixture(&["main"], |_| {}).await;
+    f.roots[0].set(CORRUPT_WRAPS);
+    let error = f.keyring.start().await.expect_err("start must refuse");
+    assert!(!error.is_transient(), "{error}");
+    assert!(error.to_string().contains("key \"main\""), "{error}");
+    let health = f.keyring.health();
+    assert_ne!(health.healthz, "ok");
+    assert!(health.healthz.contains("\"main\""), "{}", health.healthz);
+    assert!(matches!(
+        f.keyring.encrypt(b"seed"),
+        Err(KeyringError::NotReady(_))
+    ));
+    assert!(f.keyring.cache().is_empty(), "an unproven key was cached");
+    let (roots, _) = f.keyring.info();
+    assert_eq!(roots[0].state, "rejected");
+}
+
+#[tokio::test]
+async fn a_broken_also_wrap_root_fails_health_but_the_proven_kek_keeps_serving() {
+    let f = fixture(&["main", "backup"], |_| {}).await;
+    f.keyring.start().await.expect("start");
+    let before = f.keyring.encrypt(b"seed").expect("encrypt");
+    f.roots[1].set(CORRUPT_WRAPS);
+    assert!(f.keyring.rotate().await.is_err(), "successor must be refused");
+    let health = f.keyring.health();
+    assert!(
+        health.healthz.contains("also-wrap root key \"backup\""),
+        "{}",
+        health.healthz
+    );
+    // Encrypt goes on under the current, proven local KEK (same wrapped copies).
+    let after = f.keyring.encrypt(b"seed").expect("encrypt");
+    assert_eq!(after.annotations, before.annotations);
+    // Once the root round-trips again, the successor is made and health recovers.
+    f.roots[1].set(HEALTHY);
+    f.keyring.rotate().await.expect("rotate");
+    assert_eq!(f.keyring.health().healthz, "ok");
+    let next = f.keyring.encrypt(b"seed").expect("encrypt");
+    assert_ne!(next.annotations, before.annotations);
+}
+
+#[tokio::test]
+async fn probes_report_refusals_as_unhealthy_and_outages_as_degraded() {
+    let f = fixture(&["main"], |_| {}).await;
+    f.keyring.start().await.expect("start");
+    f.roots[0].set(DOWN);
+    f.keyring.probe_wrappers().await;
+    assert_eq!(f.keyring.health().healthz, "ok", "unreachable is degraded");
+    assert_eq!(f.keyring.info().0[0].state, "degraded");
+    f.roots[0].set(REFUSE);
+    f.keyring.probe_wrappers().await;
+    let healthz = f.keyring.health().healthz;
+    assert!(
+        healthz.contains("active root key \"main\" rejected") && healthz.contains("access denied"),
+        "{healthz}"
+    );
+    f.roots[0].set(HEALTHY);
+    f.keyring.probe_wrappers().await;
+    assert_eq!(f.keyring.health().healthz, "ok");
+}
+
+#[tokio::test]
+async fn forged_copies_cost_a_bounded_number_of_unwraps_and_evict_nothing() {
+    let f = fixture(&["main"], |c| {
+        c.cache.capacity = 2;
+        c.cache.unwraps_per_second = 10;
+        c.cache.unwrap_burst = 5;
+    })
+    .await;
+    f.keyring.start().await.expect("start");
+    let sealed = f.keyring.encrypt(b"a DEK seed").expect("encrypt");
+    let key_id = sealed.key_id.clone();
+    let (name, copy) = sealed.annotations.iter().next().expect("annotation");
+    let before = unwraps(&f.keyring, "main");
+
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..10_000 {
+        let keyring = f.keyring.clone();
+        let (key_id, ciphertext) = (key_id.clone(), sealed.ciphertext.clone());
+        let mut forged = vec![0u8; copy.len()];
+        rand::thread_rng().fill_bytes(&mut forged);
+        let annotations = HashMap::from([(name.clone(), forged)]);
+        tasks.push(tokio::spawn(async move {
+            let result = keyring.decrypt(&key_id, &ciphertext, &annotations).await;
+            (result.map(drop), annotations)
+        }));
+    }
+    let mut refused = Vec::new();
+    let mut throttled = 0;
+    for task in tasks {
+        match task.await.expect("join") {
+            (Err(KeyringError::Envelope(EnvelopeError::Authentication)), annotations) => {
+                refused.push(annotations)
+            }
+            (Err(KeyringError::Throttled { .. }), _) => throttled += 1,
+            (other, _) => panic!("forged copy: {:?}", other.err()),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let calls = unwraps(&f.keyring, "main") - before;
+    let bound = 5 + (10.0 * elapsed).ceil() as u64;
+    assert!(calls >= 5 && calls <= bound, "{calls} unwraps in {elapsed:.2} s");
+    assert_eq!(calls, refused.len() as u64);
+    assert_eq!(throttled + refused.len(), 10_000);
+
+    // The good key was never pushed out of the (two-entry) cache: no root call for it.
+    let plain = f
+        .keyring
+        .decrypt(&key_id, &sealed.ciphertext, &sealed.annotations)
+        .await
+        .expect("genuine decrypt");
+    assert_eq!(plain.as_slice(), b"a DEK seed");
+    // A forged copy seen once is refused from memory.
+    for annotations in &refused {
+        let again = f
+            .keyring
+            .decrypt(&key_id, &sealed.ciphertext, annotations)
+            .await;
+        assert!(matches!(again, Err(KeyringError::Envelope(_))));
+    }
+    assert_eq!(unwraps(&f.keyring, "main") - before, calls);
+    assert_eq!(f.keyring.health().healthz, "ok");
+}
