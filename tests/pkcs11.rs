@@ -396,10 +396,14 @@ async fn a_hung_token_costs_callers_an_error_not_a_hang() {
         .await
         .expect("a Decrypt of a cached local KEK waits on the hung token");
     assert_eq!(result.expect("decrypt cached"), seed);
-    // A client deadline shorter than timeout_ms is the client's: DeadlineExceeded.
+    // A client deadline shorter than timeout_ms is the client's: DeadlineExceeded from the
+    // plugin's handler, or Cancelled when tonic's own grpc-timeout layer answers first.
     let started = Instant::now();
     let code = decrypt_with_deadline_header(&plugin.socket, &first, 300).await;
-    assert_eq!(code, tonic::Code::DeadlineExceeded as i32);
+    assert!(
+        code == tonic::Code::DeadlineExceeded as i32 || code == tonic::Code::Cancelled as i32,
+        "grpc-status {code}"
+    );
     assert!(
         started.elapsed() < Duration::from_millis(900),
         "took {:?}",
