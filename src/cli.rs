@@ -103,7 +103,7 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match cli.command {
             Command::Serve {
                 config,
@@ -115,7 +115,11 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Rotate { config, to, socket } => rotate(&config, &to, socket).await,
             Command::Reload { socket, force } => reload(&socket, force).await,
         }
-    })
+    });
+    // Dropping the runtime would wait for every blocking task, and a PKCS#11 call stuck in
+    // a hung HSM never returns: exit without it.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    code
 }
 
 async fn serve(

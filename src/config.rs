@@ -237,6 +237,14 @@ pub struct Pkcs11KeyConfig {
     /// Accept a key that is extractable or not sensitive (not recommended).
     #[serde(default)]
     pub allow_extractable: bool,
+    /// Most milliseconds one wrap or unwrap may take, waiting for a free session included;
+    /// a hung token then fails the call as unavailable instead of holding it forever.
+    #[serde(default = "default_pkcs11_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_pkcs11_timeout_ms() -> u64 {
+    2500
 }
 
 impl Pkcs11KeyConfig {
@@ -258,6 +266,12 @@ impl Pkcs11KeyConfig {
             && (id.is_empty() || hex::decode(id).is_err())
         {
             return Err(format!("key_id_hex \"{id}\" is not a non-empty hex string"));
+        }
+        if !(1..60_000).contains(&self.timeout_ms) {
+            return Err(format!(
+                "timeout_ms = {} is out of range: give 1 to 59999 milliseconds (default 2500)",
+                self.timeout_ms
+            ));
         }
         Ok(())
     }
@@ -746,6 +760,7 @@ mod tests {
         };
         assert_eq!(p.token_label.as_deref(), Some("kms"));
         assert!(!p.allow_extractable);
+        assert_eq!(p.timeout_ms, 2500);
         assert_eq!(c.keys["hsm"].provider(), "pkcs11");
         assert!(
             error_of(&PKCS11.replace("key_label", "pin = \"1234\"\nkey_label")).contains("pin")
@@ -762,6 +777,17 @@ mod tests {
             error_of(&PKCS11.replace("key_label", "key_id_hex = \"zz\"\nkey_label"))
                 .contains("hex")
         );
+        let with_timeout =
+            |ms: &str| PKCS11.replace("key_label", &format!("timeout_ms = {ms}\nkey_label"));
+        let c = Config::parse(&with_timeout("800")).expect("timeout_ms = 800");
+        assert!(matches!(&c.keys["hsm"], KeyConfig::Pkcs11(p) if p.timeout_ms == 800));
+        for bad in ["0", "60000"] {
+            let e = error_of(&with_timeout(bad));
+            assert!(
+                e.contains("[keys.hsm]: timeout_ms") && e.contains("1 to 59999"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

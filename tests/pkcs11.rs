@@ -6,9 +6,10 @@ mod softhsm;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::Plugin;
-use softhsm::{PIN, SoftHsm};
+use softhsm::{Fips, PIN, SoftHsm};
 
 /// A token "kms" with a PIN file, and a config whose active key is `key_label` on it.
 fn setup(hsm: &SoftHsm, dir: &Path, pin: &str, key_label: &str) -> (String, String) {
@@ -194,5 +195,296 @@ async fn pin_env_and_an_independent_look_at_the_key() {
         !out.status.success() && out.stdout.is_empty(),
         "key value readable: {:?}",
         out.stdout
+    );
+}
+
+/// A token "kms" with a key made through plain SoftHSM2 (`kms-plugin keygen`), and a config
+/// that uses the same key through the FIPS-like module. Returns (socket, config, key_id
+/// printed by keygen).
+fn fips_setup(hsm: &SoftHsm, dir: &Path, extra: &str) -> (String, String, String) {
+    let (_, plain) = setup(hsm, dir, PIN, "root");
+    let (ok, stdout, stderr) = keygen(hsm, &plain);
+    assert!(ok, "keygen failed: {stderr}");
+    let key_id = printed_key_id(&stdout);
+    let socket = common::socket_in(dir);
+    let pin_file = hsm.pin_file(dir, PIN);
+    let body = softhsm::key_body_via(&softhsm::fips_module(), "kms", "root", &pin_file, extra);
+    let config = common::write_config(dir, &socket, "hsm", &[("hsm", body)], "");
+    (socket, config.to_string_lossy().into_owned(), key_id)
+}
+
+fn env_with(hsm: &SoftHsm, fips: &Fips) -> Vec<(String, String)> {
+    let mut env = hsm.env();
+    env.extend(fips.env());
+    env
+}
+
+#[tokio::test]
+async fn a_token_that_chooses_the_gcm_iv_unwraps_after_a_restart() {
+    // CloudHSM and Luna ignore the IV in CK_GCM_PARAMS and write back their own: the wrap
+    // must store that one, or the local KEK cannot be unwrapped by the next process.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hsm = SoftHsm::new();
+    hsm.init_token("kms");
+    let (socket, config, key_id) = fips_setup(&hsm, dir.path(), "");
+    let env = env_with(&hsm, &Fips::default());
+    let mut plugin = Plugin::start(&socket, &["--config", &config], &env, dir.path()).await;
+    let mut client = plugin.client().await;
+    assert_eq!(
+        common::status(&mut client).await.key_id,
+        key_id,
+        "ECB still gives the key_id"
+    );
+    let seed = common::seed();
+    let sealed = common::encrypt(&mut client, &seed).await;
+
+    plugin.kill9();
+    plugin.restart().await;
+    let mut client = plugin.client().await;
+    let plain = client
+        .decrypt(common::decrypt_request(&sealed))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "decrypt after restart on an IV-choosing token: {e}\n{}",
+                plugin.output()
+            )
+        })
+        .into_inner()
+        .plaintext;
+    assert_eq!(plain, seed);
+}
+
+#[tokio::test]
+async fn a_token_that_chooses_the_gcm_iv_and_refuses_ecb_keeps_the_key_id() {
+    // The check value falls back past ECB; GCM is useless when the token picks the IV, so
+    // it must be CBC with a zero IV, which equals the ECB value: the key_id is the one the
+    // plain module gives, on every run.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hsm = SoftHsm::new();
+    hsm.init_token("kms");
+    let (socket, config, key_id) = fips_setup(&hsm, dir.path(), "");
+    let fips = Fips {
+        refuse_ecb: true,
+        ..Fips::default()
+    };
+    let mut plugin = Plugin::start(
+        &socket,
+        &["--config", &config],
+        &env_with(&hsm, &fips),
+        dir.path(),
+    )
+    .await;
+    let mut client = plugin.client().await;
+    assert_eq!(common::status(&mut client).await.key_id, key_id);
+    let seed = common::seed();
+    let sealed = common::encrypt(&mut client, &seed).await;
+    assert_eq!(sealed.key_id, key_id);
+
+    plugin.kill9();
+    plugin.restart().await;
+    let mut client = plugin.client().await;
+    assert_eq!(
+        common::status(&mut client).await.key_id,
+        key_id,
+        "key_id changed across a restart"
+    );
+    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+}
+
+/// Decrypt: the plaintext or the status, and how long it took.
+async fn timed_decrypt(
+    plugin: &Plugin,
+    sealed: &kms_plugin::proto::v2::EncryptResponse,
+) -> (Result<Vec<u8>, tonic::Status>, Duration) {
+    let mut client = plugin.client().await;
+    let started = Instant::now();
+    let result = client
+        .decrypt(common::decrypt_request(sealed))
+        .await
+        .map(|r| r.into_inner().plaintext);
+    (result, started.elapsed())
+}
+
+/// Decrypt over plain HTTP/2 with a `grpc-timeout` header of `ms`; returns the grpc-status.
+/// (tonic's client enforces a deadline itself and cancels the call before the plugin's
+/// answer arrives.)
+async fn decrypt_with_deadline_header(
+    socket: &str,
+    sealed: &kms_plugin::proto::v2::EncryptResponse,
+    ms: u64,
+) -> i32 {
+    let io = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    let (client, connection) = h2::client::handshake(io).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("h2 ready");
+    let request = http::Request::post("http://localhost/v2.KeyManagementService/Decrypt")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", format!("{ms}m"))
+        .body(())
+        .expect("request");
+    let (response, mut send) = client.send_request(request, false).expect("send");
+    let message = prost::Message::encode_to_vec(&common::decrypt_request(sealed));
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    send.send_data(frame.into(), true).expect("send body");
+    let response = response.await.expect("response");
+    let status = |headers: &http::HeaderMap| {
+        headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+    };
+    if let Some(code) = status(response.headers()) {
+        return code; // a trailers-only response
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk.expect("response body");
+    }
+    let trailers = body.trailers().await.expect("trailers").unwrap_or_default();
+    status(&trailers).expect("grpc-status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_token_costs_callers_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hsm = SoftHsm::new();
+    hsm.init_token("kms");
+    let (socket, config, _) = fips_setup(&hsm, dir.path(), "timeout_ms = 1000");
+    let stall = dir.path().join("stall");
+    let fips = Fips {
+        stall_file: Some(stall.clone()),
+        ..Fips::default()
+    };
+    let env = env_with(&hsm, &fips);
+    let mut plugin = Plugin::start(&socket, &["--config", &config], &env, dir.path()).await;
+    // Each start makes a new local KEK, so what an earlier run sealed needs an unwrap.
+    let seed = common::seed();
+    let first = common::encrypt(&mut plugin.client().await, &seed).await;
+    plugin.restart().await;
+    let second = common::encrypt(&mut plugin.client().await, &seed).await;
+    plugin.restart().await;
+    let cached = common::encrypt(&mut plugin.client().await, &seed).await;
+
+    std::fs::write(&stall, "").expect("stall file");
+    // No client deadline: the plugin's own (3 s) is longer than timeout_ms, so the root
+    // call's timeout answers.
+    let (result, took) = timed_decrypt(&plugin, &first).await;
+    let status = result.expect_err("decrypt through a hung token succeeded");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2900),
+        "answered after {took:?}, expected about timeout_ms = 1000"
+    );
+    let log = plugin.output();
+    assert!(
+        log.contains("did not answer within 1000 ms") && log.contains("kms"),
+        "the log names the token and the timeout:\n{log}"
+    );
+    // What needs no token call answers at once.
+    let mut client = plugin.client().await;
+    let status = tokio::time::timeout(Duration::from_secs(1), common::status(&mut client))
+        .await
+        .expect("Status waits on the hung token");
+    assert_eq!(status.healthz, "ok");
+    let (result, _) = tokio::time::timeout(Duration::from_secs(1), timed_decrypt(&plugin, &cached))
+        .await
+        .expect("a Decrypt of a cached local KEK waits on the hung token");
+    assert_eq!(result.expect("decrypt cached"), seed);
+    // A client deadline shorter than timeout_ms is the client's: DeadlineExceeded from the
+    // plugin's handler, or Cancelled when tonic's own grpc-timeout layer answers first.
+    let started = Instant::now();
+    let code = decrypt_with_deadline_header(&plugin.socket, &first, 300).await;
+    assert!(
+        code == tonic::Code::DeadlineExceeded as i32 || code == tonic::Code::Cancelled as i32,
+        "grpc-status {code}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "took {:?}",
+        started.elapsed()
+    );
+    // Every call that hangs keeps its session permit, so however many calls come, at most
+    // 4 (the session pool) threads are ever stuck in the token; the rest time out waiting.
+    for _ in 0..6 {
+        let (result, took) = timed_decrypt(&plugin, &first).await;
+        assert_eq!(
+            result.expect_err("succeeded").code(),
+            tonic::Code::Unavailable
+        );
+        assert!(took < Duration::from_millis(2900), "took {took:?}");
+    }
+    let stuck = std::fs::read_to_string(&stall)
+        .expect("stall file")
+        .lines()
+        .count();
+    assert!(
+        (1..=4).contains(&stuck),
+        "{stuck} threads entered the hung token; at most 4 may"
+    );
+
+    // The token comes back: so does the plugin.
+    std::fs::remove_file(&stall).expect("unstall");
+    let (result, _) = timed_decrypt(&plugin, &first).await;
+    assert_eq!(result.expect("decrypt after the token recovered"), seed);
+
+    // SIGTERM while a call hangs in the token: the plugin still exits promptly.
+    std::fs::write(&stall, "").expect("stall file");
+    let pending = {
+        let socket = plugin.socket.clone();
+        let second = second.clone();
+        tokio::spawn(async move {
+            let mut client = common::connect(&socket).await.expect("connect");
+            client.decrypt(common::decrypt_request(&second)).await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(&stall)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the Decrypt never reached the token"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    plugin.signal(libc::SIGTERM);
+    let exited = plugin.wait_exit(Duration::from_secs(5));
+    assert!(exited.success(), "exit status {exited}");
+    let _ = pending.await;
+    std::fs::remove_file(&stall).expect("unstall");
+}
+
+#[tokio::test]
+async fn a_hung_token_at_start_up_fails_serve_in_30_s() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hsm = SoftHsm::new();
+    hsm.init_token("kms");
+    let (_, config, _) = fips_setup(&hsm, dir.path(), "");
+    let stall = dir.path().join("stall");
+    std::fs::write(&stall, "").expect("stall file");
+    let fips = Fips {
+        stall_file: Some(stall.clone()),
+        ..Fips::default()
+    };
+    let started = Instant::now();
+    let out = common::run_cli(&["serve", "--config", &config], &env_with(&hsm, &fips));
+    let took = started.elapsed();
+    std::fs::remove_file(&stall).expect("unstall");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve started on a hung token");
+    assert!(
+        stderr.contains("token \"kms\" did not answer within 30 s"),
+        "stderr: {stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(40),
+        "serve took {took:?} to give up"
     );
 }

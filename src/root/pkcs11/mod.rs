@@ -3,15 +3,22 @@
 //! key never leaves it, so the plugin's memory holds only unwrapped local KEKs.
 //!
 //! Wrapped blob: 12-byte IV || 32-byte ciphertext || 16-byte tag, with
-//! [`WrapContext::aad`] as associated data. The key_id is derived from a check value the
-//! token computes (AES-ECB of a fixed block), so it follows the key material, not its
-//! label: a key deleted and re-created under the same label gets a new key_id.
+//! [`WrapContext::aad`] as associated data. The IV stored is the one in the IV buffer after
+//! C_Encrypt: FIPS HSMs ignore the caller's IV and write back the one they generated. The
+//! key_id is derived from a check value the token computes (see [`check_value`]), so it
+//! follows the key material, not its label: a key deleted and re-created under the same
+//! label gets a new key_id.
+//!
+//! Every token call has a deadline (`timeout_ms`, start-up [`STARTUP_TIMEOUT`]) and holds
+//! one of [`MAX_SESSIONS`] permits for as long as its thread is in the token, so a hung HSM
+//! ties up at most that many threads and costs callers an error, not a hang.
 
 mod session;
 #[cfg(test)]
 mod tests;
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::Mechanism;
@@ -34,6 +41,9 @@ const TAG_LEN: usize = 16;
 const WRAPPED_LEN: usize = IV_LEN + KEY_LEN + TAG_LEN;
 /// The block the token encrypts to give the check value the key_id is derived from.
 const CHECK_BLOCK: &[u8; 16] = b"kms-plugin kcv 1";
+/// Most time start-up work (load the module, log in, find the key, its check value; or
+/// generate it) may take, so a hung token cannot hang `serve`, `keygen` or a reload.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A root key in a PKCS#11 token.
 pub struct Pkcs11Root {
@@ -47,8 +57,11 @@ struct Inner {
     key: Mutex<ObjectHandle>,
     /// The check value of the key at start-up: a re-found key must match it.
     check: Vec<u8>,
-    /// Bounds concurrent token calls to the session pool size.
-    permits: Semaphore,
+    /// Bounds concurrent token calls to the session pool size. A call holds its permit
+    /// until its thread leaves the token, even after its caller gave up on it.
+    permits: Arc<Semaphore>,
+    /// Deadline of one call: waiting for a permit plus the token call.
+    timeout: Duration,
 }
 
 /// How a token call failed.
@@ -63,18 +76,19 @@ impl Pkcs11Root {
     /// Loads the module, logs in to the token and finds the key, refusing one that could
     /// leave the token unless `allow_extractable` is set.
     pub async fn open(config: &Pkcs11KeyConfig) -> Result<Self, RootError> {
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let name = config.token_name();
         let config = config.clone();
-        let (token, key, check) = blocking(move || {
+        let (token, key, check) = blocking(&name, "opening the key", move || {
             let token = Token::new(&config)?;
             let session = token.open_session()?;
             let key = find_key(&session, &token)?;
             check_attributes(&session, key, &token)?;
-            let check = check_value(&session, key).map_err(|e| {
+            let check = check_value(&session, key).map_err(|why| {
                 RootError::Config(format!(
-                    "the key labelled \"{}\" on {} cannot encrypt: {}",
+                    "the key labelled \"{}\" on {} cannot give a check value: {why}",
                     token.config().key_label,
                     token.name(),
-                    describe(&e)
                 ))
             })?;
             token.put(session);
@@ -87,7 +101,8 @@ impl Pkcs11Root {
                 token,
                 key: Mutex::new(key),
                 check,
-                permits: Semaphore::new(MAX_SESSIONS),
+                permits: Arc::new(Semaphore::new(MAX_SESSIONS)),
+                timeout,
             }),
             key_id,
         })
@@ -96,8 +111,9 @@ impl Pkcs11Root {
     /// Generates the key in the token if there is none with its label (and CKA_ID).
     /// Returns whether it created one.
     pub async fn create(config: &Pkcs11KeyConfig) -> Result<bool, RootError> {
+        let name = config.token_name();
         let config = config.clone();
-        blocking(move || {
+        blocking(&name, "generating the key", move || {
             let token = Token::new(&config)?;
             let session = token.open_session()?;
             if !find_keys(&session, &config)
@@ -135,27 +151,47 @@ impl Pkcs11Root {
         .await
     }
 
-    /// Runs `op` on a pooled session, off the async threads. After a lost session or a
-    /// stale key handle it opens a fresh session, finds the key again and retries once.
+    /// Runs `op` on a pooled session, off the async threads, within `timeout_ms`. After a
+    /// lost session or a stale key handle it opens a fresh session, finds the key again and
+    /// retries once.
     async fn run<T, F>(&self, op: F) -> Result<T, Failure>
     where
         T: Send + 'static,
         F: Fn(&Session, ObjectHandle) -> Result<T, Error> + Send + 'static,
     {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| Failure::Root(RootError::Unavailable("session pool closed".into())))?;
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.run_blocking(op))
+        let call = async move {
+            let permit = Arc::clone(&inner.permits)
+                .acquire_owned()
+                .await
+                .map_err(|_| Failure::Root(RootError::Unavailable("session pool closed".into())))?;
+            // The permit moves into the thread: a call hung in the token keeps it after we
+            // give up waiting, so at most MAX_SESSIONS threads can ever be stuck there and
+            // later calls time out waiting for a permit instead of piling up threads.
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                inner.run_blocking(op)
+            })
             .await
             .map_err(|e| {
                 Failure::Root(RootError::Unavailable(format!(
                     "token call panicked or was cancelled: {e}"
                 )))
             })?
+        };
+        let timeout = self.inner.timeout;
+        match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                let name = self.inner.token.name();
+                tracing::warn!(token = %name, timeout_ms = timeout.as_millis() as u64, "PKCS#11 call timed out");
+                Err(Failure::Root(RootError::Unavailable(format!(
+                    "{name} did not answer within {} ms (timeout_ms); the HSM may be hung or \
+                     overloaded",
+                    timeout.as_millis()
+                ))))
+            }
+        }
     }
 }
 
@@ -215,11 +251,10 @@ impl Inner {
             RootError::Config(why) => Failure::Root(RootError::Rejected(why)),
             other => Failure::Root(other),
         })?;
-        let check = check_value(session, key).map_err(|e| {
+        let check = check_value(session, key).map_err(|why| {
             Failure::Root(RootError::Unavailable(format!(
-                "{} is unavailable: {}",
-                self.token.name(),
-                describe(&e)
+                "{} is unavailable: {why}",
+                self.token.name()
             )))
         })?;
         if check != self.check {
@@ -250,15 +285,19 @@ impl RootKey for Pkcs11Root {
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Vec<u8>, RootError>> {
         Box::pin(async move {
-            let mut iv = [0u8; IV_LEN];
-            OsRng.fill_bytes(&mut iv);
             let aad = ctx.aad();
             let plain = Zeroizing::new(*kek.expose());
-            let body = self
+            let (iv, body) = self
                 .run(move |session, key| {
-                    let mut iv = iv;
-                    let params = GcmParams::new(&mut iv, &aad, ((TAG_LEN * 8) as u64).into())?;
-                    session.encrypt(&Mechanism::AesGcm(params), key, plain.as_slice())
+                    let mut iv = [0u8; IV_LEN];
+                    OsRng.fill_bytes(&mut iv);
+                    let body = {
+                        // GcmParams points at `iv` itself; a FIPS token ignores our IV and
+                        // writes the one it generated there, so read it after the call.
+                        let params = GcmParams::new(&mut iv, &aad, ((TAG_LEN * 8) as u64).into())?;
+                        session.encrypt(&Mechanism::AesGcm(params), key, plain.as_slice())?
+                    };
+                    Ok((iv, body))
                 })
                 .await
                 .map_err(|f| self.failure(f, "wrap"))?;
@@ -340,13 +379,23 @@ impl Pkcs11Root {
     }
 }
 
-/// Runs start-up work off the async threads.
+/// Runs start-up work on `token` off the async threads, within [`STARTUP_TIMEOUT`]. A
+/// thread stuck in a hung token is left behind; the caller gets an error.
 async fn blocking<T: Send + 'static>(
+    token: &str,
+    what: &str,
     work: impl FnOnce() -> Result<T, RootError> + Send + 'static,
 ) -> Result<T, RootError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| RootError::Config(format!("PKCS#11 start-up task failed: {e}")))?
+    match tokio::time::timeout(STARTUP_TIMEOUT, tokio::task::spawn_blocking(work)).await {
+        Ok(done) => {
+            done.map_err(|e| RootError::Config(format!("PKCS#11 start-up task failed: {e}")))?
+        }
+        Err(_) => Err(RootError::Unavailable(format!(
+            "{token} did not answer within {} s while {what}; check that the HSM is up and \
+             reachable",
+            STARTUP_TIMEOUT.as_secs()
+        ))),
+    }
 }
 
 fn key_cka_id(config: &Pkcs11KeyConfig) -> Option<Vec<u8>> {
@@ -469,19 +518,76 @@ fn check_attributes(session: &Session, key: ObjectHandle, token: &Token) -> Resu
 }
 
 /// A value that identifies the key material without revealing it: the token encrypts a
-/// fixed block. ECB first; tokens that forbid ECB get AES-GCM with a fixed IV and no
-/// plaintext (a pure tag), which is just as deterministic. Only a mechanism refusal
-/// (deterministic for a given token) falls back, so the key_id cannot flip between runs.
-fn check_value(session: &Session, key: ObjectHandle) -> Result<Vec<u8>, Error> {
-    match session.encrypt(&Mechanism::AesEcb, key, CHECK_BLOCK) {
-        Ok(check) => Ok(check),
-        Err(Error::Pkcs11(RvError::MechanismInvalid | RvError::KeyFunctionNotPermitted, _)) => {
-            let mut iv = [0u8; IV_LEN];
-            let params = GcmParams::new(&mut iv, CHECK_BLOCK, 128.into())?;
-            let mut tag = session.encrypt(&Mechanism::AesGcm(params), key, &[])?;
-            tag.insert(0, b'g');
-            Ok(tag)
+/// fixed block, and the key_id is a hash of the result. It must be the same on every run, or
+/// data wrapped before a restart becomes unreadable, so it never depends on an IV the token
+/// may choose, and the steps below only move on after a refusal (deterministic per token):
+///
+/// 1. AES-ECB of the block: what existing deployments' key_ids come from.
+/// 2. Tokens that refuse ECB: AES-GCM with an all-zero IV over no plaintext, the block as
+///    AAD (a pure tag, prefixed `g`), the value earlier versions used there. Kept only if the
+///    IV buffer is still all-zero after the call: FIPS HSMs ignore the caller's IV and write
+///    back a random one, which would make the tag differ on every run.
+/// 3. Tokens that replace the GCM IV or refuse these GCM parameters: AES-CBC with an all-zero
+///    IV over the one block, which is the ECB value itself (AES(K, block XOR 0)), so such a
+///    token gives the same key_id as one that allows ECB.
+///
+/// The error says what the token refused, for start-up and reconnect messages.
+fn check_value(session: &Session, key: ObjectHandle) -> Result<Vec<u8>, String> {
+    let refused_ecb = match session.encrypt(&Mechanism::AesEcb, key, CHECK_BLOCK) {
+        Ok(check) => return Ok(check),
+        Err(e @ Error::Pkcs11(RvError::MechanismInvalid | RvError::KeyFunctionNotPermitted, _)) => {
+            e
         }
-        Err(e) => Err(e),
+        Err(e) => return Err(describe(&e)),
+    };
+    let refused = |e: &Error| {
+        matches!(
+            e,
+            Error::Pkcs11(
+                RvError::MechanismInvalid
+                    | RvError::MechanismParamInvalid
+                    | RvError::KeyFunctionNotPermitted,
+                _
+            )
+        )
+    };
+    match gcm_check_value(session, key) {
+        Ok(Some(check)) => return Ok(check),
+        Ok(None) => {}
+        Err(e) if refused(&e) => {}
+        Err(e) => return Err(describe(&e)),
     }
+    cbc_check_value(session, key).map_err(|e| {
+        if refused(&e) {
+            format!(
+                "the token refused AES-ECB ({}), AES-GCM with a caller-chosen IV, and AES-CBC \
+                 ({}); it must allow one of them on this key",
+                describe(&refused_ecb),
+                describe(&e)
+            )
+        } else {
+            describe(&e)
+        }
+    })
+}
+
+/// Step 2 of [`check_value`]: `None` if the token replaced the all-zero IV.
+fn gcm_check_value(session: &Session, key: ObjectHandle) -> Result<Option<Vec<u8>>, Error> {
+    let mut iv = [0u8; IV_LEN];
+    let tag = {
+        let params = GcmParams::new(&mut iv, CHECK_BLOCK, 128.into())?;
+        session.encrypt(&Mechanism::AesGcm(params), key, &[])?
+    };
+    if iv != [0u8; IV_LEN] {
+        return Ok(None);
+    }
+    let mut check = Vec::with_capacity(1 + tag.len());
+    check.push(b'g');
+    check.extend_from_slice(&tag);
+    Ok(Some(check))
+}
+
+/// Step 3 of [`check_value`]: equal to the ECB value.
+fn cbc_check_value(session: &Session, key: ObjectHandle) -> Result<Vec<u8>, Error> {
+    session.encrypt(&Mechanism::AesCbc([0u8; 16]), key, CHECK_BLOCK)
 }

@@ -119,6 +119,7 @@ fn config(key_label: &str) -> Pkcs11KeyConfig {
         pin_file: Some(f.pin_file.clone()),
         pin_env: None,
         allow_extractable: false,
+        timeout_ms: 2500,
     }
 }
 
@@ -344,6 +345,30 @@ async fn key_id_is_stable_and_follows_the_key_material() {
         Err(RootError::Rejected(why)) => assert!(why.contains("no longer the key"), "{why}"),
         other => panic!("expected Rejected, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn the_cbc_check_value_is_the_ecb_check_value() {
+    // Tokens that refuse ECB and choose their own GCM IV get their key_id from AES-CBC with
+    // a zero IV; over one block that must be the ECB value, so the key_id is the same as on
+    // a token that allows ECB.
+    let _g = shared().await;
+    let c = config("kcv");
+    Pkcs11Root::create(&c).await.expect("create");
+    let session = raw_session(&c.module);
+    let key = find(&session, "kcv")[0];
+    let ecb = session
+        .encrypt(&Mechanism::AesEcb, key, CHECK_BLOCK)
+        .expect("ecb");
+    assert_eq!(ecb.len(), 16);
+    assert_eq!(cbc_check_value(&session, key).expect("cbc"), ecb);
+    assert_eq!(check_value(&session, key).expect("check value"), ecb);
+    // SoftHSM honours the caller's GCM IV, so the GCM step keeps its old value.
+    let gcm = gcm_check_value(&session, key)
+        .expect("gcm")
+        .expect("the IV was kept");
+    assert_eq!(gcm[0], b'g');
+    assert_eq!(gcm_check_value(&session, key).expect("gcm"), Some(gcm));
 }
 
 #[tokio::test]
