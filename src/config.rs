@@ -674,9 +674,16 @@ mod tests {
                 .contains("greater than zero")
         );
         assert!(error_of(&format!("{MINIMAL}\n[cache]\ncapacity = 0")).contains("capacity"));
-        for bad in ["unwraps_per_second = 0", "unwrap_burst = 0", "unwrap_burst = 10001"] {
+        for bad in [
+            "unwraps_per_second = 0",
+            "unwrap_burst = 0",
+            "unwrap_burst = 10001",
+        ] {
             let field = bad.split(' ').next().unwrap_or_default();
-            assert!(error_of(&format!("{MINIMAL}\n[cache]\n{bad}")).contains(field), "{bad}");
+            assert!(
+                error_of(&format!("{MINIMAL}\n[cache]\n{bad}")).contains(field),
+                "{bad}"
+            );
         }
         assert!(error_of(&MINIMAL.replace("/run/kms-plugin/kms.sock", "")).contains("socket"));
         assert!(

@@ -114,7 +114,11 @@ impl KekCache {
             .await
             .cloned();
         let mut inner = self.lock();
-        if inner.pending.get(&id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+        if inner
+            .pending
+            .get(&id)
+            .is_some_and(|s| Arc::ptr_eq(s, &slot))
+        {
             inner.pending.remove(&id);
         }
         match &result {
@@ -216,7 +220,12 @@ mod tests {
     async fn transient_failures_are_not_cached() {
         let cache = KekCache::new(4);
         let id = KekCache::id("file-a", b"w");
-        assert!(cache.get_or_unwrap(id, || async { Err(down()) }).await.is_err());
+        assert!(
+            cache
+                .get_or_unwrap(id, || async { Err(down()) })
+                .await
+                .is_err()
+        );
         assert!(cache.is_empty());
         assert_eq!(cache.failed_len(), 0);
         let ok = cache.get_or_unwrap(id, || async { Ok(cipher()) }).await;

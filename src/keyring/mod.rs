@@ -571,8 +571,10 @@ impl Keyring {
     }
 
     fn rotation_reason(&self) -> String {
-        self.rotation_error()
-            .map_or_else(|| "its successor is still being made".into(), |e| e.to_string())
+        self.rotation_error().map_or_else(
+            || "its successor is still being made".into(),
+            |e| e.to_string(),
+        )
     }
 
     /// Why an Encrypt would fail right now.

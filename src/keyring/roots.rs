@@ -114,8 +114,12 @@ impl RootStats {
         let mut guard = self.health.lock().unwrap_or_else(PoisonError::into_inner);
         if guard.broken != why {
             match &why {
-                Some(why) => tracing::error!(root = name, error = %why, "root key is broken: no local KEK it wraps will be used"),
-                None if guard.broken.is_some() => tracing::info!(root = name, "root key round trip works again"),
+                Some(why) => {
+                    tracing::error!(root = name, error = %why, "root key is broken: no local KEK it wraps will be used")
+                }
+                None if guard.broken.is_some() => {
+                    tracing::info!(root = name, "root key round trip works again")
+                }
                 None => {}
             }
         }

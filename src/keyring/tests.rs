@@ -57,10 +57,10 @@ impl RootKey for Faulty {
                 return Err(e);
             }
             let mut wrapped = self.inner.wrap(kek, ctx).await?;
-            if self.mode.load(Ordering::SeqCst) == CORRUPT_WRAPS {
-                if let Some(first) = wrapped.first_mut() {
-                    *first ^= 1;
-                }
+            if self.mode.load(Ordering::SeqCst) == CORRUPT_WRAPS
+                && let Some(first) = wrapped.first_mut()
+            {
+                *first ^= 1;
             }
             Ok(wrapped)
         })
@@ -107,7 +107,13 @@ async fn fixture(names: &[&str], adjust: impl FnOnce(&mut Config)) -> Fixture {
             burst: config.cache.unwrap_burst,
         };
         let root: Arc<dyn RootKey> = key.clone();
-        roots.push(Arc::new(Root::new(name, role, root, Default::default(), rate)));
+        roots.push(Arc::new(Root::new(
+            name,
+            role,
+            root,
+            Default::default(),
+            rate,
+        )));
         faulty.push(key);
     }
     let cache = Arc::new(KekCache::new(config.cache.capacity));
@@ -153,7 +159,10 @@ async fn a_broken_also_wrap_root_fails_health_but_the_proven_kek_keeps_serving()
     f.keyring.start().await.expect("start");
     let before = f.keyring.encrypt(b"seed").expect("encrypt");
     f.roots[1].set(CORRUPT_WRAPS);
-    assert!(f.keyring.rotate().await.is_err(), "successor must be refused");
+    assert!(
+        f.keyring.rotate().await.is_err(),
+        "successor must be refused"
+    );
     let health = f.keyring.health();
     assert!(
         health.healthz.contains("also-wrap root key \"backup\""),
@@ -232,7 +241,10 @@ async fn forged_copies_cost_a_bounded_number_of_unwraps_and_evict_nothing() {
     let elapsed = started.elapsed().as_secs_f64();
     let calls = unwraps(&f.keyring, "main") - before;
     let bound = 5 + (10.0 * elapsed).ceil() as u64;
-    assert!(calls >= 5 && calls <= bound, "{calls} unwraps in {elapsed:.2} s");
+    assert!(
+        calls >= 5 && calls <= bound,
+        "{calls} unwraps in {elapsed:.2} s"
+    );
     assert_eq!(calls, refused.len() as u64);
     assert_eq!(throttled + refused.len(), 10_000);
 

@@ -318,7 +318,10 @@ pub async fn forged_copies_cost_few_root_calls_and_evict_nothing<B: Backend>(bac
             for _ in 0..125 {
                 let forged: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
                 request.annotations.insert(name.clone(), forged);
-                let err = client.decrypt(request.clone()).await.expect_err("forged copy");
+                let err = client
+                    .decrypt(request.clone())
+                    .await
+                    .expect_err("forged copy");
                 match err.code() {
                     Code::InvalidArgument => refused.push(request.clone()),
                     Code::ResourceExhausted => throttled += 1,
@@ -341,7 +344,11 @@ pub async fn forged_copies_cost_few_root_calls_and_evict_nothing<B: Backend>(bac
         calls <= bound,
         "{calls} root unwraps for 2,000 forged Decrypts in {elapsed:.1} s (bound {bound})"
     );
-    assert_eq!(calls, refused.len() as u64, "one root call per refused copy");
+    assert_eq!(
+        calls,
+        refused.len() as u64,
+        "one root call per refused copy"
+    );
     assert!(throttled > 0, "the budget never ran out in {elapsed:.1} s");
 
     for (sealed, seed) in &good {
