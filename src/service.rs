@@ -20,6 +20,9 @@ use crate::proto::v2::{
 
 /// Decrypt waits at most this long for a root when the client sent no deadline.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(3);
+/// tonic enforces the client's deadline too, answering `Cancelled`; the handler gives up this
+/// much earlier so the caller gets `DeadlineExceeded` with a reason instead.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 
 /// Both services over one plugin.
 #[derive(Clone)]
@@ -110,7 +113,8 @@ impl KeyManagementService for Service {
     ) -> Result<Response<DecryptResponse>, Status> {
         let _in_flight = self.plugin.call_started();
         let started = std::time::Instant::now();
-        let deadline = grpc_timeout(request.metadata()).unwrap_or(DEFAULT_DEADLINE);
+        let deadline = grpc_timeout(request.metadata())
+            .map_or(DEFAULT_DEADLINE, |d| d.saturating_sub(DEADLINE_MARGIN));
         let request = request.into_inner();
         let keyring = self.plugin.keyring();
         let call = keyring.decrypt(&request.key_id, &request.ciphertext, &request.annotations);

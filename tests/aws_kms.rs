@@ -131,19 +131,20 @@ async fn kms_is_called_once_per_local_kek_not_per_request() {
     let sealed = seal_many(&plugin, 20).await;
     open_all(&plugin, &sealed).await;
     open_all(&plugin, &sealed).await;
-    // One Encrypt for the first local KEK, no Decrypt: the fresh local KEK is cached.
-    assert_eq!(calls(&plugin, "main").await, (1, 0));
+    // One Encrypt for the first local KEK and one Decrypt proving its copy opens; nothing
+    // per request: the fresh local KEK is cached.
+    assert_eq!(calls(&plugin, "main").await, (1, 1));
 
     plugin.restart().await;
     assert_eq!(
         calls(&plugin, "main").await,
-        (1, 0),
-        "start-up wraps one new local KEK"
+        (1, 1),
+        "start-up wraps (and checks) one new local KEK"
     );
     open_all(&plugin, &sealed).await;
     open_all(&plugin, &sealed).await;
-    // 20 ciphertexts under one local KEK, decrypted twice: one KMS Decrypt.
-    assert_eq!(calls(&plugin, "main").await, (1, 1));
+    // 20 ciphertexts under one local KEK, decrypted twice: one more KMS Decrypt.
+    assert_eq!(calls(&plugin, "main").await, (1, 2));
 }
 
 #[tokio::test]
