@@ -127,6 +127,7 @@ fn read_key_file(path: &Path) -> Result<Key256, RootError> {
     let meta = file
         .metadata()
         .map_err(|e| RootError::Config(format!("cannot stat root key file {shown}: {e}")))?;
+    crate::secure_path::check_file(path, &meta, "root key file").map_err(RootError::Config)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(RootError::Config(format!(
@@ -177,6 +178,13 @@ fn create_key_file(path: &Path) -> Result<bool, RootError> {
         }
     }
     Ok(true)
+}
+
+/// The state directory: created with mode 0700 if missing; refused (never changed) if
+/// another user owns it or could write to it or to a directory above it.
+pub fn prepare_state_dir(dir: &Path) -> Result<(), RootError> {
+    create_private_dir(dir)?;
+    crate::secure_path::check_dir(dir, "state directory").map_err(RootError::Config)
 }
 
 /// Creates `dir` (and parents) with mode 0700 if missing; an existing one is left as is.
