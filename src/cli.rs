@@ -327,7 +327,16 @@ async fn rotate(config_path: &Path, to: &str, socket: Option<String>) -> ExitCod
         .reload(crate::proto::admin::ReloadRequest { force: false })
         .await;
     let new_key_id = match reloaded {
-        Ok(r) => r.into_inner().key_id,
+        Ok(r) => {
+            let r = r.into_inner();
+            if !r.needs_restart.is_empty() {
+                println!(
+                    "note: {} changed in the config file and needs a restart of the plugin",
+                    r.needs_restart.join(", ")
+                );
+            }
+            r.key_id
+        }
         Err(e) => {
             let restored = crate::rotate::write_atomically(config_path, &old_text);
             let what = match restored {
