@@ -240,8 +240,7 @@ mod tests {
         let path = keys.join("k.key");
         let err = FileRoot::create(&path)
             .await
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
         assert!(
             err.contains("key directory") && err.contains("chmod 700"),
