@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::config::{self, Config, Source};
 use crate::plugin::Plugin;
@@ -93,6 +93,13 @@ pub enum Command {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     init_logging(cli.log_format);
+    if matches!(cli.command, Command::Serve { .. })
+        && let Err(e) = crate::process::harden()
+    {
+        return fail(&format!(
+            "cannot disable core dumps (PR_SET_DUMPABLE, RLIMIT_CORE): {e}"
+        ));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -116,8 +123,8 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Reload { socket, force } => reload(&socket, force).await,
         }
     });
-    // Dropping the runtime would wait for every blocking task, and a PKCS#11 call stuck in
-    // a hung HSM never returns: exit without it.
+    // Dropping the runtime would wait for every blocking task, and a root call stuck in a
+    // hung HSM (at start-up or later) never returns: exit without it.
     runtime.shutdown_timeout(Duration::from_millis(500));
     code
 }
@@ -127,10 +134,56 @@ async fn serve(
     socket: Option<String>,
     state_dir: Option<PathBuf>,
 ) -> ExitCode {
+    // First, before anything slow (roots, PKCS#11 login, the first KMS call): SIGTERM or
+    // SIGINT during start-up stops cleanly, and an early SIGHUP does not kill.
+    let (term, int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(term), Ok(int), Ok(hup)) => (term, int, hup),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            return fail(&format!("cannot install signal handlers: {e}"));
+        }
+    };
+    let mut shutdown = Box::pin(shutdown_signal(term, int));
+    let started = tokio::select! {
+        started = start_up(config_path, socket, state_dir) => started,
+        () = &mut shutdown => {
+            tracing::info!("stopped during start-up");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let (plugin, config, endpoint) = match started {
+        Ok(started) => started,
+        Err(code) => return code,
+    };
+    tokio::spawn({
+        let plugin = plugin.clone();
+        async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP received; reloading the configuration");
+                let _ = plugin.reload(false).await;
+            }
+        }
+    });
+    let peers = server::peer::PeerCheck::new(&endpoint, config.allowed_uids.as_deref());
+    match server::serve(plugin, &endpoint, config.socket_mode, peers, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// Everything before serving: config, state directory, roots, metrics listener.
+async fn start_up(
+    config_path: Option<&Path>,
+    socket: Option<String>,
+    state_dir: Option<PathBuf>,
+) -> Result<(std::sync::Arc<Plugin>, Config, Endpoint), ExitCode> {
     let (mut config, source) = match config_path {
         Some(path) => match Config::load(path) {
             Ok(config) => (config, Source::File(path.to_path_buf())),
-            Err(e) => return fail(&e.to_string()),
+            Err(e) => return Err(fail(&e.to_string())),
         },
         None => {
             let dir = state_dir
@@ -139,63 +192,50 @@ async fn serve(
             (Config::embedded(&dir), Source::Embedded)
         }
     };
-    if socket.is_some() {
-        config.socket = socket;
-    }
     if state_dir.is_some() {
         config.state_dir = state_dir;
     }
     if source == Source::Embedded {
+        if let Some(dir) = &config.state_dir
+            && let Err(e) = root::file::prepare_state_dir(dir)
+        {
+            return Err(fail(&e.to_string()));
+        }
         let key = &config.keys[config::DEFAULT_KEY_NAME];
         match root::create(key).await {
             Ok(true) => tracing::info!("created a new root key for the embedded default"),
             Ok(false) => {}
-            Err(e) => return fail(&e.to_string()),
+            Err(e) => return Err(fail(&e.to_string())),
         }
     }
     let plugin = match Plugin::start(&config, source).await {
         Ok(plugin) => plugin,
-        Err(e) => return fail(&format!("cannot start: {e}")),
+        Err(e) => return Err(fail(&format!("cannot start: {e}"))),
     };
-    let endpoint = Endpoint::parse(config.socket.as_deref().unwrap_or(config::DEFAULT_SOCKET));
-    let shutdown = match shutdown_signal(plugin.clone()) {
-        Ok(signal) => signal,
-        Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
-    };
+    // --socket is not written into the config: a reload compares the file with the file.
+    let endpoint = Endpoint::parse(
+        socket
+            .as_deref()
+            .or(config.socket.as_deref())
+            .unwrap_or(config::DEFAULT_SOCKET),
+    );
     if let Some(addr) = config.metrics_listen {
         match server::metrics_http::bind(addr, plugin.clone()).await {
             Ok(serve_metrics) => {
                 tokio::spawn(serve_metrics);
             }
-            Err(e) => return fail(&format!("cannot serve metrics on {addr}: {e}")),
+            Err(e) => return Err(fail(&format!("cannot serve metrics on {addr}: {e}"))),
         }
     }
-    let peers = server::peer::PeerCheck::new(&endpoint, config.allowed_uids.as_deref());
-    match server::serve(plugin, &endpoint, config.socket_mode, peers, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e.to_string()),
-    }
+    Ok((plugin, config, endpoint))
 }
 
-/// Resolves on SIGTERM or SIGINT. SIGHUP reloads the config file (never dropping keys).
-fn shutdown_signal(
-    plugin: std::sync::Arc<Plugin>,
-) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP received; reloading the configuration");
-            let _ = plugin.reload(false).await;
-        }
-    });
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    })
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal(mut term: Signal, mut int: Signal) {
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
 }
 
 async fn status(socket: &str) -> ExitCode {
@@ -287,7 +327,16 @@ async fn rotate(config_path: &Path, to: &str, socket: Option<String>) -> ExitCod
         .reload(crate::proto::admin::ReloadRequest { force: false })
         .await;
     let new_key_id = match reloaded {
-        Ok(r) => r.into_inner().key_id,
+        Ok(r) => {
+            let r = r.into_inner();
+            if !r.needs_restart.is_empty() {
+                println!(
+                    "note: {} changed in the config file and needs a restart of the plugin",
+                    r.needs_restart.join(", ")
+                );
+            }
+            r.key_id
+        }
         Err(e) => {
             let restored = crate::rotate::write_atomically(config_path, &old_text);
             let what = match restored {
@@ -331,7 +380,14 @@ async fn reload(socket: &str, force: bool) -> ExitCode {
         .await
     {
         Ok(r) => {
-            println!("reloaded; active key_id {}", r.into_inner().key_id);
+            let r = r.into_inner();
+            println!("reloaded; active key_id {}", r.key_id);
+            if !r.needs_restart.is_empty() {
+                println!(
+                    "applied, but {} changed and needs a restart of the plugin (the running value stays)",
+                    r.needs_restart.join(", ")
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(&format!("reload refused: {}", e.message())),

@@ -124,9 +124,14 @@ pub struct AwsKmsKeyConfig {
     pub key_id: String,
     /// The AWS region of the key.
     pub region: String,
-    /// Endpoint URL override (VPC or FIPS endpoint, an emulator).
+    /// Endpoint URL override (VPC or FIPS endpoint, an emulator). Must be https:// unless
+    /// `allow_http` is set.
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// Accept a plain `http://` endpoint (an emulator on loopback; never a real KMS: the
+    /// wrapped keys and credentials would cross the network in clear).
+    #[serde(default)]
+    pub allow_http: bool,
     /// Extra EncryptionContext pairs sent with every call, on top of the plugin's own.
     #[serde(default)]
     pub encryption_context: BTreeMap<String, String>,
@@ -184,10 +189,26 @@ impl AwsKmsKeyConfig {
                 self.region, parts[3]
             ));
         }
-        if let Some(endpoint) = &self.endpoint
-            && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
-        {
-            return Err(format!("{at} endpoint must be an http:// or https:// URL"));
+        if let Some(endpoint) = &self.endpoint {
+            let scheme = endpoint
+                .split_once("://")
+                .map(|(s, _)| s.to_ascii_lowercase());
+            match scheme.as_deref() {
+                Some("https") => {}
+                Some("http") if self.allow_http => {}
+                Some("http") => {
+                    return Err(format!(
+                        "{at} endpoint \"{endpoint}\" is plain http: wrapped keys and request \
+                         signatures would cross the network unencrypted; use https://, or set \
+                         allow_http = true (only for an emulator on loopback)"
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "{at} endpoint must be an https:// URL, not \"{endpoint}\""
+                    ));
+                }
+            }
         }
         for key in self.encryption_context.keys() {
             if key.is_empty() {
@@ -516,30 +537,13 @@ impl Config {
                 annotations::MAX_TOTAL_LEN / per_copy - 1
             ));
         }
-        let lk = &self.local_kek;
-        if lk.max_encryptions == 0 || lk.max_age_seconds == 0 {
-            return Err("[local_kek] limits must be greater than zero".into());
+        if self.keys.len() > MAX_KEYS {
+            return Err(format!(
+                "[keys] has {} entries; at most {MAX_KEYS} are allowed",
+                self.keys.len()
+            ));
         }
-        if lk.max_encryptions > 1 << 32 {
-            return Err(
-                "[local_kek] max_encryptions must be at most 2^32 (AES-GCM nonce bound)".into(),
-            );
-        }
-        if !(1..=100).contains(&lk.prepare_at_percent) {
-            return Err("[local_kek] prepare_at_percent must be 1 to 100".into());
-        }
-        if self.cache.capacity == 0 {
-            return Err("[cache] capacity must be at least 1".into());
-        }
-        if !(1..=10_000).contains(&self.cache.unwraps_per_second) {
-            return Err("[cache] unwraps_per_second must be 1 to 10000".into());
-        }
-        if !(1..=10_000).contains(&self.cache.unwrap_burst) {
-            return Err("[cache] unwrap_burst must be 1 to 10000".into());
-        }
-        if self.socket_mode & !0o777 != 0 {
-            return Err("socket_mode must be permission bits like \"0600\"".into());
-        }
+        self.check_bounds()?;
         if let Some(socket) = &self.socket
             && (socket.is_empty() || socket == "@")
         {
@@ -548,6 +552,114 @@ impl Config {
         Ok(())
     }
 }
+
+/// Most `[keys.NAME]` entries: each is opened (and for a retired one, kept) at every load.
+pub const MAX_KEYS: usize = 64;
+/// Most `allowed_uids` entries.
+pub const MAX_ALLOWED_UIDS: usize = 1024;
+
+/// `field` must lie in `range`; the error names the field and the range.
+fn in_range<T: PartialOrd + fmt::Display>(
+    field: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    why: &str,
+) -> Result<(), String> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(format!(
+        "{field} = {value} is out of range: it must be {} to {}{why}",
+        range.start(),
+        range.end()
+    ))
+}
+
+impl Config {
+    /// Bounds of every number, so that no later arithmetic (`Instant + Duration`, percent
+    /// of a limit) can overflow and nothing grows without limit.
+    fn check_bounds(&self) -> Result<(), String> {
+        let lk = &self.local_kek;
+        in_range(
+            "[local_kek] max_encryptions",
+            lk.max_encryptions,
+            1..=1 << 32,
+            " (2^32 is the AES-GCM random-nonce bound)",
+        )?;
+        in_range(
+            "[local_kek] max_age_seconds",
+            lk.max_age_seconds,
+            1..=MAX_LOCAL_KEK_AGE_SECONDS,
+            " (one year)",
+        )?;
+        in_range(
+            "[local_kek] prepare_at_percent",
+            lk.prepare_at_percent,
+            1..=100,
+            "",
+        )?;
+        in_range(
+            "[cache] capacity",
+            self.cache.capacity,
+            1..=MAX_CACHE_CAPACITY,
+            "",
+        )?;
+        in_range(
+            "[cache] unwraps_per_second",
+            self.cache.unwraps_per_second,
+            1..=10_000,
+            "",
+        )?;
+        in_range(
+            "[cache] unwrap_burst",
+            self.cache.unwrap_burst,
+            1..=10_000,
+            "",
+        )?;
+        in_range(
+            "[health] root_check_interval_seconds",
+            self.health.root_check_interval_seconds,
+            0..=MAX_CHECK_INTERVAL_SECONDS,
+            " (0 = never; 30 days at most)",
+        )?;
+        in_range(
+            "[health] retry_interval_seconds",
+            self.health.retry_interval_seconds,
+            1..=MAX_RETRY_INTERVAL_SECONDS,
+            "",
+        )?;
+        if self.socket_mode & !0o777 != 0 {
+            return Err(format!(
+                "socket_mode = \"{:o}\" must be permission bits from \"0000\" to \"0777\", like \"0600\"",
+                self.socket_mode
+            ));
+        }
+        if self.socket_mode & 0o600 != 0o600 {
+            return Err(format!(
+                "socket_mode = \"{:04o}\" must give the owner read and write (at least \"0600\")",
+                self.socket_mode
+            ));
+        }
+        if let Some(uids) = &self.allowed_uids
+            && uids.len() > MAX_ALLOWED_UIDS
+        {
+            return Err(format!(
+                "allowed_uids lists {} uids; at most {MAX_ALLOWED_UIDS} are allowed",
+                uids.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Longest `[local_kek] max_age_seconds`: one year.
+pub const MAX_LOCAL_KEK_AGE_SECONDS: u64 = 366 * 24 * 3600;
+/// Largest `[cache] capacity` (under 1 KiB of memory per entry).
+pub const MAX_CACHE_CAPACITY: usize = 65536;
+/// Longest `[health] root_check_interval_seconds`: 30 days.
+pub const MAX_CHECK_INTERVAL_SECONDS: u64 = 30 * 24 * 3600;
+/// Longest `[health] retry_interval_seconds`: one hour.
+pub const MAX_RETRY_INTERVAL_SECONDS: u64 = 3600;
 
 /// What a root key is used for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -671,7 +783,7 @@ mod tests {
         );
         assert!(
             error_of(&format!("{MINIMAL}\n[local_kek]\nmax_encryptions = 0"))
-                .contains("greater than zero")
+                .contains("max_encryptions")
         );
         assert!(error_of(&format!("{MINIMAL}\n[cache]\ncapacity = 0")).contains("capacity"));
         for bad in [
@@ -746,6 +858,96 @@ mod tests {
         let clash =
             format!("{AWS}\n[keys.aws.encryption_context]\n\"kms-plugin/purpose\" = \"x\"\n");
         assert!(error_of(&clash).contains("reserved"));
+    }
+
+    #[test]
+    fn aws_endpoint_must_be_https_unless_http_is_allowed() {
+        let https = format!("{AWS}\nendpoint = \"https://kms.internal:8443\"");
+        assert!(Config::parse(&https).is_ok());
+        let http = format!("{AWS}\nendpoint = \"http://127.0.0.1:5000\"");
+        let err = error_of(&http);
+        assert!(
+            err.contains("[keys.aws]") && err.contains("plain http") && err.contains("allow_http"),
+            "{err}"
+        );
+        assert!(error_of(&http.replace("http://", "HTTP://")).contains("allow_http"));
+        let allowed = format!("{http}\nallow_http = true");
+        let c = Config::parse(&allowed).expect("valid");
+        assert!(matches!(&c.keys["aws"], KeyConfig::AwsKms(k) if k.allow_http));
+        // allow_http does not make other schemes acceptable.
+        let ftp = format!("{AWS}\nendpoint = \"ftp://x\"\nallow_http = true");
+        assert!(error_of(&ftp).contains("must be an https:// URL"));
+    }
+
+    /// Each numeric setting, with the first value out of range on each side.
+    #[test]
+    fn numbers_out_of_range_are_rejected_with_field_and_range() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("[local_kek]", "max_encryptions = 0", "1 to 4294967296"),
+            (
+                "[local_kek]",
+                "max_encryptions = 4294967297",
+                "1 to 4294967296",
+            ),
+            ("[local_kek]", "max_age_seconds = 0", "1 to 31622400"),
+            ("[local_kek]", "max_age_seconds = 31622401", "1 to 31622400"),
+            (
+                "[local_kek]",
+                "max_age_seconds = 9223372036854775807",
+                "1 to 31622400",
+            ),
+            ("[local_kek]", "prepare_at_percent = 0", "1 to 100"),
+            ("[local_kek]", "prepare_at_percent = 101", "1 to 100"),
+            ("[cache]", "capacity = 0", "1 to 65536"),
+            ("[cache]", "capacity = 65537", "1 to 65536"),
+            (
+                "[health]",
+                "root_check_interval_seconds = 2592001",
+                "0 to 2592000",
+            ),
+            ("[health]", "retry_interval_seconds = 0", "1 to 3600"),
+            ("[health]", "retry_interval_seconds = 3601", "1 to 3600"),
+        ];
+        for (table, line, range) in cases {
+            let err = error_of(&format!("{MINIMAL}\n{table}\n{line}"));
+            let field = line.split(' ').next().expect("field");
+            assert!(
+                err.contains(&format!("{table} {field}")) && err.contains(range),
+                "{line}: {err}"
+            );
+        }
+        let at_bounds = format!(
+            "{MINIMAL}\n[local_kek]\nmax_encryptions = 4294967296\nmax_age_seconds = 31622400\n\
+             [cache]\ncapacity = 65536\n[health]\nroot_check_interval_seconds = 0\n\
+             retry_interval_seconds = 3600"
+        );
+        assert!(Config::parse(&at_bounds).is_ok());
+        // Too large for the integer type at all: a parse error naming the field, no panic.
+        let err = error_of(&format!("{MINIMAL}\n[local_kek]\nprepare_at_percent = 300"));
+        assert!(err.contains("prepare_at_percent"), "{err}");
+        let err = error_of(&format!("{MINIMAL}\n[cache]\ncapacity = -1"));
+        assert!(err.contains("capacity"), "{err}");
+    }
+
+    #[test]
+    fn socket_mode_and_list_sizes_are_bounded() {
+        let mode = |m: &str| MINIMAL.replace("[kek]", &format!("socket_mode = \"{m}\"\n[kek]"));
+        assert!(error_of(&mode("1777")).contains("\"0000\" to \"0777\""));
+        assert!(error_of(&mode("0400")).contains("owner read and write"));
+        assert!(Config::parse(&mode("0660")).is_ok());
+        let uids: Vec<String> = (0..=MAX_ALLOWED_UIDS).map(|u| u.to_string()).collect();
+        let many = MINIMAL.replace(
+            "[kek]",
+            &format!("allowed_uids = [{}]\n[kek]", uids.join(",")),
+        );
+        assert!(error_of(&many).contains("at most 1024"));
+        let mut keys = MINIMAL.to_string();
+        for i in 0..MAX_KEYS {
+            keys.push_str(&format!(
+                "\n[keys.k{i}]\nprovider = \"file\"\npath = \"/k{i}\"\n"
+            ));
+        }
+        assert!(error_of(&keys).contains("at most 64"));
     }
 
     const PKCS11: &str = r#"

@@ -39,9 +39,47 @@ pub enum ReloadError {
          reload with --force"
     )]
     WouldDrop(String),
-    /// A setting that cannot change while kube-apiserver runs.
-    #[error("{0} cannot change on reload; restart the plugin to change it")]
-    Immutable(&'static str),
+}
+
+/// A reload that was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The active key_id after the reload.
+    pub key_id: KeyId,
+    /// Changed settings that were not applied because they take effect only at start-up.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// Settings read only at start-up (the socket is bound, the listener and cache made once).
+/// Returns the names of those that differ, and puts the running values into `new` so that
+/// the configuration in force says what really runs.
+fn keep_start_up_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if new.socket != old.socket {
+        changed.push("socket");
+    }
+    if new.socket_mode != old.socket_mode {
+        changed.push("socket_mode");
+    }
+    if new.allowed_uids != old.allowed_uids {
+        changed.push("allowed_uids");
+    }
+    if new.metrics_listen != old.metrics_listen {
+        changed.push("metrics_listen");
+    }
+    if new.api_version != old.api_version {
+        changed.push("api_version");
+    }
+    if new.cache.capacity != old.cache.capacity {
+        changed.push("[cache] capacity");
+    }
+    new.socket = old.socket.clone();
+    new.socket_mode = old.socket_mode;
+    new.allowed_uids = old.allowed_uids.clone();
+    new.metrics_listen = old.metrics_listen;
+    new.api_version = old.api_version;
+    new.cache.capacity = old.cache.capacity;
+    changed
 }
 
 /// Shared state of a running plugin.
@@ -119,7 +157,7 @@ impl Plugin {
     }
 
     /// Re-reads the config file and swaps it in if it works. `force` allows dropping roots.
-    pub async fn reload(&self, force: bool) -> Result<KeyId, ReloadError> {
+    pub async fn reload(&self, force: bool) -> Result<Reloaded, ReloadError> {
         let Source::File(path) = &self.source else {
             return Err(ReloadError::NoConfigFile);
         };
@@ -129,15 +167,22 @@ impl Plugin {
             .try_reload(&loaded.config, Config::load(path), force)
             .await;
         match &result {
-            Ok((config, key_id)) => {
-                tracing::info!(config = %path.display(), key_id = %key_id, "configuration reloaded");
+            Ok((config, reloaded)) => {
+                tracing::info!(config = %path.display(), key_id = %reloaded.key_id, "configuration reloaded");
+                if !reloaded.needs_restart.is_empty() {
+                    tracing::warn!(
+                        config = %path.display(),
+                        fields = %reloaded.needs_restart.join(", "),
+                        "changed settings take effect only after a restart; the running values stay"
+                    );
+                }
                 loaded.config = config.clone();
             }
             Err(e) => {
                 tracing::error!(config = %path.display(), error = %e, "reload refused; the previous configuration keeps serving")
             }
         }
-        result.map(|(_, key_id)| key_id)
+        result.map(|(_, reloaded)| reloaded)
     }
 
     async fn try_reload(
@@ -145,16 +190,9 @@ impl Plugin {
         old: &Config,
         new: Result<Config, ConfigError>,
         force: bool,
-    ) -> Result<(Config, KeyId), ReloadError> {
+    ) -> Result<(Config, Reloaded), ReloadError> {
         let mut new = new?;
-        if new.api_version != old.api_version {
-            return Err(ReloadError::Immutable("api_version"));
-        }
-        // The socket is bound once; the running one stays.
-        new.socket = old.socket.clone();
-        new.socket_mode = old.socket_mode;
-        new.allowed_uids = old.allowed_uids.clone();
-        new.metrics_listen = old.metrics_listen;
+        let needs_restart = keep_start_up_settings(old, &mut new);
         let current = self.keyring();
         let keyring = Arc::new(
             Keyring::open(&new, current.cache(), &current.stats(), Retired::Require).await?,
@@ -181,7 +219,13 @@ impl Plugin {
             keyring,
         );
         old.stop();
-        Ok((new, key_id))
+        Ok((
+            new,
+            Reloaded {
+                key_id,
+                needs_restart,
+            },
+        ))
     }
 
     /// Reloads whenever the config file's content changes (edits, ConfigMap symlink swaps).

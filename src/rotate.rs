@@ -7,7 +7,7 @@
 //! 4. wait until Status reports the new key_id, and print the next steps.
 
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use toml_edit::{Array, DocumentMut, value};
@@ -121,13 +121,13 @@ pub fn rewrite(text: &str, old_active: &str, to: &str) -> Result<String, RotateE
     Ok(doc.to_string())
 }
 
-/// Replaces the file's content atomically, keeping its permissions.
+/// Replaces the file's content atomically, keeping its owner, group and mode.
 pub fn write_atomically(path: &Path, text: &str) -> Result<(), RotateError> {
     let io = |source| RotateError::Io {
         path: path.display().to_string(),
         source,
     };
-    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+    let meta = std::fs::metadata(path).map_err(io)?;
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -137,9 +137,28 @@ pub fn write_atomically(path: &Path, text: &str) -> Result<(), RotateError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let staging = dir.join(format!(".{name}.rotate-{}", std::process::id()));
+    // A leftover from a crashed run with the same pid; create_new below never follows a
+    // planted symlink.
+    let _ = std::fs::remove_file(&staging);
     let result = (|| {
-        let mut file = std::fs::File::create(&staging)?;
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&staging)?;
+        // Owner first: chown clears set-id bits, so the mode goes on afterwards.
+        std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid())).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot give the new file the old one's owner {}:{} ({e}); run rotate as \
+                     root or as the file's owner",
+                    meta.uid(),
+                    meta.gid()
+                ),
+            )
+        })?;
+        file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
         file.write_all(text.as_bytes())?;
         file.sync_all()?;
         std::fs::rename(&staging, path)?;
@@ -214,21 +233,33 @@ mod tests {
     }
 
     #[test]
-    fn atomic_write_keeps_mode() {
+    fn atomic_write_keeps_owner_group_and_mode() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "x").expect("write");
+        // Tests run as root: hand the file to another user and group, as /etc files may be.
+        let (uid, gid) = if euid() == 0 {
+            std::os::unix::fs::chown(&path, Some(1234), Some(5678)).expect("chown");
+            (1234, 5678)
+        } else {
+            let m = std::fs::metadata(&path).expect("meta");
+            (m.uid(), m.gid())
+        };
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
         write_atomically(&path, "y").expect("write");
         assert_eq!(std::fs::read_to_string(&path).expect("read"), "y");
-        assert_eq!(
-            std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
-            0o640
-        );
+        let meta = std::fs::metadata(&path).expect("meta");
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+        assert_eq!((meta.uid(), meta.gid()), (uid, gid));
         assert_eq!(
             std::fs::read_dir(dir.path()).expect("ls").count(),
             1,
             "no temp file left"
         );
+    }
+
+    fn euid() -> u32 {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() }
     }
 }

@@ -167,8 +167,13 @@ impl Admin for Service {
     ) -> Result<Response<ReloadResponse>, Status> {
         let force = request.into_inner().force;
         match self.plugin.reload(force).await {
-            Ok(key_id) => Ok(Response::new(ReloadResponse {
-                key_id: key_id.to_string(),
+            Ok(reloaded) => Ok(Response::new(ReloadResponse {
+                key_id: reloaded.key_id.to_string(),
+                needs_restart: reloaded
+                    .needs_restart
+                    .iter()
+                    .map(|f| f.to_string())
+                    .collect(),
             })),
             // The operator's own configuration problem: tell them all of it.
             Err(e) => Err(Status::failed_precondition(e.to_string())),

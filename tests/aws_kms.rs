@@ -25,7 +25,7 @@ fn env() -> Vec<(String, String)> {
 
 fn key_body(arn: &str, endpoint: &str, extra: &str) -> String {
     format!(
-        "provider = \"aws-kms\"\nkey_id = \"{arn}\"\nregion = \"{}\"\nendpoint = \"{endpoint}\"\n{extra}",
+        "provider = \"aws-kms\"\nkey_id = \"{arn}\"\nregion = \"{}\"\nendpoint = \"{endpoint}\"\nallow_http = true\n{extra}",
         moto::REGION
     )
 }

@@ -31,7 +31,7 @@ async fn kms_outage_after_restart_decrypts_through_the_also_wrap_root() {
     let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let aws = format!(
-        "provider = \"aws-kms\"\nkey_id = \"{arn}\"\nregion = \"{}\"\nendpoint = \"{}\"",
+        "provider = \"aws-kms\"\nkey_id = \"{arn}\"\nregion = \"{}\"\nendpoint = \"{}\"\nallow_http = true",
         moto::REGION,
         proxy.endpoint()
     );

@@ -67,6 +67,12 @@ impl AwsKmsRoot {
         let mut kms = aws_sdk_kms::config::Builder::from(&shared);
         // Only the KMS client gets the override: STS (web identity) must keep its own.
         if let Some(endpoint) = &config.endpoint {
+            // Config validation refuses this too; a config built in code must not slip by.
+            if !config.allow_http && !endpoint.to_ascii_lowercase().starts_with("https://") {
+                return Err(RootError::Config(format!(
+                    "AWS KMS endpoint {endpoint} is not https:// (set allow_http = true only for an emulator)"
+                )));
+            }
             kms = kms.endpoint_url(endpoint);
         }
         Ok(Self {

@@ -127,6 +127,7 @@ fn read_key_file(path: &Path) -> Result<Key256, RootError> {
     let meta = file
         .metadata()
         .map_err(|e| RootError::Config(format!("cannot stat root key file {shown}: {e}")))?;
+    crate::secure_path::check_file(path, &meta, "root key file").map_err(RootError::Config)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(RootError::Config(format!(
@@ -150,6 +151,9 @@ fn create_key_file(path: &Path) -> Result<bool, RootError> {
     let shown = path.display();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         create_private_dir(dir)?;
+        // Never write a new key where another user could read the directory's future
+        // contents by swapping it.
+        crate::secure_path::check_dir(dir, "key directory").map_err(RootError::Config)?;
     }
     // create_new: never overwrite a key that may still protect data.
     let mut file = match std::fs::OpenOptions::new()
@@ -177,6 +181,13 @@ fn create_key_file(path: &Path) -> Result<bool, RootError> {
         }
     }
     Ok(true)
+}
+
+/// The state directory: created with mode 0700 if missing; refused (never changed) if
+/// another user owns it or could write to it or to a directory above it.
+pub fn prepare_state_dir(dir: &Path) -> Result<(), RootError> {
+    create_private_dir(dir)?;
+    crate::secure_path::check_dir(dir, "state directory").map_err(RootError::Config)
 }
 
 /// Creates `dir` (and parents) with mode 0700 if missing; an existing one is left as is.
@@ -218,6 +229,24 @@ mod tests {
             FileRoot::open(&path).await.expect("reopen").key_id(),
             root.key_id()
         );
+    }
+
+    #[tokio::test]
+    async fn create_refuses_a_directory_others_can_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).expect("mkdir");
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let path = keys.join("k.key");
+        let err = FileRoot::create(&path)
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("key directory") && err.contains("chmod 700"),
+            "{err}"
+        );
+        assert!(!path.exists(), "no key written");
     }
 
     #[tokio::test]

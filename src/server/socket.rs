@@ -6,9 +6,10 @@
 
 use std::io;
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{SocketAddr, UnixListener as StdListener, UnixStream as StdStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use tokio::net::UnixListener;
 
@@ -98,12 +99,29 @@ pub fn bind(endpoint: &Endpoint, mode: u32) -> Result<UnixListener, SocketError>
     UnixListener::from_std(listener).map_err(io_err)
 }
 
-/// Removes the socket file at shutdown (only if it is still a socket).
+/// (device, inode) of each socket file this process bound, by path.
+static BOUND: Mutex<Vec<(PathBuf, u64, u64)>> = Mutex::new(Vec::new());
+
+/// Removes the socket file at shutdown, only if it is still the one this process bound:
+/// if the file was replaced (a newer instance bound the path after ours was deleted), the
+/// newer instance's socket stays.
 pub fn remove(endpoint: &Endpoint) {
-    if let Endpoint::Path(path) = endpoint
-        && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
-    {
-        let _ = std::fs::remove_file(path);
+    let Endpoint::Path(path) = endpoint else {
+        return;
+    };
+    let mut bound = BOUND.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(at) = bound.iter().position(|(p, _, _)| p == path) else {
+        return;
+    };
+    let (_, dev, ino) = bound.swap_remove(at);
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() && m.dev() == dev && m.ino() == ino => {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => {
+            tracing::info!(path = %path.display(), "socket path now belongs to another process; leaving it");
+        }
+        Err(_) => {}
     }
 }
 
@@ -143,12 +161,23 @@ fn bind_path(path: &Path, mode: u32) -> Result<StdListener, SocketError> {
     let staging = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&staging);
     let listener = StdListener::bind(&staging).map_err(io_err)?;
+    // The inode survives the rename; remember it so that `remove` deletes only our file.
     let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::rename(&staging, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&staging);
-        return Err(io_err(e));
-    }
+        .and_then(|()| std::fs::symlink_metadata(&staging))
+        .and_then(|meta| {
+            std::fs::rename(&staging, path)?;
+            Ok(meta)
+        });
+    let meta = match placed {
+        Ok(meta) => meta,
+        Err(e) => {
+            let _ = std::fs::remove_file(&staging);
+            return Err(io_err(e));
+        }
+    };
+    let mut bound = BOUND.lock().unwrap_or_else(PoisonError::into_inner);
+    bound.retain(|(p, _, _)| p != path);
+    bound.push((path.to_path_buf(), meta.dev(), meta.ino()));
     Ok(listener)
 }
 
@@ -195,6 +224,26 @@ mod tests {
         let _again = bind(&endpoint, 0o660).expect("stale socket replaced");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
+    }
+
+    #[tokio::test]
+    async fn remove_leaves_a_socket_another_process_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kms.sock");
+        let endpoint = Endpoint::Path(path.clone());
+        let _ours = bind(&endpoint, 0o600).expect("bind");
+        // Someone deletes our file and a newer instance binds the same path.
+        std::fs::remove_file(&path).expect("rm");
+        let _newer = StdListener::bind(&path).expect("newer bind");
+        remove(&endpoint);
+        assert!(path.exists(), "the newer instance's socket was removed");
+        assert!(StdStream::connect(&path).is_ok());
+
+        let other = dir.path().join("own.sock");
+        let own = Endpoint::Path(other.clone());
+        let _listener = bind(&own, 0o600).expect("bind");
+        remove(&own);
+        assert!(!other.exists(), "our own socket stays after stop");
     }
 
     #[test]

@@ -33,7 +33,7 @@ impl Backend for AwsBackend {
             .await
             .expect("CreateAlias");
         format!(
-            "provider = \"aws-kms\"\nkey_id = \"{arn}\"\nregion = \"{}\"\nendpoint = \"{endpoint}\"",
+            "provider = \"aws-kms\"\nkey_id = \"{arn}\"\nregion = \"{}\"\nendpoint = \"{endpoint}\"\nallow_http = true",
             moto::REGION
         )
     }

@@ -55,9 +55,7 @@ pub(crate) fn context(module: &Path) -> Result<Pkcs11, RootError> {
 /// Reads the user PIN from `pin_file` or `pin_env`. The value never appears in messages.
 pub(super) fn read_pin(config: &Pkcs11KeyConfig) -> Result<SecretString, RootError> {
     let text = match (&config.pin_file, &config.pin_env) {
-        (Some(path), _) => Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-            RootError::Config(format!("cannot read PIN file {}: {e}", path.display()))
-        })?),
+        (Some(path), _) => read_pin_file(path)?,
         (None, Some(var)) => Zeroizing::new(std::env::var(var).map_err(|_| {
             RootError::Config(format!(
                 "environment variable {var} (pin_env) is not set or not UTF-8"
@@ -79,6 +77,30 @@ pub(super) fn read_pin(config: &Pkcs11KeyConfig) -> Result<SecretString, RootErr
         )));
     }
     Ok(SecretString::from(pin))
+}
+
+/// Longest PIN file read (a PIN is at most a few dozen bytes).
+const MAX_PIN_FILE_LEN: u64 = 4096;
+
+/// Reads a PIN file that no other user can have changed (see [`crate::secure_path`]).
+fn read_pin_file(path: &Path) -> Result<Zeroizing<String>, RootError> {
+    let shown = path.display();
+    let cannot =
+        |e: std::io::Error| RootError::Config(format!("cannot read PIN file {shown}: {e}"));
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    crate::secure_path::check_file(path, &meta, "PIN file").map_err(RootError::Config)?;
+    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o044 != 0 {
+        tracing::warn!(path = %shown, "PIN file is readable by group or others; `chmod 600` it");
+    }
+    // Reserved up front and read through a bound, so no reallocation leaves PIN bytes behind.
+    let mut text = Zeroizing::new(String::with_capacity(MAX_PIN_FILE_LEN as usize));
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(&mut file, MAX_PIN_FILE_LEN),
+        &mut text,
+    )
+    .map_err(cannot)?;
+    Ok(text)
 }
 
 /// A token: where it is, how to log in, and the idle logged-in sessions.
