@@ -291,6 +291,12 @@ async fn status(socket: &str) -> ExitCode {
                 r.decrypts,
                 last
             );
+            if r.throttled_unwraps > 0 {
+                println!(
+                    "  {} Decrypt unwraps refused: unwrap budget spent ([cache] unwraps_per_second)",
+                    r.throttled_unwraps
+                );
+            }
             if !r.last_error.is_empty() {
                 println!("  last error: {}", r.last_error);
             }

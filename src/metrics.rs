@@ -116,7 +116,7 @@ impl Metrics {
         );
 
         let (roots, local) = keyring.info();
-        let families: [(&str, &str, &str); 6] = [
+        let families: [(&str, &str, &str); 7] = [
             (
                 "kms_plugin_root_calls_total",
                 "counter",
@@ -126,6 +126,11 @@ impl Metrics {
                 "kms_plugin_root_failures_total",
                 "counter",
                 "Root key calls that failed.",
+            ),
+            (
+                "kms_plugin_root_unwraps_throttled_total",
+                "counter",
+                "Decrypt unwraps refused without a root call: the root's unwrap budget was spent.",
             ),
             (
                 "kms_plugin_root_state",
@@ -160,6 +165,9 @@ impl Metrics {
                     }
                     "kms_plugin_root_failures_total" => {
                         let _ = writeln!(out, "{name}{{{labels}}} {}", r.failed_calls);
+                    }
+                    "kms_plugin_root_unwraps_throttled_total" => {
+                        let _ = writeln!(out, "{name}{{{labels}}} {}", r.throttled_unwraps);
                     }
                     "kms_plugin_root_state" => {
                         for state in ["ok", "degraded", "rejected", "unavailable"] {
@@ -211,6 +219,11 @@ impl Metrics {
                 "kms_plugin_cache_entries",
                 "Unwrapped local KEKs in memory.",
                 keyring.cache().len() as u64,
+            ),
+            (
+                "kms_plugin_cache_failed_entries",
+                "Wrapped keys remembered as not authenticating (refused without a root call).",
+                keyring.cache().failed_len() as u64,
             ),
         ];
         for (name, help, value) in gauges {

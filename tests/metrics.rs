@@ -57,9 +57,12 @@ async fn metrics_count_calls_roots_and_health() {
         "kms_plugin_request_duration_seconds_count{op=\"encrypt\"} 3".to_string(),
         format!("kms_plugin_healthy{{key_id=\"{key_id}\"}} 1"),
         format!("kms_plugin_root_calls_total{{root=\"main\",key_id=\"{key_id}\",kind=\"wrap\"}} 1"),
+        // The unwrap that proved the local KEK's wrapped copy opens.
         format!(
-            "kms_plugin_root_calls_total{{root=\"main\",key_id=\"{key_id}\",kind=\"unwrap\"}} 0"
+            "kms_plugin_root_calls_total{{root=\"main\",key_id=\"{key_id}\",kind=\"unwrap\"}} 1"
         ),
+        format!("kms_plugin_root_unwraps_throttled_total{{root=\"main\",key_id=\"{key_id}\"}} 0"),
+        "kms_plugin_cache_failed_entries 0".to_string(),
         format!("kms_plugin_root_state{{root=\"main\",key_id=\"{key_id}\",state=\"ok\"}} 1"),
         format!("kms_plugin_decrypts_total{{root=\"main\",key_id=\"{key_id}\"}} 2"),
         "kms_plugin_local_kek_encryptions 3".to_string(),

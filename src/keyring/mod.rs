@@ -408,6 +408,7 @@ impl Keyring {
                     unwrap_calls: r.stats.unwraps.load(Ordering::Relaxed),
                     failed_calls: r.stats.failures.load(Ordering::Relaxed),
                     decrypts: r.stats.decrypts.load(Ordering::Relaxed),
+                    throttled_unwraps: r.stats.throttled.load(Ordering::Relaxed),
                 }
             })
             .chain(self.unopened.iter().cloned())
