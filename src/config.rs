@@ -580,17 +580,20 @@ impl Config {
     /// of a limit) can overflow and nothing grows without limit.
     fn check_bounds(&self) -> Result<(), String> {
         let lk = &self.local_kek;
+        // Lower bounds: every local KEK costs each wrapping root a wrap and an unwrap (paid
+        // KMS calls), and every one ever made is another unwrap after a restart.
         in_range(
             "[local_kek] max_encryptions",
             lk.max_encryptions,
-            1..=1 << 32,
-            " (2^32 is the AES-GCM random-nonce bound)",
+            MIN_LOCAL_KEK_ENCRYPTIONS..=1 << 32,
+            " (fewer would make a new local KEK, and root calls, every few Encrypts; \
+             2^32 is the AES-GCM random-nonce bound)",
         )?;
         in_range(
             "[local_kek] max_age_seconds",
             lk.max_age_seconds,
-            1..=MAX_LOCAL_KEK_AGE_SECONDS,
-            " (one year)",
+            MIN_LOCAL_KEK_AGE_SECONDS..=MAX_LOCAL_KEK_AGE_SECONDS,
+            " (five minutes to one year)",
         )?;
         in_range(
             "[local_kek] prepare_at_percent",
@@ -652,6 +655,10 @@ impl Config {
     }
 }
 
+/// Fewest `[local_kek] max_encryptions`.
+pub const MIN_LOCAL_KEK_ENCRYPTIONS: u64 = 1000;
+/// Shortest `[local_kek] max_age_seconds`: five minutes.
+pub const MIN_LOCAL_KEK_AGE_SECONDS: u64 = 300;
 /// Longest `[local_kek] max_age_seconds`: one year.
 pub const MAX_LOCAL_KEK_AGE_SECONDS: u64 = 366 * 24 * 3600;
 /// Largest `[cache] capacity` (under 1 KiB of memory per entry).
@@ -883,18 +890,23 @@ mod tests {
     #[test]
     fn numbers_out_of_range_are_rejected_with_field_and_range() {
         let cases: &[(&str, &str, &str)] = &[
-            ("[local_kek]", "max_encryptions = 0", "1 to 4294967296"),
+            ("[local_kek]", "max_encryptions = 0", "1000 to 4294967296"),
+            ("[local_kek]", "max_encryptions = 999", "1000 to 4294967296"),
             (
                 "[local_kek]",
                 "max_encryptions = 4294967297",
-                "1 to 4294967296",
+                "1000 to 4294967296",
             ),
-            ("[local_kek]", "max_age_seconds = 0", "1 to 31622400"),
-            ("[local_kek]", "max_age_seconds = 31622401", "1 to 31622400"),
+            ("[local_kek]", "max_age_seconds = 299", "300 to 31622400"),
+            (
+                "[local_kek]",
+                "max_age_seconds = 31622401",
+                "300 to 31622400",
+            ),
             (
                 "[local_kek]",
                 "max_age_seconds = 9223372036854775807",
-                "1 to 31622400",
+                "300 to 31622400",
             ),
             ("[local_kek]", "prepare_at_percent = 0", "1 to 100"),
             ("[local_kek]", "prepare_at_percent = 101", "1 to 100"),

@@ -49,18 +49,6 @@ async fn calls(plugin: &Plugin, name: &str) -> (u64, u64) {
     (r.wrap_calls, r.unwrap_calls)
 }
 
-async fn try_encrypt(plugin: &Plugin, seed: &[u8]) -> Result<EncryptResponse, tonic::Status> {
-    plugin
-        .client()
-        .await
-        .encrypt(EncryptRequest {
-            plaintext: seed.to_vec(),
-            uid: common::uid(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
 async fn healthz(plugin: &Plugin) -> String {
     common::status(&mut plugin.client().await).await.healthz
 }
@@ -315,39 +303,40 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
     // The plugin reaches moto through a proxy we can cut; moto keeps its keys.
     let proxy = moto::Proxy::start(moto.port).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let extra = "[local_kek]\nmax_encryptions = 3\n[health]\nretry_interval_seconds = 1\n";
+    let extra = "[local_kek]\nmax_encryptions = 1000\n[health]\nretry_interval_seconds = 1\n";
     let plugin = start(
         dir.path(),
         &[("main", key_body(&arn, &proxy.endpoint(), ""))],
         extra,
     )
     .await;
-    // One Encrypt makes the successor due; wait until it is current, so that the outage
-    // starts with a fresh local KEK good for exactly 3 encryptions.
     let before = seal_many(&plugin, 1).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let info = common::info(&plugin).await;
-        let fresh = info.local_kek.as_ref().is_some_and(|k| k.encryptions == 0);
-        if common::root_info(&info, "main").wrap_calls == 2 && fresh {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no successor local KEK");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     proxy.set_up(false);
-    // The current local KEK serves at most 3 more; then Encrypt needs KMS and fails.
+    // The current local KEK seals its remaining 999 values; its successor (due at 800) cannot
+    // be made, which is degraded, not failed, until the current one is spent.
+    let mut client = plugin.client().await;
     let mut during = Vec::new();
     let failure = loop {
         let seed = common::seed();
-        match try_encrypt(&plugin, &seed).await {
-            Ok(sealed) => during.push((seed, sealed)),
+        let request = EncryptRequest {
+            plaintext: seed.clone(),
+            uid: common::uid(),
+        };
+        match client.encrypt(request).await {
+            Ok(sealed) => during.push((seed, sealed.into_inner())),
             Err(status) => break status,
         }
-        assert!(during.len() <= 3, "Encrypt kept working without KMS");
+        if during.len() == 900 {
+            assert_eq!(healthz(&plugin).await, "ok", "degraded is not failed");
+        }
+        assert!(during.len() <= 999, "Encrypt kept working without KMS");
     };
-    assert_eq!(during.len(), 3);
+    assert_eq!(
+        during.len(),
+        999,
+        "a local KEK seals exactly max_encryptions"
+    );
     assert_eq!(failure.code(), Code::Unavailable, "{failure:?}");
     assert_ne!(healthz(&plugin).await, "ok");
     // Once the successor's KMS Encrypt has spent its budget, Status names the key and why.

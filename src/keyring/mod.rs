@@ -5,9 +5,11 @@
 //! Life of a local KEK: [`Keyring::start`] (and later the background [`Keyring::maintain`]
 //! task) generates a random key, has the active root and every `also_wrap` root wrap it
 //! and unwrap the copy again (a copy is trusted only once it has been shown to open), and
-//! only then makes it current. Encrypt never waits on a root: the successor is made
-//! in the background once the current key reaches `prepare_at_percent` of its limits; if
-//! no root can wrap one before the hard limit, Encrypt fails and Status says why.
+//! only then makes it current. Encrypt never waits on a root: the successor is made and
+//! proven in the background once the current key reaches `prepare_at_percent` of either
+//! limit, waits as *prepared*, and takes over when the current key reaches the limit itself
+//! (`max_encryptions` seals or `max_age_seconds`). If no root can wrap one by then, Encrypt
+//! fails and Status says why.
 
 pub mod cache;
 pub mod limit;
@@ -100,11 +102,28 @@ pub struct Health {
 
 /// A local KEK in use for Encrypt.
 struct LocalKek {
+    sealer: Sealer,
+    /// When it took over (its age limit counts from here).
+    created: Instant,
+    /// Seals made; never above `max_encryptions`.
+    encryptions: AtomicU64,
+}
+
+/// A local KEK wrapped by every wrapping root, each copy proven: all Encrypt needs.
+struct Sealer {
     cipher: Arc<KekCipher>,
     aad: Vec<u8>,
     annotations: HashMap<String, Vec<u8>>,
-    created: Instant,
-    encryptions: AtomicU64,
+}
+
+impl Sealer {
+    fn into_current(self) -> LocalKek {
+        LocalKek {
+            sealer: self,
+            created: Instant::now(),
+            encryptions: AtomicU64::new(0),
+        }
+    }
 }
 
 /// The keyring. Shared as `Arc<Keyring>`; a reload builds a new one and swaps it in.
@@ -121,6 +140,8 @@ pub struct Keyring {
     probe_interval: Option<Duration>,
     retry_interval: Duration,
     current: RwLock<Option<Arc<LocalKek>>>,
+    /// The successor, made and proven ahead of time; takes over when `current` is spent.
+    prepared: Mutex<Option<Sealer>>,
     /// Why the last attempt to make a local KEK failed; `None` after a success.
     rotation_error: Mutex<Option<RootError>>,
     cache: Arc<KekCache>,
@@ -210,6 +231,7 @@ impl Keyring {
             retry_interval: Duration::from_secs(config.health.retry_interval_seconds.max(1)),
             unopened,
             current: RwLock::new(None),
+            prepared: Mutex::new(None),
             rotation_error: Mutex::new(None),
             cache,
             wake: Notify::new(),
@@ -272,21 +294,63 @@ impl Keyring {
             ));
         }
         let kek = self
-            .current()
+            .take_turn()
             .ok_or_else(|| KeyringError::NotReady(self.encrypt_blocker()))?;
-        let count = kek.encryptions.fetch_add(1, Ordering::Relaxed) + 1;
-        if count > self.limits.max_encryptions || kek.created.elapsed() >= self.max_age() {
-            self.wake.notify_one();
-            return Err(KeyringError::NotReady(self.encrypt_blocker()));
-        }
-        if count == self.prepare_count() {
-            self.wake.notify_one();
-        }
+        let sealer = &kek.sealer;
         Ok(Encrypted {
-            ciphertext: kek.cipher.seal(&kek.aad, plaintext),
+            ciphertext: sealer.cipher.seal(&sealer.aad, plaintext),
             key_id: self.key_id().to_string(),
-            annotations: kek.annotations.clone(),
+            annotations: sealer.annotations.clone(),
         })
+    }
+
+    /// The local KEK that seals one more value, its count taken. When the current one is
+    /// spent, its prepared successor takes over; `None` if there is none.
+    fn take_turn(&self) -> Option<Arc<LocalKek>> {
+        // Twice at most: the current key, then the successor that replaced it.
+        for _ in 0..2 {
+            let kek = self.current()?;
+            if kek.created.elapsed() < self.max_age() {
+                let max = self.limits.max_encryptions;
+                let taken =
+                    kek.encryptions
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            (n < max).then_some(n + 1)
+                        });
+                if let Ok(before) = taken {
+                    if before + 1 == self.prepare_count() {
+                        self.wake.notify_one();
+                    }
+                    return Some(kek);
+                }
+            }
+            if !self.promote(&kek) {
+                self.wake.notify_one();
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Replaces the spent `spent` with the prepared successor. False if there is none.
+    fn promote(&self, spent: &Arc<LocalKek>) -> bool {
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref().is_some_and(|now| !Arc::ptr_eq(now, spent)) {
+            return true; // another caller promoted it first
+        }
+        let Some(next) = self
+            .prepared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return false;
+        };
+        *current = Some(Arc::new(next.into_current()));
+        tracing::info!(key_id = %self.key_id(), "local KEK reached its limit; its prepared successor took over");
+        // Time to prepare the next one.
+        self.wake.notify_one();
+        true
     }
 
     /// Opens a ciphertext that Encrypt returned, under this or any earlier configuration
@@ -432,6 +496,11 @@ impl Keyring {
     pub async fn maintain(self: Arc<Self>) {
         let mut next_probe = self.probe_interval.map(|i| Instant::now() + i);
         while !self.stopped.load(Ordering::Acquire) {
+            if let Some(kek) = self.current()
+                && self.spent(&kek)
+            {
+                self.promote(&kek);
+            }
             let now = Instant::now();
             let mut wake_at = match self.successor_due() {
                 None => now,
@@ -472,7 +541,8 @@ impl Keyring {
         self.wake.notify_one();
     }
 
-    /// Makes a new local KEK wrapped by every wrapping root and makes it current.
+    /// Makes a new local KEK wrapped (and proven) by every wrapping root: current if there
+    /// is none or it is spent, otherwise the prepared successor.
     async fn rotate(&self) -> Result<(), RootError> {
         let result = self.make_local_kek().await;
         let mut error = self
@@ -481,9 +551,15 @@ impl Keyring {
             .unwrap_or_else(PoisonError::into_inner);
         match result {
             Ok(kek) => {
-                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(kek));
+                let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+                if current.as_ref().is_none_or(|k| self.spent(k)) {
+                    *current = Some(Arc::new(kek.into_current()));
+                    tracing::info!(key_id = %self.key_id(), "new local KEK in use");
+                } else {
+                    *self.prepared.lock().unwrap_or_else(PoisonError::into_inner) = Some(kek);
+                    tracing::info!(key_id = %self.key_id(), "successor local KEK prepared");
+                }
                 *error = None;
-                tracing::info!(key_id = %self.key_id(), "new local KEK in use");
                 Ok(())
             }
             Err(e) => {
@@ -497,7 +573,7 @@ impl Keyring {
         }
     }
 
-    async fn make_local_kek(&self) -> Result<LocalKek, RootError> {
+    async fn make_local_kek(&self) -> Result<Sealer, RootError> {
         let kek = Key256::generate();
         let mut annotations = HashMap::with_capacity(self.wrappers.len());
         let mut ids = Vec::with_capacity(self.wrappers.len());
@@ -518,12 +594,10 @@ impl Keyring {
         for id in ids {
             self.cache.insert(id, cipher.clone());
         }
-        Ok(LocalKek {
+        Ok(Sealer {
             aad: associated_data(self.key_id().as_str(), &annotations::digest(&annotations)),
             cipher,
             annotations,
-            created: Instant::now(),
-            encryptions: AtomicU64::new(0),
         })
     }
 
@@ -535,14 +609,31 @@ impl Keyring {
         }
     }
 
-    /// When the successor of the current local KEK should be made; `None` = now.
+    /// When the background task has work next: the successor of the current local KEK is
+    /// due (`None` = now), or a prepared one must take over when the current one ages out.
     fn successor_due(&self) -> Option<Instant> {
         let kek = self.current()?;
-        if kek.encryptions.load(Ordering::Relaxed) >= self.prepare_count() {
+        if self.has_prepared() {
+            return Some(kek.created + self.max_age());
+        }
+        if self.spent(&kek) || kek.encryptions.load(Ordering::Relaxed) >= self.prepare_count() {
             return None;
         }
-        let at = kek.created + self.max_age() * u32::from(self.limits.prepare_at_percent) / 100;
+        let at = kek.created + self.prepare_age();
         (at > Instant::now()).then_some(at)
+    }
+
+    /// True once `kek` may seal nothing more.
+    fn spent(&self, kek: &LocalKek) -> bool {
+        kek.encryptions.load(Ordering::Relaxed) >= self.limits.max_encryptions
+            || kek.created.elapsed() >= self.max_age()
+    }
+
+    fn has_prepared(&self) -> bool {
+        self.prepared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
     }
 
     fn current(&self) -> Option<Arc<LocalKek>> {
@@ -552,8 +643,17 @@ impl Keyring {
             .clone()
     }
 
+    /// Seals after which the successor is made: `prepare_at_percent` of `max_encryptions`,
+    /// rounded up, exactly (no overflow: both are bounded at load).
     fn prepare_count(&self) -> u64 {
-        (self.limits.max_encryptions / 100 * u64::from(self.limits.prepare_at_percent)).max(1)
+        let percent = u64::from(self.limits.prepare_at_percent);
+        (self.limits.max_encryptions * percent).div_ceil(100).max(1)
+    }
+
+    /// Age at which the successor is made.
+    fn prepare_age(&self) -> Duration {
+        let percent = u64::from(self.limits.prepare_at_percent);
+        Duration::from_millis(self.limits.max_age_seconds * 1000 * percent / 100)
     }
 
     fn max_age(&self) -> Duration {
@@ -590,10 +690,9 @@ impl Keyring {
     }
 
     fn unhealthy_reason(&self) -> Option<String> {
-        let usable = self.current().is_some_and(|k| {
-            k.encryptions.load(Ordering::Relaxed) < self.limits.max_encryptions
-                && k.created.elapsed() < self.max_age()
-        });
+        let usable = self
+            .current()
+            .is_some_and(|k| !self.spent(&k) || self.has_prepared());
         if !usable {
             return Some(self.encrypt_blocker());
         }

@@ -172,12 +172,12 @@ async fn a_broken_also_wrap_root_fails_health_but_the_proven_kek_keeps_serving()
     // Encrypt goes on under the current, proven local KEK (same wrapped copies).
     let after = f.keyring.encrypt(b"seed").expect("encrypt");
     assert_eq!(after.annotations, before.annotations);
+    assert!(!f.keyring.has_prepared(), "an unproven successor was kept");
     // Once the root round-trips again, the successor is made and health recovers.
     f.roots[1].set(HEALTHY);
     f.keyring.rotate().await.expect("rotate");
     assert_eq!(f.keyring.health().healthz, "ok");
-    let next = f.keyring.encrypt(b"seed").expect("encrypt");
-    assert_ne!(next.annotations, before.annotations);
+    assert!(f.keyring.has_prepared());
 }
 
 #[tokio::test]
@@ -265,4 +265,56 @@ async fn forged_copies_cost_a_bounded_number_of_unwraps_and_evict_nothing() {
     }
     assert_eq!(unwraps(&f.keyring, "main") - before, calls);
     assert_eq!(f.keyring.health().healthz, "ok");
+}
+
+#[tokio::test]
+async fn each_local_kek_seals_exactly_max_encryptions_and_its_successor_is_ready() {
+    let f = fixture(&["main"], |c| {
+        c.local_kek.max_encryptions = 1000;
+        c.local_kek.prepare_at_percent = 80;
+    })
+    .await;
+    f.keyring.start().await.expect("start");
+    tokio::spawn(f.keyring.clone().maintain());
+    let mut sealed_by: Vec<(HashMap<String, Vec<u8>>, u64)> = Vec::new();
+    for i in 1..=3000u64 {
+        let sealed = f.keyring.encrypt(b"seed").expect("encrypt never waits");
+        match sealed_by.last_mut() {
+            Some((annotations, n)) if *annotations == sealed.annotations => *n += 1,
+            _ => sealed_by.push((sealed.annotations, 1)),
+        }
+        let (_, local) = f.keyring.info();
+        assert!(local.encryptions <= 1000, "{} of 1000", local.encryptions);
+        if i % 1000 == 800 {
+            // The successor is due now: let the background task make it.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !f.keyring.has_prepared() {
+                assert!(Instant::now() < deadline, "no successor after {i} seals");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    let counts: Vec<u64> = sealed_by.iter().map(|(_, n)| *n).collect();
+    assert_eq!(counts, [1000, 1000, 1000]);
+    f.keyring.stop();
+}
+
+#[test]
+fn the_successor_threshold_is_exact() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for (max, percent, want) in [
+        (1000, 80, 800),
+        (1500, 80, 1200),
+        (1001, 80, 801),
+        (1000, 1, 10),
+    ] {
+        let f = runtime.block_on(fixture(&["main"], |c| {
+            c.local_kek.max_encryptions = max;
+            c.local_kek.prepare_at_percent = percent;
+        }));
+        assert_eq!(f.keyring.prepare_count(), want, "{max} at {percent} %");
+    }
 }
