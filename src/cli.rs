@@ -149,11 +149,15 @@ async fn serve(
             Err(e) => return fail(&e.to_string()),
         }
     }
+    let endpoint = Endpoint::parse(config.socket.as_deref().unwrap_or(config::DEFAULT_SOCKET));
+    let access = match server::Access::from_config(&config, &endpoint) {
+        Ok(access) => access,
+        Err(e) => return fail(&e),
+    };
     let plugin = match Plugin::start(&config, source).await {
         Ok(plugin) => plugin,
         Err(e) => return fail(&format!("cannot start: {e}")),
     };
-    let endpoint = Endpoint::parse(config.socket.as_deref().unwrap_or(config::DEFAULT_SOCKET));
     let shutdown = match shutdown_signal(plugin.clone()) {
         Ok(signal) => signal,
         Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
@@ -166,8 +170,7 @@ async fn serve(
             Err(e) => return fail(&format!("cannot serve metrics on {addr}: {e}")),
         }
     }
-    let peers = server::peer::PeerCheck::new(&endpoint, config.allowed_uids.as_deref());
-    match server::serve(plugin, &endpoint, config.socket_mode, peers, shutdown).await {
+    match server::serve(plugin, &endpoint, config.socket_mode, access, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string()),
     }
