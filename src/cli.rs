@@ -141,6 +141,11 @@ async fn serve(
     if state_dir.is_some() {
         config.state_dir = state_dir;
     }
+    let endpoint = Endpoint::parse(config.socket.as_deref().unwrap_or(config::DEFAULT_SOCKET));
+    let access = match server::Access::from_config(&config, &endpoint) {
+        Ok(access) => access,
+        Err(e) => return fail(&e),
+    };
     if source == Source::Embedded {
         let key = &config.keys[config::DEFAULT_KEY_NAME];
         match root::create(key).await {
@@ -149,11 +154,6 @@ async fn serve(
             Err(e) => return fail(&e.to_string()),
         }
     }
-    let endpoint = Endpoint::parse(config.socket.as_deref().unwrap_or(config::DEFAULT_SOCKET));
-    let access = match server::Access::from_config(&config, &endpoint) {
-        Ok(access) => access,
-        Err(e) => return fail(&e),
-    };
     let plugin = match Plugin::start(&config, source).await {
         Ok(plugin) => plugin,
         Err(e) => return fail(&format!("cannot start: {e}")),
