@@ -213,19 +213,24 @@ async fn abstract_socket_without_allowed_uids_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = format!("@kms-plugin-test-{}", rand::random::<u64>());
     let state = dir.path().join("state").to_string_lossy().into_owned();
-    let out = common::run_cli(&["serve", "--socket", &socket, "--state-dir", &state], &[]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let args = ["--socket", &socket, "--state-dir", &state];
+    let mut plugin = Plugin::spawn(&socket, &args, &[], dir.path());
+    assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
+    let err = plugin.output();
     assert!(
         err.contains("abstract socket")
             && err.contains("no file permissions")
             && err.contains("Set allowed_uids"),
         "{err}"
     );
+    assert!(
+        !dir.path().join("state/root.key").exists(),
+        "refused before any work"
+    );
     let config = common::file_root_config(dir.path(), &socket, "");
-    let out = common::run_cli(&["serve", "--config", &config], &[]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("allowed_uids"));
+    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
+    assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
+    assert!(plugin.output().contains("allowed_uids"));
 }
 
 #[tokio::test]
