@@ -88,8 +88,12 @@ async fn connections_over_max_connections_are_closed_at_once() {
     let held = flood(&socket, 300).await;
     assert!(held.len() >= 250, "only {} connected", held.len());
     let (mut closed, mut admitted) = (0, 0);
-    for conn in held {
-        let mut conn = conn.into_std().expect("std");
+    // Every connection stays open until all are read: closing one would free its slot.
+    let mut held: Vec<std::os::unix::net::UnixStream> = held
+        .into_iter()
+        .map(|c| c.into_std().expect("std"))
+        .collect();
+    for conn in &mut held {
         conn.set_nonblocking(false).expect("blocking");
         conn.set_read_timeout(Some(Duration::from_millis(500)))
             .expect("timeout");
@@ -104,9 +108,11 @@ async fn connections_over_max_connections_are_closed_at_once() {
     assert!(closed >= 250, "only {closed} closed at once");
     assert!(
         admitted <= 4,
-        "{admitted} admitted over max_connections = 4"
+        "{admitted} admitted over max_connections = 4:\n{}",
+        plugin.output()
     );
     round_trip(&mut client).await;
+    drop(held);
     let log = plugin.output();
     let lines = count_lines(&log, "connection refused: max_connections");
     assert!((1..=3).contains(&lines), "{lines} lines:\n{log}");

@@ -98,6 +98,10 @@ impl Incoming {
             }
             return None;
         };
+        tracing::debug!(
+            open = self.max_connections - self.slots.available_permits(),
+            "connection accepted"
+        );
         Some(Conn::new(stream, slot, PREFACE_TIMEOUT))
     }
 }
