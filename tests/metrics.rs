@@ -126,5 +126,23 @@ async fn metrics_listener_times_out_half_requests_and_refuses_remote_by_default(
         "{rest}"
     );
     assert!(scrape(&addr, "/metrics").starts_with("HTTP/1.1 200"));
+
+    // Idle connections fill the cap; one more is closed at once; the idle ones time out.
+    let idle: Vec<_> = (0..kms_plugin::server::metrics_http::MAX_CONNECTIONS)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut extra = std::net::TcpStream::connect(&addr).expect("connect");
+    extra
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .expect("timeout");
+    let mut buf = [0; 16];
+    match extra.read(&mut buf) {
+        Ok(n) => assert_eq!(n, 0, "over the cap but answered"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    std::thread::sleep(kms_plugin::server::metrics_http::HEADER_READ_TIMEOUT);
+    assert!(scrape(&addr, "/metrics").starts_with("HTTP/1.1 200"));
+    drop(idle);
     drop(plugin);
 }
