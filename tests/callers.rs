@@ -57,6 +57,25 @@ async fn new_client_is_served(plugin: &mut Plugin, within: Duration) {
     }
 }
 
+/// Raises this test process's descriptor limit to its hard limit (CI often starts at 1024
+/// soft) and returns how many connections a flood may open while leaving room for the other
+/// tests running in this process.
+fn flood_budget(wanted: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    wanted.min((lim.rlim_cur as usize).saturating_sub(512))
+}
+
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("fd dir")
@@ -139,7 +158,12 @@ async fn out_of_descriptors_the_plugin_backs_off_and_recovers() {
     let mut client = plugin.client().await;
     round_trip(&mut client).await;
 
-    let held = flood(&socket, 3000).await;
+    let budget = flood_budget(1500);
+    assert!(
+        budget > NOFILE as usize + 128,
+        "test fd limit too low for a flood"
+    );
+    let held = flood(&socket, budget).await;
     assert!(
         held.len() > NOFILE as usize,
         "only {} connected",
