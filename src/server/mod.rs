@@ -66,10 +66,17 @@ pub async fn serve(
     let listener = socket::bind(endpoint, mode)?;
     // kube-apiserver 1.27-1.31 and grpcio send the socket path as `:authority`, which h2
     // rejects; every connection goes through the rewriter that makes it `localhost`.
+    tracing::info!(
+        socket = %endpoint,
+        key_id = %plugin.keyring().key_id(),
+        allowed_uids = ?access.peers.allowed(),
+        admin_uids = ?access.admin.allowed(),
+        max_connections = access.max_connections,
+        "serving KMS v2"
+    );
     let incoming = accept::Incoming::new(listener, access.peers, access.max_connections)
         .map(|conn| conn.map(AuthorityFix::new));
     let service = Service::new(plugin.clone());
-    tracing::info!(socket = %endpoint, key_id = %plugin.keyring().key_id(), "serving KMS v2");
     notify_systemd("READY=1");
     let watcher = tokio::spawn(plugin.clone().watch());
 
