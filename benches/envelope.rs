@@ -98,8 +98,9 @@ fn serve(
         };
         if rewriter {
             tokio::spawn(async move {
-                let peers = kms_plugin::server::peer::PeerCheck::new(&endpoint, None);
-                let _ = kms_plugin::server::serve(plugin, &endpoint, 0o600, peers, shutdown).await;
+                let access =
+                    kms_plugin::server::Access::from_config(&config, &endpoint).expect("access");
+                let _ = kms_plugin::server::serve(plugin, &endpoint, 0o600, access, shutdown).await;
             });
         } else {
             let listener = kms_plugin::server::socket::bind(&endpoint, 0o600).expect("bind");

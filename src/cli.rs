@@ -154,7 +154,7 @@ async fn serve(
             return ExitCode::SUCCESS;
         }
     };
-    let (plugin, config, endpoint) = match started {
+    let (plugin, config, endpoint, access) = match started {
         Ok(started) => started,
         Err(code) => return code,
     };
@@ -167,8 +167,7 @@ async fn serve(
             }
         }
     });
-    let peers = server::peer::PeerCheck::new(&endpoint, config.allowed_uids.as_deref());
-    match server::serve(plugin, &endpoint, config.socket_mode, peers, shutdown).await {
+    match server::serve(plugin, &endpoint, config.socket_mode, access, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string()),
     }
@@ -179,7 +178,7 @@ async fn start_up(
     config_path: Option<&Path>,
     socket: Option<String>,
     state_dir: Option<PathBuf>,
-) -> Result<(std::sync::Arc<Plugin>, Config, Endpoint), ExitCode> {
+) -> Result<(std::sync::Arc<Plugin>, Config, Endpoint, server::Access), ExitCode> {
     let (mut config, source) = match config_path {
         Some(path) => match Config::load(path) {
             Ok(config) => (config, Source::File(path.to_path_buf())),
@@ -195,6 +194,19 @@ async fn start_up(
     if state_dir.is_some() {
         config.state_dir = state_dir;
     }
+    // --socket is not written into the config: a reload compares the file with the file.
+    let endpoint = Endpoint::parse(
+        socket
+            .as_deref()
+            .or(config.socket.as_deref())
+            .unwrap_or(config::DEFAULT_SOCKET),
+    );
+    // Who may call is settled before anything slow: an abstract socket without an
+    // allow-list stops here.
+    let access = match server::Access::from_config(&config, &endpoint) {
+        Ok(access) => access,
+        Err(e) => return Err(fail(&e)),
+    };
     if source == Source::Embedded {
         if let Some(dir) = &config.state_dir
             && let Err(e) = root::file::prepare_state_dir(dir)
@@ -212,13 +224,6 @@ async fn start_up(
         Ok(plugin) => plugin,
         Err(e) => return Err(fail(&format!("cannot start: {e}"))),
     };
-    // --socket is not written into the config: a reload compares the file with the file.
-    let endpoint = Endpoint::parse(
-        socket
-            .as_deref()
-            .or(config.socket.as_deref())
-            .unwrap_or(config::DEFAULT_SOCKET),
-    );
     if let Some(addr) = config.metrics_listen {
         match server::metrics_http::bind(addr, plugin.clone()).await {
             Ok(serve_metrics) => {
@@ -227,7 +232,7 @@ async fn start_up(
             Err(e) => return Err(fail(&format!("cannot serve metrics on {addr}: {e}"))),
         }
     }
-    Ok((plugin, config, endpoint))
+    Ok((plugin, config, endpoint, access))
 }
 
 /// Resolves on SIGTERM or SIGINT.

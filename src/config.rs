@@ -39,15 +39,25 @@ pub struct Config {
     /// Permission bits of the socket file, as an octal string such as "0600".
     #[serde(default = "default_socket_mode", deserialize_with = "octal_mode")]
     pub socket_mode: u32,
-    /// User ids allowed to call. Default: anyone who can open the socket file (mode
-    /// `socket_mode`); for an abstract socket, which has no file mode, root and the
-    /// plugin's own user.
+    /// User ids allowed to connect, checked when a connection is accepted (SO_PEERCRED).
+    /// Default: anyone who can open the socket file (mode `socket_mode`). Required for an
+    /// abstract socket, which has no file mode.
     #[serde(default)]
     pub allowed_uids: Option<Vec<u32>>,
+    /// User ids allowed to call the Admin service (Info, Reload), checked per call.
+    /// Default: root and the plugin's own user.
+    #[serde(default)]
+    pub admin_uids: Option<Vec<u32>>,
+    /// Most connections open at once; more are closed as soon as they are accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     /// Address for Prometheus metrics over HTTP (`GET /metrics`), e.g. "127.0.0.1:9464";
-    /// off when absent.
+    /// off when absent. Must be a loopback address unless `metrics_allow_remote`.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Allows a non-loopback `metrics_listen` (plain HTTP, no authentication).
+    #[serde(default)]
+    pub metrics_allow_remote: bool,
     /// Directory for plugin state (the embedded default's root key).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
@@ -481,7 +491,10 @@ impl Config {
             socket: None,
             socket_mode: default_socket_mode(),
             allowed_uids: None,
+            admin_uids: None,
+            max_connections: default_max_connections(),
             metrics_listen: None,
+            metrics_allow_remote: false,
             state_dir: Some(state_dir.to_path_buf()),
             api_version: ApiVersion::default(),
             kek: KekConfig {
@@ -548,6 +561,28 @@ impl Config {
             && (socket.is_empty() || socket == "@")
         {
             return Err("socket must be a path or @name".into());
+        }
+        if self.allowed_uids.as_ref().is_some_and(Vec::is_empty) {
+            return Err(
+                "allowed_uids is empty, so nobody could call; list the callers' uids or remove it"
+                    .into(),
+            );
+        }
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.max_connections) {
+            return Err(format!(
+                "max_connections must be 1 to {MAX_CONNECTIONS_LIMIT} (each kube-apiserver keeps one)"
+            ));
+        }
+        if let Some(addr) = self.metrics_listen
+            && !addr.ip().is_loopback()
+            && !self.metrics_allow_remote
+        {
+            return Err(format!(
+                "metrics_listen = \"{addr}\" is not a loopback address: metrics are plain HTTP \
+                 without authentication and show key_ids, root health and call rates to anyone \
+                 who can reach the port. Use 127.0.0.1 (or ::1), or set \
+                 metrics_allow_remote = true if the port is firewalled or meant for a pod IP"
+            ));
         }
         Ok(())
     }
@@ -710,6 +745,13 @@ fn default_socket_mode() -> u32 {
     0o600
 }
 
+/// Upper bound of `max_connections`: each open connection costs buffers and a descriptor.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1024;
+
+fn default_max_connections() -> usize {
+    64
+}
+
 fn octal_mode<'de, D: serde::Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
     let text = String::deserialize(de)?;
     u32::from_str_radix(text.trim_start_matches("0o"), 8).map_err(|_| {
@@ -781,6 +823,39 @@ mod tests {
             "active = \"main\"\nretired = [\"main\"]",
         );
         assert!(error_of(&dup).contains("more than once"));
+    }
+
+    #[test]
+    fn caller_settings_parse_and_validate() {
+        let c = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(c.max_connections, 64);
+        assert!(c.admin_uids.is_none() && !c.metrics_allow_remote);
+        let text = MINIMAL.replace(
+            "[kek]",
+            "allowed_uids = [0, 998]\nadmin_uids = [0]\nmax_connections = 8\n\
+             metrics_listen = \"127.0.0.1:9464\"\n[kek]",
+        );
+        let c = Config::parse(&text).expect("valid");
+        assert_eq!(c.allowed_uids, Some(vec![0, 998]));
+        assert_eq!(c.admin_uids, Some(vec![0]));
+        assert_eq!(c.max_connections, 8);
+        let with = |extra: &str| MINIMAL.replace("[kek]", &format!("{extra}\n[kek]"));
+        assert!(error_of(&with("max_connections = 0")).contains("max_connections"));
+        assert!(error_of(&with("max_connections = 100000")).contains("max_connections"));
+        assert!(error_of(&with("allowed_uids = []")).contains("nobody"));
+        let remote = "metrics_listen = \"0.0.0.0:9464\"";
+        let err = error_of(&with(remote));
+        assert!(
+            err.contains("loopback") && err.contains("metrics_allow_remote"),
+            "{err}"
+        );
+        let allowed = with(&format!("{remote}\nmetrics_allow_remote = true"));
+        assert!(
+            Config::parse(&allowed)
+                .expect("opted in")
+                .metrics_allow_remote
+        );
+        assert!(Config::parse(&with("metrics_listen = \"[::1]:9464\"")).is_ok());
     }
 
     #[test]

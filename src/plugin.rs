@@ -55,30 +55,23 @@ pub struct Reloaded {
 /// the configuration in force says what really runs.
 fn keep_start_up_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
-    if new.socket != old.socket {
-        changed.push("socket");
+    macro_rules! keep {
+        ($name:literal, $($field:ident).+) => {
+            if new.$($field).+ != old.$($field).+ {
+                changed.push($name);
+                new.$($field).+ = old.$($field).+.clone();
+            }
+        };
     }
-    if new.socket_mode != old.socket_mode {
-        changed.push("socket_mode");
-    }
-    if new.allowed_uids != old.allowed_uids {
-        changed.push("allowed_uids");
-    }
-    if new.metrics_listen != old.metrics_listen {
-        changed.push("metrics_listen");
-    }
-    if new.api_version != old.api_version {
-        changed.push("api_version");
-    }
-    if new.cache.capacity != old.cache.capacity {
-        changed.push("[cache] capacity");
-    }
-    new.socket = old.socket.clone();
-    new.socket_mode = old.socket_mode;
-    new.allowed_uids = old.allowed_uids.clone();
-    new.metrics_listen = old.metrics_listen;
-    new.api_version = old.api_version;
-    new.cache.capacity = old.cache.capacity;
+    keep!("socket", socket);
+    keep!("socket_mode", socket_mode);
+    keep!("allowed_uids", allowed_uids);
+    keep!("admin_uids", admin_uids);
+    keep!("max_connections", max_connections);
+    keep!("metrics_listen", metrics_listen);
+    keep!("metrics_allow_remote", metrics_allow_remote);
+    keep!("api_version", api_version);
+    keep!("[cache] capacity", cache.capacity);
     changed
 }
 

@@ -25,8 +25,12 @@ const DEBIAN_GOPATH: &str = "/usr/share/gocode";
 /// Status+Encrypt+Decrypt rounds per client run, all on one connection.
 const ROUNDS: &str = "5";
 
-fn abstract_name() -> String {
-    format!("@kms-plugin-interop-{}", rand::random::<u64>())
+/// A plugin on a fresh abstract socket; abstract sockets need `allowed_uids`.
+async fn on_abstract_socket(dir: &Path) -> Plugin {
+    let socket = format!("@kms-plugin-interop-{}", rand::random::<u64>());
+    let allowed = format!("allowed_uids = [{}]", common::my_uid());
+    let config = common::file_root_config(dir, &socket, &allowed);
+    Plugin::start(&socket, &["--config", &config], &[], dir).await
 }
 
 fn has_command(cmd: &str) -> bool {
@@ -261,7 +265,7 @@ async fn grpc_go_as_apiserver_1_27_with_api_version_v2beta1() {
 #[tokio::test]
 async fn grpc_go_on_an_abstract_socket() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let plugin = Plugin::embedded(dir.path(), &abstract_name()).await;
+    let plugin = on_abstract_socket(dir.path()).await;
     run_go(&plugin, "");
     run_go(&plugin, "localhost");
 }
@@ -279,7 +283,7 @@ async fn python_grpcio_with_default_options() {
 #[tokio::test]
 async fn python_grpcio_on_an_abstract_socket() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let plugin = Plugin::embedded(dir.path(), &abstract_name()).await;
+    let plugin = on_abstract_socket(dir.path()).await;
     run_python(&plugin);
 }
 

@@ -198,11 +198,39 @@ async fn sighup_does_not_kill_the_plugin() {
 async fn abstract_socket_serves() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = format!("@kms-plugin-test-{}", rand::random::<u64>());
-    let plugin = Plugin::embedded(dir.path(), &socket).await;
+    let allowed = format!("allowed_uids = [{}]", common::my_uid());
+    let config = common::file_root_config(dir.path(), &socket, &allowed);
+    let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     let mut client = plugin.client().await;
     let seed = common::seed();
     let sealed = common::encrypt(&mut client, &seed).await;
     assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+}
+
+/// An abstract socket has no file mode: without an allow-list any local process could call.
+#[tokio::test]
+async fn abstract_socket_without_allowed_uids_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = format!("@kms-plugin-test-{}", rand::random::<u64>());
+    let state = dir.path().join("state").to_string_lossy().into_owned();
+    let args = ["--socket", &socket, "--state-dir", &state];
+    let mut plugin = Plugin::spawn(&socket, &args, &[], dir.path());
+    assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
+    let err = plugin.output();
+    assert!(
+        err.contains("abstract socket")
+            && err.contains("no file permissions")
+            && err.contains("Set allowed_uids"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("state/root.key").exists(),
+        "refused before any work"
+    );
+    let config = common::file_root_config(dir.path(), &socket, "");
+    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
+    assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
+    assert!(plugin.output().contains("allowed_uids"));
 }
 
 #[tokio::test]
@@ -247,34 +275,111 @@ async fn bad_config_files_are_rejected_with_the_reason() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
 }
 
+/// A uid off `allowed_uids` loses its connection before the plugin reads or writes a byte:
+/// no HTTP/2 settings, no gRPC status.
 #[tokio::test]
-async fn callers_outside_allowed_uids_are_refused() {
+async fn callers_outside_allowed_uids_are_closed_at_accept() {
+    use std::io::{Read, Write};
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    let key = dir.path().join("main.key").to_string_lossy().into_owned();
-    let body = format!("provider = \"file\"\npath = \"{key}\"");
-    // SAFETY: getuid(2) cannot fail and touches no memory.
-    let me = unsafe { libc::getuid() };
-    let other = format!("allowed_uids = [{}]", me.wrapping_add(4242));
-    let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], &other);
-    common::keygen(&config, "main", &[]);
-    let config = config.to_string_lossy().into_owned();
+    let me = common::my_uid();
+    let other = format!("allowed_uids = [{}]", me.wrapping_add(12345));
+    let config = common::file_root_config(dir.path(), &socket, &other);
     let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let err = loop {
-        if let Ok(mut client) = common::connect(&socket).await
-            && let Err(e) = client.status(kms_plugin::proto::v2::StatusRequest {}).await
-            && e.code() == tonic::Code::PermissionDenied
-        {
-            break e;
+    plugin.wait_for_output("serving KMS v2").await;
+    for _ in 0..20 {
+        let mut conn = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        // The client preface and an empty SETTINGS frame, as every gRPC client starts.
+        let _ = conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
+        let mut got = Vec::new();
+        match conn.read_to_end(&mut got) {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
         }
-        assert!(plugin.try_wait().is_none(), "{}", plugin.output());
-        assert!(std::time::Instant::now() < deadline, "{}", plugin.output());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(got.is_empty(), "the plugin answered: {got:?}");
+    }
+    let answered = match common::connect(&socket).await {
+        Ok(mut client) => client
+            .status(kms_plugin::proto::v2::StatusRequest {})
+            .await
+            .is_ok(),
+        Err(_) => false,
     };
-    assert!(err.message().contains("not allowed"), "{}", err.message());
+    assert!(!answered, "a refused uid got a Status");
     let out = common::run_cli(&["status", "--socket", &socket], &[]);
     assert!(!out.status.success());
+    let log = plugin.output();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection refused: peer uid not in allowed_uids"))
+        .collect();
+    // Logged with the uid, but not once per connection: 20+ refusals, a line per 5 s.
+    assert!((1..=2).contains(&refusals.len()), "{log}");
+    assert!(refusals[0].contains(&format!("uid={me}")), "{log}");
+    assert!(plugin.try_wait().is_none(), "{log}");
+}
+
+/// Admin (Info, Reload) has its own allow-list; the KMS service does not depend on it.
+#[tokio::test]
+async fn admin_service_refuses_uids_outside_admin_uids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let me = common::my_uid();
+    let extra = format!(
+        "allowed_uids = [{me}]\nadmin_uids = [{}]",
+        me.wrapping_add(12345)
+    );
+    let config = common::file_root_config(dir.path(), &socket, &extra);
+    let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
+    let mut client = plugin.client().await;
+    assert_eq!(common::status(&mut client).await.healthz, "ok");
+    let seed = common::seed();
+    let sealed = common::encrypt(&mut client, &seed).await;
+    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+
+    let channel = kms_plugin::client::connect(&socket).await.expect("connect");
+    let mut admin = kms_plugin::client::admin(channel);
+    let err = admin
+        .info(kms_plugin::proto::admin::InfoRequest {})
+        .await
+        .expect_err("info refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("admin_uids"), "{}", err.message());
+    let err = admin
+        .reload(kms_plugin::proto::admin::ReloadRequest { force: false })
+        .await
+        .expect_err("reload refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    let out = common::run_cli(&["reload", "--socket", &socket], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin_uids"));
+    // `status` still reports health from the KMS service, just without the admin detail.
+    let out = common::run_cli(&["status", "--socket", &socket], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("healthz: ok"),
+        "{text}"
+    );
+    assert!(!text.contains("root main"), "{text}");
+}
+
+/// The default admin_uids (root and the plugin's user) let the operator commands work.
+#[tokio::test]
+async fn reload_command_works_by_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let config = common::file_root_config(dir.path(), &socket, "");
+    let _plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
+    let out = common::run_cli(&["reload", "--socket", &socket], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reloaded"));
 }
 
 #[tokio::test]

@@ -82,3 +82,70 @@ async fn metrics_count_calls_roots_and_health() {
     }
     assert!(scrape(&addr, "/other").starts_with("HTTP/1.1 404"));
 }
+
+/// Slow or idle HTTP clients are cut off, and the listener stays loopback-only by default.
+#[tokio::test]
+async fn metrics_listener_times_out_half_requests_and_refuses_remote_by_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+
+    // Non-loopback without the opt-in: refused at load, with the reason and the fix.
+    let remote = format!("metrics_listen = \"0.0.0.0:{port}\"");
+    let body = "provider = \"file\"\npath = \"/nonexistent/main.key\"".to_string();
+    let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], &remote);
+    let out = common::run_cli(&["serve", "--config", &config.to_string_lossy()], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a loopback address") && err.contains("metrics_allow_remote = true"),
+        "{err}"
+    );
+
+    let extra = format!("metrics_listen = \"{addr}\"");
+    let config = common::file_root_config(dir.path(), &socket, &extra);
+    let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
+    let mut half = std::net::TcpStream::connect(&addr).expect("connect");
+    half.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .expect("send half");
+    half.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    // hyper closes the connection (possibly with a 408) once the header timeout passes.
+    let _ = half.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "half a request held the connection for {:?}",
+        started.elapsed()
+    );
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
+        "{rest}"
+    );
+    assert!(scrape(&addr, "/metrics").starts_with("HTTP/1.1 200"));
+
+    // Idle connections fill the cap; one more is closed at once; the idle ones time out.
+    let idle: Vec<_> = (0..kms_plugin::server::metrics_http::MAX_CONNECTIONS)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut extra = std::net::TcpStream::connect(&addr).expect("connect");
+    extra
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .expect("timeout");
+    let mut buf = [0; 16];
+    match extra.read(&mut buf) {
+        Ok(n) => assert_eq!(n, 0, "over the cap but answered"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    std::thread::sleep(kms_plugin::server::metrics_http::HEADER_READ_TIMEOUT);
+    assert!(scrape(&addr, "/metrics").starts_with("HTTP/1.1 200"));
+    drop(idle);
+    drop(plugin);
+}

@@ -1,6 +1,7 @@
-//! Serving: the socket, the tonic server on it, signals, systemd readiness and a
-//! graceful stop (stop accepting, finish calls in flight, remove the socket).
+//! Serving: the socket, our accept loop and the tonic server on it, who may call, systemd
+//! readiness and a graceful stop (stop accepting, finish calls in flight, remove the socket).
 
+pub mod accept;
 pub mod metrics_http;
 pub mod peer;
 pub mod socket;
@@ -10,16 +11,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
+use crate::config::Config;
 use crate::h2authority::AuthorityFix;
 use crate::plugin::Plugin;
 use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use crate::service::Service;
-use peer::PeerCheck;
+use peer::{AdminCheck, PeerCheck};
 use socket::{Endpoint, SocketError};
 
 /// Largest request accepted: a Decrypt carries at most 1 KiB of ciphertext and 32 KiB of
@@ -31,36 +32,64 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long responses get to flush once no call is in flight.
 const FLUSH_GRACE: Duration = Duration::from_millis(200);
 
+/// Who may call, and how many at once.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// `allowed_uids`, checked when a connection is accepted.
+    pub peers: PeerCheck,
+    /// `admin_uids`, checked on each Admin call.
+    pub admin: AdminCheck,
+    /// `max_connections`.
+    pub max_connections: usize,
+}
+
+impl Access {
+    /// The policy of `config` on `endpoint`; refuses an abstract socket without
+    /// `allowed_uids`.
+    pub fn from_config(config: &Config, endpoint: &Endpoint) -> Result<Self, String> {
+        Ok(Self {
+            peers: PeerCheck::new(endpoint, config.allowed_uids.as_deref())?,
+            admin: AdminCheck::new(config.admin_uids.as_deref()),
+            max_connections: config.max_connections,
+        })
+    }
+}
+
 /// Serves `plugin` on `endpoint` until `shutdown` resolves.
 pub async fn serve(
     plugin: Arc<Plugin>,
     endpoint: &Endpoint,
     mode: u32,
-    peers: PeerCheck,
+    access: Access,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SocketError> {
     let listener = socket::bind(endpoint, mode)?;
     // kube-apiserver 1.27-1.31 and grpcio send the socket path as `:authority`, which h2
     // rejects; every connection goes through the rewriter that makes it `localhost`.
-    let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new));
+    tracing::info!(
+        socket = %endpoint,
+        key_id = %plugin.keyring().key_id(),
+        allowed_uids = ?access.peers.allowed(),
+        admin_uids = ?access.admin.allowed(),
+        max_connections = access.max_connections,
+        "serving KMS v2"
+    );
+    let incoming = accept::Incoming::new(listener, access.peers, access.max_connections)
+        .map(|conn| conn.map(AuthorityFix::new));
     let service = Service::new(plugin.clone());
-    tracing::info!(socket = %endpoint, key_id = %plugin.keyring().key_id(), "serving KMS v2");
     notify_systemd("READY=1");
     let watcher = tokio::spawn(plugin.clone().watch());
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
-        .add_service(InterceptedService::new(
+        // KMS callers were vetted when their connection was accepted.
+        .add_service(
             KeyManagementServiceServer::new(service.clone())
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
-            {
-                let peers = peers.clone();
-                move |request| peers.check(request)
-            },
-        ))
+        )
         .add_service(InterceptedService::new(
             AdminServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
-            move |request| peers.check(request),
+            move |request| access.admin.check(request),
         ))
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;

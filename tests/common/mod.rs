@@ -121,6 +121,26 @@ impl Plugin {
         connect(&self.socket).await.expect("connect to plugin")
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits until the current run's output contains `text` (for plugins whose Status this
+    /// test may not call).
+    pub async fn wait_for_output(&mut self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.output().contains(text) {
+            assert!(self.try_wait().is_none(), "exited:\n{}", self.output());
+            assert!(
+                Instant::now() < deadline,
+                "no `{text}` in:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The process's exit status if it has exited.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child
@@ -301,4 +321,20 @@ pub fn write_config(
 /// A socket path inside `dir`.
 pub fn socket_in(dir: &Path) -> String {
     dir.join("run/kms.sock").to_string_lossy().into_owned()
+}
+
+/// This process's uid (the tests run as root in CI, but need not).
+pub fn my_uid() -> u32 {
+    // SAFETY: getuid(2) cannot fail and touches no memory.
+    unsafe { libc::getuid() }
+}
+
+/// A config file with one new file root key "main" in `dir`, `extra` top-level settings and
+/// the given socket; returns its path.
+pub fn file_root_config(dir: &Path, socket: &str, extra: &str) -> String {
+    let key = dir.join("main.key").to_string_lossy().into_owned();
+    let body = format!("provider = \"file\"\npath = \"{key}\"");
+    let config = write_config(dir, socket, "main", &[("main", body)], extra);
+    keygen(&config, "main", &[]);
+    config.to_string_lossy().into_owned()
 }
