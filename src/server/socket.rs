@@ -69,6 +69,10 @@ pub enum SocketError {
     /// Something other than a socket sits at the path.
     #[error("{0} exists and is not a socket; refusing to replace it (nothing was deleted)")]
     NotASocket(PathBuf),
+    /// The socket's directory could be changed by another user, who could then put their
+    /// own socket in front of kube-apiserver and read every DEK seed.
+    #[error("refusing to serve: {0}")]
+    Insecure(String),
     /// Any other I/O failure.
     #[error("cannot listen on {endpoint}: {source}")]
     Io {
@@ -130,6 +134,15 @@ fn bind_path(path: &Path, mode: u32) -> Result<StdListener, SocketError> {
         endpoint: path.display().to_string(),
         source,
     };
+    // Nothing is touched in a directory another user could change.
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
+        create_private_dir(dir).map_err(|e| io_err(io::Error::other(e.to_string())))?;
+    }
+    crate::secure_path::check_dir(dir, "socket directory").map_err(SocketError::Insecure)?;
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(e)),
@@ -144,13 +157,6 @@ fn bind_path(path: &Path, mode: u32) -> Result<StdListener, SocketError> {
             }
             Err(e) => return Err(io_err(e)),
         },
-    }
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    if !dir.exists() {
-        create_private_dir(dir).map_err(|e| io_err(io::Error::other(e.to_string())))?;
     }
     // Bind under a temporary name, set the mode, then rename: the final path never
     // exists with the umask's (possibly wider) permissions.
@@ -184,6 +190,28 @@ fn bind_path(path: &Path, mode: u32) -> Result<StdListener, SocketError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn refuses_a_directory_another_user_could_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let endpoint = Endpoint::Path(shared.join("kms.sock"));
+        let err = bind(&endpoint, 0o600).expect_err("world-writable directory");
+        assert!(matches!(err, SocketError::Insecure(_)), "{err}");
+        assert!(err.to_string().contains("chmod"), "{err}");
+        assert!(!shared.join("kms.sock").exists());
+        if crate::secure_path::euid() == 0 {
+            let foreign = dir.path().join("foreign");
+            std::fs::create_dir(&foreign).expect("mkdir");
+            std::os::unix::fs::chown(&foreign, Some(12345), None).expect("chown");
+            let err = bind(&Endpoint::Path(foreign.join("kms.sock")), 0o600)
+                .expect_err("directory owned by another user");
+            assert!(err.to_string().contains("uid 12345"), "{err}");
+        }
+    }
 
     #[test]
     fn endpoint_forms() {
