@@ -89,7 +89,7 @@ fn reload_within(socket: &str, limit: Duration) -> (ExitStatus, String) {
 
 async fn start(dir: &Path, arn: &str, endpoint: &str) -> Plugin {
     let body = format!(
-        "provider = \"aws-kms\"\nkey_id = \"{arn}\"\nregion = \"{}\"\nendpoint = \"{endpoint}\"",
+        "provider = \"aws-kms\"\nkey_id = \"{arn}\"\nregion = \"{}\"\nendpoint = \"{endpoint}\"\nallow_http = true",
         moto::REGION
     );
     let socket = common::socket_in(dir);

@@ -3,7 +3,12 @@
 //! accepts must satisfy what the rest of the plugin relies on.
 #![no_main]
 
-use kms_plugin::config::{Config, KeyConfig, Role};
+use std::time::{Duration, Instant};
+
+use kms_plugin::config::{
+    Config, KeyConfig, MAX_CACHE_CAPACITY, MAX_CHECK_INTERVAL_SECONDS, MAX_KEYS,
+    MAX_LOCAL_KEK_AGE_SECONDS, MAX_RETRY_INTERVAL_SECONDS, Role,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -43,12 +48,28 @@ fuzz_target!(|data: &[u8]| {
             assert!(a.attempt_timeout_ms <= a.timeout_ms);
         }
     }
-    assert!(config.cache.capacity >= 1);
+    // Every number within its published bounds, so later arithmetic cannot overflow.
+    assert!(config.keys.len() <= MAX_KEYS);
+    let cache = &config.cache;
+    assert!((1..=MAX_CACHE_CAPACITY).contains(&cache.capacity));
+    assert!(cache.unwraps_per_second >= 1 && cache.unwrap_burst >= 1);
     let lk = &config.local_kek;
     assert!(lk.max_encryptions >= 1 && lk.max_encryptions <= 1 << 32);
-    assert!(lk.max_age_seconds >= 1);
+    assert!((1..=MAX_LOCAL_KEK_AGE_SECONDS).contains(&lk.max_age_seconds));
     assert!((1..=100).contains(&lk.prepare_at_percent));
+    let health = &config.health;
+    assert!(health.root_check_interval_seconds <= MAX_CHECK_INTERVAL_SECONDS);
+    assert!((1..=MAX_RETRY_INTERVAL_SECONDS).contains(&health.retry_interval_seconds));
+    let now = Instant::now();
+    for seconds in [
+        lk.max_age_seconds,
+        health.root_check_interval_seconds,
+        health.retry_interval_seconds,
+    ] {
+        assert!(now.checked_add(Duration::from_secs(seconds)).is_some());
+    }
     assert_eq!(config.socket_mode & !0o777, 0);
+    assert_eq!(config.socket_mode & 0o600, 0o600);
     assert!(
         config
             .socket
