@@ -25,7 +25,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo deny: advisories (offline snapshot), licenses, duplicate crates, sources"
-# 0.20.2 needs rustc >= 1.88 (as does the plugin). About 3 minutes to build on 2 idle cores.
+# 0.20.2 needs rustc >= 1.88 (as does the plugin). Building it takes about 5 CPU-minutes
+# (about 3 minutes on 2 idle cores; 14 on 2 cores shared with other builds).
 cargo deny --version 2>/dev/null | grep -q ' 0\.20\.' || cargo install -q --locked cargo-deny@0.20.2
 # deny.toml reads the advisory database from target/advisory-dbs, never fetching it: stage
 # the snapshot beside the repository there, as the git repository cargo-deny expects.
