@@ -62,6 +62,11 @@ impl Moto {
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// The moto_server process id (to SIGSTOP it: a KMS that accepts connections but hangs).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Moto {
