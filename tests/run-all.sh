@@ -60,4 +60,4 @@ fuzz envelope 25
 fuzz annotations 25
 fuzz config 25 -dict=dicts/config.dict
 echo "== cargo test"
-cargo test --all-targets
+cargo test --all-targets --no-fail-fast
