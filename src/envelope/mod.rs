@@ -13,11 +13,13 @@
 
 pub mod annotations;
 
+use std::mem::ManuallyDrop;
+
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{AeadCore, Aes256Gcm, KeyInit, Nonce};
 use rand::rngs::OsRng;
 use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::secret::Key256;
 
@@ -52,15 +54,32 @@ pub enum EnvelopeError {
     BadAnnotation,
 }
 
-/// A local KEK ready to seal and open: the expanded AES-256-GCM key schedule, which
-/// zeroizes on drop (the `zeroize` features of `aes` and `ghash`). The associated data is
-/// the caller's: [`associated_data`] for the key_id and annotations a ciphertext travels with.
-pub struct KekCipher(Aes256Gcm);
+/// A local KEK ready to seal and open: the expanded AES-256-GCM key schedule. The associated
+/// data is the caller's: [`associated_data`] for the key_id and annotations a ciphertext
+/// travels with.
+///
+/// Wiped on drop: the `zeroize` features of `aes` and `ghash` clear the round keys, but
+/// polyval 0.6's run-time-detected backend keeps the GHASH key H in a `ManuallyDrop` union
+/// that nothing drops, so the whole cipher's storage is zeroed here after its own drop.
+pub struct KekCipher(ManuallyDrop<Aes256Gcm>);
+
+impl Drop for KekCipher {
+    fn drop(&mut self) {
+        let size = std::mem::size_of::<Aes256Gcm>();
+        let storage = std::ptr::from_mut::<Aes256Gcm>(&mut self.0).cast::<u8>();
+        // SAFETY: dropped exactly once, here; afterwards the storage is plain bytes this
+        // struct owns, never read as an `Aes256Gcm` again, so overwriting them is sound.
+        unsafe {
+            ManuallyDrop::drop(&mut self.0);
+            std::slice::from_raw_parts_mut(storage, size).zeroize();
+        }
+    }
+}
 
 impl KekCipher {
     /// Expands `kek`; the caller may drop its copy afterwards.
     pub fn new(kek: &Key256) -> Self {
-        Self(Aes256Gcm::new(kek.expose().into()))
+        Self(ManuallyDrop::new(Aes256Gcm::new(kek.expose().into())))
     }
 
     /// Seals `plaintext` with a fresh random nonce. The caller enforces [`MAX_PLAINTEXT_LEN`].
