@@ -44,18 +44,61 @@ pub struct Moto {
 }
 
 impl Moto {
-    /// Starts moto on a free port and waits until it accepts connections.
+    /// Starts moto on a port the kernel picks (no race with other tests for a "free" port)
+    /// and waits until it says where it listens. Fails with moto's own output if it exits or
+    /// stays silent.
     pub fn start() -> Moto {
-        let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let mut child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("moto_server must be installed: pip install 'moto[server]'");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        // Keeps draining moto's request log so that it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        let port = loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    let port = line
+                        .split_once("Running on http://127.0.0.1:")
+                        .and_then(|(_, port)| port.trim().parse::<u16>().ok());
+                    seen.push(line);
+                    if let Some(port) = port {
+                        break port;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().expect("wait for moto_server");
+                    panic!(
+                        "moto_server exited ({status}) before listening:\n{}",
+                        seen.join("\n")
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "moto_server did not listen within 30 s:\n{}",
+                    seen.join("\n")
+                );
+            }
+        };
         let moto = Moto { child, port };
-        wait_for_port(port, Duration::from_secs(30));
+        wait_for_port(port, Duration::from_secs(10));
         moto
     }
 
