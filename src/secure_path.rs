@@ -59,7 +59,9 @@ fn check_owner(path: &Path, meta: &Metadata, what: &str) -> Result<(), String> {
     let shown = path.display();
     Err(format!(
         "{what} {shown} is owned by uid {}, which is neither root nor the plugin's user (uid {me}); \
-         that user could replace it. Fix with `chown {me} {shown}`",
+         that user could replace it. Fix with `chown {me} {shown}`, or if uid {} is the \
+         plugin's service user, run this command as that user (sudo -u kms-plugin ...)",
+        meta.uid(),
         meta.uid()
     ))
 }
@@ -79,8 +81,10 @@ fn check_ancestors(path: &Path, what: &str) -> Result<(), String> {
             return Err(format!(
                 "directory {shown}, above {what} {}, is owned by uid {}, which is neither root nor \
                  the plugin's user (uid {me}); that user could swap the file. Fix with \
-                 `chown {me} {shown}` or move the file",
+                 `chown {me} {shown}` or move the file, or if uid {} is the plugin's service \
+                 user, run this command as that user (sudo -u kms-plugin ...)",
                 path.display(),
+                meta.uid(),
                 meta.uid()
             ));
         }
