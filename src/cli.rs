@@ -330,6 +330,17 @@ async fn status(socket: &str) -> ExitCode {
 }
 
 async fn rotate(config_path: &Path, to: &str, socket: Option<String>) -> ExitCode {
+    // The keys and PIN files belong to the plugin's service user (keygen runs as it), and
+    // rotate runs as root: trust that user's files, as the plugin itself does.
+    let early_socket = socket.clone().or_else(|| {
+        Config::load(config_path)
+            .ok()
+            .and_then(|c| c.socket)
+            .or_else(|| Some(config::DEFAULT_SOCKET.to_string()))
+    });
+    if let Some(uid) = early_socket.and_then(|s| client::plugin_uid(&s).ok()) {
+        crate::secure_path::trust_service_user(uid);
+    }
     let (old_text, new_text, new_config) = match crate::rotate::prepare(config_path, to).await {
         Ok(prepared) => prepared,
         Err(e) => return fail(&e.to_string()),

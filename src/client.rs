@@ -75,3 +75,11 @@ pub async fn diagnose(socket: &str) -> NoAnswer {
     });
     probe.await.unwrap_or(NoAnswer::Other)
 }
+
+/// The uid the plugin listening on `socket` runs as: the kernel's credentials of the
+/// listening socket (SO_PEERCRED), whatever the plugin's allow-list then does.
+pub fn plugin_uid(socket: &str) -> std::io::Result<u32> {
+    let std = Endpoint::parse(socket).connect_std()?;
+    std.set_nonblocking(true)?;
+    Ok(tokio::net::UnixStream::from_std(std)?.peer_cred()?.uid())
+}

@@ -229,3 +229,84 @@ async fn default_log_level_logs_encrypt_and_decrypt_but_not_status() {
     common::status(&mut plugin.client().await).await;
     plugin.wait_for_output("op=\"status\"").await;
 }
+
+/// The install the README describes: the plugin runs as its own user, who owns the keys
+/// (`keygen` runs as that user); `rotate` runs as root and must accept those keys.
+#[tokio::test]
+async fn rotate_as_root_uses_keys_the_service_user_owns() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    const SERVICE: u32 = 4242;
+    assert_eq!(common::my_uid(), 0, "the suite runs as root");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (keys, run) = (dir.path().join("lib"), dir.path().join("run"));
+    for d in [&keys, &run] {
+        std::fs::create_dir(d).expect("mkdir");
+        std::os::unix::fs::chown(d, Some(SERVICE), Some(SERVICE)).expect("chown");
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    }
+    let socket = run.join("kms.sock").to_string_lossy().into_owned();
+    let entries: Vec<(&str, String)> = ["main", "next"]
+        .into_iter()
+        .map(|name| {
+            let path = keys.join(format!("{name}.key"));
+            (
+                name,
+                format!("provider = \"file\"\npath = \"{}\"", path.display()),
+            )
+        })
+        .collect();
+    let config = common::write_config(dir.path(), &socket, "main", &entries, "");
+    let config = config.to_string_lossy().into_owned();
+    let as_service = |args: &[&str]| {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .uid(SERVICE)
+            .gid(SERVICE)
+            .stdin(Stdio::null());
+        command
+    };
+    for name in ["main", "next"] {
+        let out = as_service(&["keygen", "--config", &config, "--key", name])
+            .output()
+            .expect("keygen");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
+    let mut child = as_service(&["serve", "--config", &config])
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let before = loop {
+        if let Ok(mut client) = common::connect(&socket).await
+            && let Ok(status) = client.status(kms_plugin::proto::v2::StatusRequest {}).await
+        {
+            break status.into_inner().key_id;
+        }
+        assert!(child.try_wait().expect("wait").is_none(), "plugin exited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let out = common::run_cli(&["rotate", "--config", &config, "--to", "next"], &[]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"next\"") && !text.contains(&format!("(key_id {before}) is now")),
+        "{text}"
+    );
+    let rotated = std::fs::read_to_string(&config).expect("read config");
+    assert!(rotated.contains("active = \"next\""), "{rotated}");
+}
