@@ -76,10 +76,30 @@ pub async fn diagnose(socket: &str) -> NoAnswer {
     probe.await.unwrap_or(NoAnswer::Other)
 }
 
-/// The uid the plugin listening on `socket` runs as: the kernel's credentials of the
-/// listening socket (SO_PEERCRED), whatever the plugin's allow-list then does.
+/// The uid the plugin listening on the socket file `socket` runs as: the kernel's
+/// credentials of the listening socket (SO_PEERCRED), whatever the plugin's allow-list then
+/// does. Only for a socket in a directory owned by root or that uid and writable by no one
+/// else (as the plugin requires), so that no other user can have put the listener there;
+/// never for an abstract socket, which any local user can bind.
 pub fn plugin_uid(socket: &str) -> std::io::Result<u32> {
-    let std = Endpoint::parse(socket).connect_std()?;
+    use std::os::unix::fs::MetadataExt;
+    let endpoint = Endpoint::parse(socket);
+    let Endpoint::Path(path) = &endpoint else {
+        return Err(std::io::Error::other("an abstract socket has no owner"));
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let std = endpoint.connect_std()?;
     std.set_nonblocking(true)?;
-    Ok(tokio::net::UnixStream::from_std(std)?.peer_cred()?.uid())
+    let uid = tokio::net::UnixStream::from_std(std)?.peer_cred()?.uid();
+    let meta = std::fs::metadata(dir)?;
+    if (meta.uid() == 0 || meta.uid() == uid) && meta.mode() & 0o022 == 0 {
+        Ok(uid)
+    } else {
+        Err(std::io::Error::other(
+            "the socket's directory is not the plugin's",
+        ))
+    }
 }
