@@ -14,6 +14,13 @@ use crate::proto::v2::StatusRequest;
 use crate::server::{self, socket::Endpoint};
 use crate::{client, root};
 
+/// `println!` for command output, through [`write_out`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        write_out(format_args!($($arg)*))
+    };
+}
+
 /// Kubernetes KMS v2 plugin: envelope encryption of kube-apiserver's DEKs.
 #[derive(Debug, Parser)]
 #[command(name = "kms-plugin", version, about)]
@@ -47,8 +54,9 @@ pub enum Command {
         /// Socket path or @name (overrides the config file).
         #[arg(long)]
         socket: Option<String>,
-        /// State directory (overrides the config file).
-        #[arg(long)]
+        /// Directory of the embedded default's root key (default /var/lib/kms-plugin). Only
+        /// without --config: a config file names each key's path itself.
+        #[arg(long, conflicts_with = "config")]
         state_dir: Option<PathBuf>,
     },
     /// Ask a running plugin for its status; exits 0 only if it is healthy.
@@ -96,7 +104,7 @@ pub fn run(cli: Cli) -> ExitCode {
     if matches!(cli.command, Command::Serve { .. })
         && let Err(e) = crate::process::harden()
     {
-        return fail(&format!(
+        return fail_serve(&format!(
             "cannot disable core dumps (PR_SET_DUMPABLE, RLIMIT_CORE): {e}"
         ));
     }
@@ -106,7 +114,9 @@ pub fn run(cli: Cli) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("kms-plugin: cannot start the async runtime: {e}");
+            tell(format_args!(
+                "kms-plugin: cannot start the async runtime: {e}"
+            ));
             return ExitCode::from(2);
         }
     };
@@ -143,7 +153,7 @@ async fn serve(
     ) {
         (Ok(term), Ok(int), Ok(hup)) => (term, int, hup),
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-            return fail(&format!("cannot install signal handlers: {e}"));
+            return fail_serve(&format!("cannot install signal handlers: {e}"));
         }
     };
     let mut shutdown = Box::pin(shutdown_signal(term, int));
@@ -169,7 +179,7 @@ async fn serve(
     });
     match server::serve(plugin, &endpoint, config.socket_mode, access, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e.to_string()),
+        Err(e) => fail_serve(&e.to_string()),
     }
 }
 
@@ -179,10 +189,12 @@ async fn start_up(
     socket: Option<String>,
     state_dir: Option<PathBuf>,
 ) -> Result<(std::sync::Arc<Plugin>, Config, Endpoint, server::Access), ExitCode> {
-    let (mut config, source) = match config_path {
+    // --state-dir only with the embedded default (clap refuses it next to --config, and
+    // Config::load refuses `state_dir` in the file): one place decides where its key lives.
+    let (config, source) = match config_path {
         Some(path) => match Config::load(path) {
             Ok(config) => (config, Source::File(path.to_path_buf())),
-            Err(e) => return Err(fail(&e.to_string())),
+            Err(e) => return Err(fail_serve(&e.to_string())),
         },
         None => {
             let dir = state_dir
@@ -191,9 +203,6 @@ async fn start_up(
             (Config::embedded(&dir), Source::Embedded)
         }
     };
-    if state_dir.is_some() {
-        config.state_dir = state_dir;
-    }
     // --socket is not written into the config: a reload compares the file with the file.
     let endpoint = Endpoint::parse(
         socket
@@ -205,31 +214,31 @@ async fn start_up(
     // allow-list stops here.
     let access = match server::Access::from_config(&config, &endpoint) {
         Ok(access) => access,
-        Err(e) => return Err(fail(&e)),
+        Err(e) => return Err(fail_serve(&e)),
     };
     if source == Source::Embedded {
         if let Some(dir) = &config.state_dir
             && let Err(e) = root::file::prepare_state_dir(dir)
         {
-            return Err(fail(&e.to_string()));
+            return Err(fail_serve(&e.to_string()));
         }
         let key = &config.keys[config::DEFAULT_KEY_NAME];
         match root::create(key).await {
             Ok(true) => tracing::info!("created a new root key for the embedded default"),
             Ok(false) => {}
-            Err(e) => return Err(fail(&e.to_string())),
+            Err(e) => return Err(fail_serve(&e.to_string())),
         }
     }
     let plugin = match Plugin::start(&config, source).await {
         Ok(plugin) => plugin,
-        Err(e) => return Err(fail(&format!("cannot start: {e}"))),
+        Err(e) => return Err(fail_serve(&format!("cannot start: {e}"))),
     };
     if let Some(addr) = config.metrics_listen {
         match server::metrics_http::bind(addr, plugin.clone()).await {
             Ok(serve_metrics) => {
                 tokio::spawn(serve_metrics);
             }
-            Err(e) => return Err(fail(&format!("cannot serve metrics on {addr}: {e}"))),
+            Err(e) => return Err(fail_serve(&format!("cannot serve metrics on {addr}: {e}"))),
         }
     }
     Ok((plugin, config, endpoint, access))
@@ -247,31 +256,37 @@ async fn status(socket: &str) -> ExitCode {
     let connected = tokio::time::timeout(Duration::from_secs(5), client::connect(socket)).await;
     let channel = match connected {
         Ok(Ok(channel)) => channel,
-        Ok(Err(e)) => return unreachable_plugin(socket, &e.to_string()),
-        Err(_) => return unreachable_plugin(socket, "timed out"),
+        Ok(Err(e)) => return unreachable_plugin(socket, &e.to_string()).await,
+        Err(_) => return unreachable_plugin(socket, "timed out").await,
     };
     let status = match client::kms(channel.clone()).status(StatusRequest {}).await {
         Ok(r) => r.into_inner(),
-        Err(e) => return unreachable_plugin(socket, e.message()),
+        Err(e) => return unreachable_plugin(socket, e.message()).await,
     };
-    println!("version: {}", status.version);
-    println!("healthz: {}", status.healthz);
-    println!("key_id:  {}", status.key_id);
+    say!("version: {}", status.version);
+    say!("healthz: {}", status.healthz);
+    say!("key_id:  {}", status.key_id);
     if let Ok(info) = client::admin(channel).info(InfoRequest {}).await {
         let info = info.into_inner();
-        println!(
+        say!(
             "config:  {} (pid {}, kms-plugin {})",
-            info.config_source, info.pid, info.plugin_version
+            info.config_source,
+            info.pid,
+            info.plugin_version
         );
         if let Some(k) = info.local_kek {
-            println!(
+            say!(
                 "local KEK: {} of {} encryptions, {}s of {}s",
-                k.encryptions, k.max_encryptions, k.age_seconds, k.max_age_seconds
+                k.encryptions,
+                k.max_encryptions,
+                k.age_seconds,
+                k.max_age_seconds
             );
         }
-        println!(
+        say!(
             "cache:   {} of {} unwrapped local KEKs",
-            info.cache_entries, info.cache_capacity
+            info.cache_entries,
+            info.cache_capacity
         );
         for r in info.roots {
             let last = match r.last_decrypt_unix {
@@ -283,7 +298,7 @@ async fn status(socket: &str) -> ExitCode {
                     format!("unix time {t} ({}s ago)", (now - t).max(0))
                 }
             };
-            println!(
+            say!(
                 "root {} ({}, {}): key_id {} state {}; wraps {} unwraps {} failures {}; decrypts {}, last {}",
                 r.name,
                 r.provider,
@@ -297,13 +312,13 @@ async fn status(socket: &str) -> ExitCode {
                 last
             );
             if r.throttled_unwraps > 0 {
-                println!(
+                say!(
                     "  {} Decrypt unwraps refused: unwrap budget spent ([cache] unwraps_per_second)",
                     r.throttled_unwraps
                 );
             }
             if !r.last_error.is_empty() {
-                println!("  last error: {}", r.last_error);
+                say!("  last error: {}", r.last_error);
             }
         }
     }
@@ -315,6 +330,17 @@ async fn status(socket: &str) -> ExitCode {
 }
 
 async fn rotate(config_path: &Path, to: &str, socket: Option<String>) -> ExitCode {
+    // The keys and PIN files belong to the plugin's service user (keygen runs as it), and
+    // rotate runs as root: trust that user's files, as the plugin itself does.
+    let early_socket = socket.clone().or_else(|| {
+        Config::load(config_path)
+            .ok()
+            .and_then(|c| c.socket)
+            .or_else(|| Some(config::DEFAULT_SOCKET.to_string()))
+    });
+    if let Some(uid) = early_socket.and_then(|s| client::plugin_uid(&s).ok()) {
+        crate::secure_path::trust_service_user(uid);
+    }
     let (old_text, new_text, new_config) = match crate::rotate::prepare(config_path, to).await {
         Ok(prepared) => prepared,
         Err(e) => return fail(&e.to_string()),
@@ -324,11 +350,11 @@ async fn rotate(config_path: &Path, to: &str, socket: Option<String>) -> ExitCod
         .unwrap_or_else(|| config::DEFAULT_SOCKET.to_string());
     let mut kms = match client::connect(&socket).await {
         Ok(channel) => channel,
-        Err(e) => return unreachable_plugin(&socket, &e.to_string()),
+        Err(e) => return unreachable_plugin(&socket, &e.to_string()).await,
     };
     let old_key_id = match client::kms(kms.clone()).status(StatusRequest {}).await {
         Ok(status) => status.into_inner().key_id,
-        Err(e) => return unreachable_plugin(&socket, e.message()),
+        Err(e) => return unreachable_plugin(&socket, e.message()).await,
     };
     let old_name = new_config.kek.retired.last().cloned().unwrap_or_default();
     if let Err(e) = crate::rotate::write_atomically(config_path, &new_text) {
@@ -341,7 +367,7 @@ async fn rotate(config_path: &Path, to: &str, socket: Option<String>) -> ExitCod
         Ok(r) => {
             let r = r.into_inner();
             if !r.needs_restart.is_empty() {
-                println!(
+                say!(
                     "note: {} changed in the config file and needs a restart of the plugin",
                     r.needs_restart.join(", ")
                 );
@@ -354,10 +380,12 @@ async fn rotate(config_path: &Path, to: &str, socket: Option<String>) -> ExitCod
                 Ok(()) => "the config file was restored".to_string(),
                 Err(r) => format!("restoring the config file failed too: {r}"),
             };
-            return fail(&format!(
-                "the plugin refused the new configuration ({what}): {}",
-                e.message()
-            ));
+            let outcome = if refused_by_plugin(&e) {
+                "the plugin refused the new configuration"
+            } else {
+                "the reload call to the plugin failed"
+            };
+            return fail(&format!("{outcome} ({what}): {}", e.message()));
         }
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -374,9 +402,9 @@ async fn rotate(config_path: &Path, to: &str, socket: Option<String>) -> ExitCod
             kms = channel;
         }
     }
-    print!(
+    say!(
         "{}",
-        crate::rotate::next_steps(&old_name, &old_key_id, to, &new_key_id, &socket)
+        crate::rotate::next_steps(&old_name, &old_key_id, to, &new_key_id, &socket).trim_end()
     );
     ExitCode::SUCCESS
 }
@@ -384,7 +412,7 @@ async fn rotate(config_path: &Path, to: &str, socket: Option<String>) -> ExitCod
 async fn reload(socket: &str, force: bool) -> ExitCode {
     let channel = match client::connect(socket).await {
         Ok(channel) => channel,
-        Err(e) => return unreachable_plugin(socket, &e.to_string()),
+        Err(e) => return unreachable_plugin(socket, &e.to_string()).await,
     };
     match client::admin(channel)
         .reload(crate::proto::admin::ReloadRequest { force })
@@ -392,16 +420,17 @@ async fn reload(socket: &str, force: bool) -> ExitCode {
     {
         Ok(r) => {
             let r = r.into_inner();
-            println!("reloaded; active key_id {}", r.key_id);
+            say!("reloaded; active key_id {}", r.key_id);
             if !r.needs_restart.is_empty() {
-                println!(
+                say!(
                     "applied, but {} changed and needs a restart of the plugin (the running value stays)",
                     r.needs_restart.join(", ")
                 );
             }
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&format!("reload refused: {}", e.message())),
+        Err(e) if refused_by_plugin(&e) => fail(&format!("reload refused: {}", e.message())),
+        Err(e) => unreachable_plugin(socket, e.message()).await,
     }
 }
 
@@ -423,7 +452,7 @@ async fn keygen(config_path: &Path, name: &str) -> ExitCode {
     match root::open(name, key).await {
         Ok(opened) => {
             let what = if created { "created" } else { "already exists" };
-            println!(
+            say!(
                 "key \"{name}\" ({}) {what}: key_id {}",
                 key.provider(),
                 opened.key_id()
@@ -434,15 +463,68 @@ async fn keygen(config_path: &Path, name: &str) -> ExitCode {
     }
 }
 
-fn unreachable_plugin(socket: &str, why: &str) -> ExitCode {
-    eprintln!("kms-plugin: no plugin answers on {socket}: {why}");
+/// An answer the plugin's Admin service gives (a refused reload, a uid outside admin_uids),
+/// rather than a connection that failed before any answer.
+fn refused_by_plugin(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied
+    )
+}
+
+/// A command that got no answer from the plugin says why, as far as one more connection can
+/// tell: nothing listens there, or a plugin closed the connection unread (its allow-list).
+async fn unreachable_plugin(socket: &str, why: &str) -> ExitCode {
+    match client::diagnose(socket).await {
+        client::NoAnswer::NotListening(e) => tell(format_args!(
+            "kms-plugin: no plugin answers on {socket}: nothing listens there ({e}); is the \
+             plugin running, and is this its socket?"
+        )),
+        client::NoAnswer::ClosedBeforeAnswering => {
+            // SAFETY: geteuid has no preconditions; SO_PEERCRED reports the effective uid.
+            let uid = unsafe { libc::geteuid() };
+            tell(format_args!(
+                "kms-plugin: a plugin listens on {socket} but closed the connection before \
+                 answering: this uid ({uid}) is probably not in its allowed_uids (or it has \
+                 max_connections open); run this command as an allowed user (sudo -u \
+                 kms-plugin ...) or add {uid} to allowed_uids"
+            ))
+        }
+        client::NoAnswer::Other => tell(format_args!(
+            "kms-plugin: the call to the plugin on {socket} failed: {why}"
+        )),
+    }
     ExitCode::from(2)
 }
 
+/// A failed command other than `serve`: one line on stderr, for a person.
 fn fail(message: &str) -> ExitCode {
-    tracing::error!("{message}");
-    eprintln!("kms-plugin: {message}");
+    tell(format_args!("kms-plugin: {message}"));
     ExitCode::from(1)
+}
+
+/// A failed `serve`: one log line (text or JSON, as configured), for journald and log
+/// collectors. Not also on stderr: the log is stderr, and the message would appear twice.
+fn fail_serve(message: &str) -> ExitCode {
+    tracing::error!("{message}");
+    ExitCode::from(1)
+}
+
+/// Writes one line to stderr; a closed stderr is not worth a panic.
+fn tell(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// Writes one line to stdout. A closed stdout (`kms-plugin status | head -1`) ends the output
+/// quietly: the command finishes and exits as it would have, where `println!` panics.
+fn write_out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}")
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        tell(format_args!("kms-plugin: cannot write to stdout: {e}"));
+    }
 }
 
 fn init_logging(format: LogFormat) {

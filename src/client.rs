@@ -33,3 +33,73 @@ pub fn kms(channel: Channel) -> KeyManagementServiceClient<Channel> {
 pub fn admin(channel: Channel) -> AdminClient<Channel> {
     AdminClient::new(channel)
 }
+
+/// Why a plugin on a socket gave no answer, found with one raw connection.
+#[derive(Debug)]
+pub enum NoAnswer {
+    /// Nothing accepts connections there: no socket file, or nobody listening on it.
+    NotListening(std::io::Error),
+    /// Something accepted the connection and closed it before sending a byte, as the plugin
+    /// does to a uid outside `allowed_uids` (or beyond `max_connections`).
+    ClosedBeforeAnswering,
+    /// It answered, or stayed silent: the error the caller already has is the explanation.
+    Other,
+}
+
+/// Connects once more to `socket`, sends the HTTP/2 client preface and an empty SETTINGS
+/// frame (as every gRPC client starts) and sees whether anything comes back.
+pub async fn diagnose(socket: &str) -> NoAnswer {
+    let endpoint = Endpoint::parse(socket);
+    let probe = tokio::task::spawn_blocking(move || {
+        use std::io::{ErrorKind, Read, Write};
+        let mut stream = match endpoint.connect_std() {
+            Ok(stream) => stream,
+            Err(e) => return NoAnswer::NotListening(e),
+        };
+        if stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .is_err()
+        {
+            return NoAnswer::Other;
+        }
+        // A write to a connection already closed by the peer may fail; the read says more.
+        let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(0) => NoAnswer::ClosedBeforeAnswering,
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {
+                NoAnswer::ClosedBeforeAnswering
+            }
+            _ => NoAnswer::Other,
+        }
+    });
+    probe.await.unwrap_or(NoAnswer::Other)
+}
+
+/// The uid the plugin listening on the socket file `socket` runs as: the kernel's
+/// credentials of the listening socket (SO_PEERCRED), whatever the plugin's allow-list then
+/// does. Only for a socket in a directory owned by root or that uid and writable by no one
+/// else (as the plugin requires), so that no other user can have put the listener there;
+/// never for an abstract socket, which any local user can bind.
+pub fn plugin_uid(socket: &str) -> std::io::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let endpoint = Endpoint::parse(socket);
+    let Endpoint::Path(path) = &endpoint else {
+        return Err(std::io::Error::other("an abstract socket has no owner"));
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let std = endpoint.connect_std()?;
+    std.set_nonblocking(true)?;
+    let uid = tokio::net::UnixStream::from_std(std)?.peer_cred()?.uid();
+    let meta = std::fs::metadata(dir)?;
+    if (meta.uid() == 0 || meta.uid() == uid) && meta.mode() & 0o022 == 0 {
+        Ok(uid)
+    } else {
+        Err(std::io::Error::other(
+            "the socket's directory is not the plugin's",
+        ))
+    }
+}

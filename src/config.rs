@@ -29,6 +29,11 @@ pub const DEFAULT_ROOT_KEY_FILE: &str = "root.key";
 /// Name of the embedded default's root key entry.
 pub const DEFAULT_KEY_NAME: &str = "default";
 
+/// Why `state_dir` in a config file is refused rather than silently unused.
+const STATE_DIR_IN_FILE: &str = "state_dir is only used without --config (the embedded default \
+     keeps its root key there); with a config file each [keys.NAME] names its own path: remove \
+     state_dir";
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,7 +63,8 @@ pub struct Config {
     /// Allows a non-loopback `metrics_listen` (plain HTTP, no authentication).
     #[serde(default)]
     pub metrics_allow_remote: bool,
-    /// Directory for plugin state (the embedded default's root key).
+    /// Directory of the embedded default's root key (`--state-dir`). A config file names
+    /// each key's path itself, so a file that sets `state_dir` is refused, not ignored.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
     /// The `version` Status reports: "v2" (kube-apiserver 1.29+) or "v2beta1" (1.27, 1.28).
@@ -471,6 +477,12 @@ impl Config {
             path: PathBuf::new(),
             message: e.to_string(),
         })?;
+        if config.state_dir.is_some() {
+            return Err(ConfigError::Invalid {
+                path: PathBuf::new(),
+                message: STATE_DIR_IN_FILE.into(),
+            });
+        }
         config.validate().map_err(|message| ConfigError::Invalid {
             path: PathBuf::new(),
             message,
@@ -1105,6 +1117,17 @@ mod tests {
         };
         assert!(Config::parse(&text.replace("ALSO", &list(6))).is_ok());
         assert!(error_of(&text.replace("ALSO", &list(7))).contains("32 KiB"));
+    }
+
+    #[test]
+    fn state_dir_in_a_file_is_refused_with_the_reason() {
+        let text = "state_dir = \"/var/lib/x\"\n[kek]\nactive = \"a\"\n[keys.a]\nprovider = \"file\"\npath = \"/a\"\n";
+        let err = Config::parse(text).expect_err("refused").to_string();
+        assert!(
+            err.contains("state_dir") && err.contains("--config"),
+            "{err}"
+        );
+        assert!(Config::parse(&text.replace("state_dir = \"/var/lib/x\"\n", "")).is_ok());
     }
 
     #[test]

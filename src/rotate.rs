@@ -94,9 +94,16 @@ pub fn rewrite(text: &str, old_active: &str, to: &str) -> Result<String, RotateE
         .get_mut("kek")
         .and_then(|k| k.as_table_like_mut())
         .ok_or_else(|| RotateError::Invalid("config has no [kek] table".into()))?;
-    // Replace the value in place: the key's own comments stay.
+    // Replace the value in place, keeping its decor: the whitespace around it and the
+    // comment after it on the same line (`active = "main"   # ...`).
     match kek.get_mut("active") {
-        Some(active) => *active = value(to),
+        Some(active) => {
+            let decor = active.as_value().map(|v| v.decor().clone());
+            *active = value(to);
+            if let (Some(decor), Some(new)) = (decor, active.as_value_mut()) {
+                *new.decor_mut() = decor;
+            }
+        }
         None => {
             kek.insert("active", value(to));
         }
@@ -213,6 +220,20 @@ mod tests {
         assert_eq!(config.kek.active, "b");
         assert_eq!(config.kek.retired, vec!["a".to_string()]);
         assert!(config.kek.also_wrap.is_empty());
+    }
+
+    #[test]
+    fn rewrite_keeps_the_comment_on_the_active_line() {
+        let text = TEXT.replace(
+            "active = \"a\"\n",
+            "active = \"a\"   # rotated by kms-plugin rotate\n",
+        );
+        let out = rewrite(&text, "a", "b").expect("rewrite");
+        assert!(
+            out.contains("active = \"b\"   # rotated by kms-plugin rotate\n"),
+            "{out}"
+        );
+        assert_eq!(Config::parse(&out).expect("valid").kek.active, "b");
     }
 
     #[test]

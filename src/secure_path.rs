@@ -6,15 +6,31 @@
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// The sticky bit: in a sticky directory (like /tmp) only an entry's owner may rename or
 /// delete it, so others' write access cannot swap our files.
 const STICKY: u32 = 0o1000;
 
+/// The uid of the running plugin, when this process is an operator command acting for it.
+static SERVICE_USER: OnceLock<u32> = OnceLock::new();
+
 /// The plugin's effective uid.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+/// Also accepts files owned by `uid`, the user the running plugin serves as (its socket's
+/// SO_PEERCRED): `kms-plugin rotate`, run by root, opens keys and PIN files that belong to
+/// the service user, who can change them anyway. Set once; `serve` never sets it.
+pub fn trust_service_user(uid: u32) {
+    let _ = SERVICE_USER.set(uid);
+}
+
+/// Root, this process's user, or the running plugin's user (see [`trust_service_user`]).
+fn trusted_owner(uid: u32) -> bool {
+    uid == 0 || uid == euid() || SERVICE_USER.get() == Some(&uid)
 }
 
 /// Checks the file `meta` describes (from the opened descriptor) and every directory above
@@ -53,13 +69,15 @@ pub fn check_dir(dir: &Path, what: &str) -> Result<(), String> {
 
 fn check_owner(path: &Path, meta: &Metadata, what: &str) -> Result<(), String> {
     let me = euid();
-    if meta.uid() == 0 || meta.uid() == me {
+    if trusted_owner(meta.uid()) {
         return Ok(());
     }
     let shown = path.display();
     Err(format!(
         "{what} {shown} is owned by uid {}, which is neither root nor the plugin's user (uid {me}); \
-         that user could replace it. Fix with `chown {me} {shown}`",
+         that user could replace it. Fix with `chown {me} {shown}`, or if uid {} is the \
+         plugin's service user, run this command as that user (sudo -u kms-plugin ...)",
+        meta.uid(),
         meta.uid()
     ))
 }
@@ -75,12 +93,14 @@ fn check_ancestors(path: &Path, what: &str) -> Result<(), String> {
         let meta = std::fs::metadata(&d)
             .map_err(|e| format!("cannot inspect directory {}: {e}", d.display()))?;
         let shown = d.display();
-        if meta.uid() != 0 && meta.uid() != me {
+        if !trusted_owner(meta.uid()) {
             return Err(format!(
                 "directory {shown}, above {what} {}, is owned by uid {}, which is neither root nor \
                  the plugin's user (uid {me}); that user could swap the file. Fix with \
-                 `chown {me} {shown}` or move the file",
+                 `chown {me} {shown}` or move the file, or if uid {} is the plugin's service \
+                 user, run this command as that user (sudo -u kms-plugin ...)",
                 path.display(),
+                meta.uid(),
                 meta.uid()
             ));
         }

@@ -112,18 +112,17 @@ impl AwsKmsRoot {
             .is_none_or(|s| *s == KeySpec::SymmetricDefault);
         if !(usage_ok && spec_ok) {
             return Err(RootError::Config(format!(
-                "{} is not a symmetric encrypt/decrypt key (usage {:?}, spec {:?}; need \
+                "{} is not a symmetric encrypt/decrypt key (usage {}, spec {}; need \
                  ENCRYPT_DECRYPT, SYMMETRIC_DEFAULT)",
                 root.arn,
-                meta.key_usage().map(|u| u.as_str()),
-                meta.key_spec().map(|s| s.as_str()),
+                name_or_unknown(meta.key_usage().map(|u| u.as_str())),
+                name_or_unknown(meta.key_spec().map(|s| s.as_str())),
             )));
         }
         if meta.key_state() != Some(&KeyState::Enabled) {
-            return Err(RootError::Rejected(format!(
-                "{} is in state {:?}, not Enabled",
-                root.arn,
-                meta.key_state()
+            return Err(RootError::Rejected(not_enabled_message(
+                &root.arn,
+                meta.key_state(),
             )));
         }
         Ok(false)
@@ -304,6 +303,19 @@ where
     }
 }
 
+/// "ARN is in state Disabled, not Enabled": AWS's name of the state, never a Rust value.
+fn not_enabled_message(arn: &str, state: Option<&KeyState>) -> String {
+    format!(
+        "{arn} is in state {}, not Enabled",
+        name_or_unknown(state.map(|s| s.as_str()))
+    )
+}
+
+/// An enum name as AWS spells it, or "unknown" when DescribeKey left the field out.
+fn name_or_unknown(name: Option<&str>) -> &str {
+    name.unwrap_or("unknown")
+}
+
 /// "outer: inner: innermost", without the Debug dump `DisplayErrorContext` appends:
 /// these messages end up in the 400-byte Status healthz string.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -367,6 +379,23 @@ mod tests {
         }
         assert!(backoff(1) <= Duration::from_millis(50));
         assert!(backoff(30) <= MAX_BACKOFF);
+    }
+
+    #[test]
+    fn a_key_not_enabled_is_named_by_its_aws_state() {
+        let arn = "arn:aws:kms:eu-west-1:111122223333:key/k";
+        assert_eq!(
+            not_enabled_message(arn, Some(&KeyState::Disabled)),
+            format!("{arn} is in state Disabled, not Enabled")
+        );
+        assert_eq!(
+            not_enabled_message(arn, Some(&KeyState::PendingDeletion)),
+            format!("{arn} is in state PendingDeletion, not Enabled")
+        );
+        assert_eq!(
+            not_enabled_message(arn, None),
+            format!("{arn} is in state unknown, not Enabled")
+        );
     }
 
     fn kind(code: &str, status: u16) -> String {

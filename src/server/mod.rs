@@ -69,8 +69,8 @@ pub async fn serve(
     tracing::info!(
         socket = %endpoint,
         key_id = %plugin.keyring().key_id(),
-        allowed_uids = ?access.peers.allowed(),
-        admin_uids = ?access.admin.allowed(),
+        allowed_uids = %uid_list(access.peers.allowed()),
+        admin_uids = %uid_list(Some(access.admin.allowed())),
         max_connections = access.max_connections,
         "serving KMS v2"
     );
@@ -145,5 +145,27 @@ fn notify_systemd(state: &str) {
     });
     if let Err(e) = sent {
         tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// `[0, 998]`, or what no list means, for the start-up log line (not a Rust Debug value).
+fn uid_list(uids: Option<&std::collections::BTreeSet<u32>>) -> String {
+    match uids {
+        None => "any (the socket file's mode decides)".to_string(),
+        Some(uids) => {
+            let shown: Vec<String> = uids.iter().map(u32::to_string).collect();
+            format!("[{}]", shown.join(", "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_lists_are_logged_plainly() {
+        assert_eq!(uid_list(Some(&[12345, 0].into())), "[0, 12345]");
+        assert_eq!(uid_list(None), "any (the socket file's mode decides)");
     }
 }
