@@ -149,3 +149,99 @@ async fn metrics_listener_times_out_half_requests_and_refuses_remote_by_default(
     drop(idle);
     drop(plugin);
 }
+
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// Status line and body of `method path`.
+fn probe(addr: &str, method: &str, path: &str) -> (String, String) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (status, body.to_string())
+}
+
+#[tokio::test]
+async fn health_probes_follow_status_without_root_calls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let addr = free_addr();
+    let config =
+        common::file_root_config(dir.path(), &socket, &format!("metrics_listen = \"{addr}\""));
+    let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
+    let calls = |info: &kms_plugin::proto::admin::InfoResponse| {
+        info.roots
+            .iter()
+            .map(|r| r.wrap_calls + r.unwrap_calls)
+            .sum::<u64>()
+    };
+    let before = calls(&common::info(&plugin).await);
+    for path in ["/livez", "/readyz", "/healthz"] {
+        for _ in 0..20 {
+            assert_eq!(
+                probe(&addr, "GET", path),
+                ("HTTP/1.1 200 OK".to_string(), "ok\n".to_string()),
+                "{path}"
+            );
+        }
+    }
+    assert_eq!(
+        calls(&common::info(&plugin).await),
+        before,
+        "a probe called a root"
+    );
+    assert!(
+        probe(&addr, "POST", "/readyz")
+            .0
+            .starts_with("HTTP/1.1 405")
+    );
+    assert!(probe(&addr, "GET", "/nope").0.starts_with("HTTP/1.1 404"));
+    drop(plugin);
+
+    // A plugin that cannot make its first local KEK (its KMS does not answer) is alive but
+    // not ready, and says why, as Status does.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let addr = free_addr();
+    let dead = free_addr();
+    let body = format!(
+        "provider = \"aws-kms\"\nkey_id = \"arn:aws:kms:us-east-1:123456789012:key/\
+         00000000-1111-2222-3333-444444444444\"\nregion = \"us-east-1\"\n\
+         endpoint = \"http://{dead}\"\nallow_http = true\ntimeout_ms = 500\nattempt_timeout_ms = 200"
+    );
+    let extra = format!("metrics_listen = \"{addr}\"");
+    let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], &extra);
+    let env: Vec<(String, String)> = [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_CONFIG_FILE", "/nonexistent"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let config = config.to_string_lossy().into_owned();
+    let plugin = Plugin::start(&socket, &["--config", &config], &env, dir.path()).await;
+    let healthz = common::status(&mut plugin.client().await).await.healthz;
+    assert_ne!(healthz, "ok");
+    assert_eq!(probe(&addr, "GET", "/livez").0, "HTTP/1.1 200 OK");
+    for path in ["/readyz", "/healthz"] {
+        let (status, body) = probe(&addr, "GET", path);
+        assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{path}");
+        assert_eq!(body, format!("{healthz}\n"), "{path}");
+    }
+}

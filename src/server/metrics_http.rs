@@ -1,6 +1,11 @@
-//! `GET /metrics` over plain HTTP/1.1 on `metrics_listen` (for Prometheus). Off by default,
-//! and loopback-only unless `metrics_allow_remote` (see [`crate::config::Config`]): it shows
-//! key_ids and health, never key material, but has no authentication.
+//! `GET /metrics` (for Prometheus) and the probes `/livez`, `/readyz` and `/healthz` over
+//! plain HTTP/1.1 on `metrics_listen`. Off by default, and loopback-only unless
+//! `metrics_allow_remote` (see [`crate::config::Config`]): it shows key_ids and health, never
+//! key material, but has no authentication.
+//!
+//! The probes answer from memory, like Status (never a root call per request): `/livez` is
+//! 200 while the process serves at all; `/readyz` (and its alias `/healthz`) is 200 while an
+//! Encrypt would succeed, else 503 with Status's healthz reason as the one-line body.
 //!
 //! A client gets [`HEADER_READ_TIMEOUT`] to send its request headers and one request per
 //! connection; at most [`MAX_CONNECTIONS`] are open at once, more are closed on accept.
@@ -15,7 +20,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 
@@ -81,19 +86,44 @@ async fn respond(
     request: Request<Incoming>,
     plugin: Arc<Plugin>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (status, body) = if request.uri().path() == "/metrics" {
-        (StatusCode::OK, plugin.metrics().render(&plugin.keyring()))
-    } else {
-        (
+    const PROMETHEUS: &str = "text/plain; version=0.0.4";
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => (
+            StatusCode::OK,
+            PROMETHEUS,
+            plugin.metrics().render(&plugin.keyring()),
+        ),
+        (&Method::GET | &Method::HEAD, "/livez") => (StatusCode::OK, TEXT, "ok\n".to_string()),
+        (&Method::GET | &Method::HEAD, "/readyz" | "/healthz") => {
+            let health = plugin.keyring().health();
+            let status = if health.healthz == "ok" {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (
+                status,
+                TEXT,
+                format!("{}\n", health.healthz.replace('\n', " ")),
+            )
+        }
+        (&Method::GET | &Method::HEAD, _) => (
             StatusCode::NOT_FOUND,
-            "not found; try /metrics\n".to_string(),
-        )
+            TEXT,
+            "not found; try /metrics, /livez, /readyz or /healthz\n".to_string(),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "only GET and HEAD\n".to_string(),
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+        hyper::header::HeaderValue::from_static(content_type),
     );
     Ok(response)
 }
