@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::config::{self, Config, Source};
+use crate::keyring::roots::{Root, UnwrapRate};
 use crate::plugin::Plugin;
 use crate::proto::admin::InfoRequest;
 use crate::proto::v2::StatusRequest;
@@ -87,6 +88,14 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Validate a config file and prove every root key it names with a checked wrap + unwrap
+    /// round trip, without serving: run it before a reload or an upgrade. Exits 0 only if
+    /// all work.
+    Check {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Create the root key a [keys.NAME] entry describes, if it does not exist yet.
     Keygen {
         /// TOML configuration file.
@@ -129,6 +138,7 @@ pub fn run(cli: Cli) -> ExitCode {
             } => serve(config.as_deref(), socket, state_dir).await,
             Command::Status { socket } => status(&socket).await,
             Command::Keygen { config, key } => keygen(&config, &key).await,
+            Command::Check { config } => check(&config).await,
             Command::Rotate { config, to, socket } => rotate(&config, &to, socket).await,
             Command::Reload { socket, force } => reload(&socket, force).await,
         }
@@ -460,6 +470,45 @@ async fn keygen(config_path: &Path, name: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&format!("key \"{name}\": {e}")),
+    }
+}
+
+async fn check(config_path: &Path) -> ExitCode {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e.to_string()),
+    };
+    say!("config {}: valid", config_path.display());
+    let rate = UnwrapRate {
+        per_second: config.cache.unwraps_per_second,
+        burst: config.cache.unwrap_burst,
+    };
+    let (mut total, mut failed) = (0, 0);
+    for (name, role) in config.roles() {
+        let Some(key) = config.keys.get(name) else {
+            continue; // validation guarantees an entry per role
+        };
+        total += 1;
+        let proven = async {
+            let opened = root::open(name, key).await?;
+            let root = Root::new(name, role, opened, Default::default(), rate);
+            root.probe().await.map(|()| root.key_id().clone())
+        };
+        let label = format!("key \"{name}\" ({}, {})", key.provider(), role.as_str());
+        match proven.await {
+            Ok(key_id) => say!("{label}: ok, round trip works; key_id {key_id}"),
+            Err(e) => {
+                failed += 1;
+                say!("{label}: FAILED: {e}");
+            }
+        }
+    }
+    if failed == 0 {
+        say!("all {total} root keys work");
+        ExitCode::SUCCESS
+    } else {
+        say!("{failed} of {total} root keys do not work");
+        ExitCode::from(1)
     }
 }
 

@@ -310,3 +310,61 @@ async fn rotate_as_root_uses_keys_the_service_user_owns() {
     let rotated = std::fs::read_to_string(&config).expect("read config");
     assert!(rotated.contains("active = \"next\""), "{rotated}");
 }
+
+/// `kms-plugin check` proves every root a config names, without serving.
+#[test]
+fn check_proves_every_root_and_fails_on_any() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let key = |name: &str| {
+        let path = dir.path().join(format!("{name}.key"));
+        format!("provider = \"file\"\npath = \"{}\"", path.display())
+    };
+    let config = common::write_config(
+        dir.path(),
+        &socket,
+        "main",
+        &[("main", key("main")), ("backup", key("backup"))],
+        "",
+    );
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace(
+            "[kek]\nactive = \"main\"\n",
+            "[kek]\nactive = \"main\"\nalso_wrap = [\"backup\"]\n",
+        ),
+    )
+    .expect("write config");
+    common::keygen(&config, "main", &[]);
+    let config = config.to_string_lossy().into_owned();
+
+    let out = common::run_cli(&["check", "--config", &config], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("key \"main\" (file, active): ok, round trip works; key_id file-"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("key \"backup\" (file, also-wrap): FAILED"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 of 2 root keys do not work"), "{stdout}");
+
+    common::keygen(dir.path().join("config.toml").as_path(), "backup", &[]);
+    let out = common::run_cli(&["check", "--config", &config], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("all 2 root keys work"), "{stdout}");
+    assert!(!socket_exists(&socket), "check must not serve");
+
+    std::fs::write(&config, "not toml [").expect("write");
+    let out = common::run_cli(&["check", "--config", &config], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+}
+
+fn socket_exists(socket: &str) -> bool {
+    std::path::Path::new(socket).exists()
+}
