@@ -103,7 +103,9 @@ impl RootStats {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
         let mut guard = self.health.lock().unwrap_or_else(PoisonError::into_inner);
-        if guard.last.as_ref() != Some(&update) {
+        // The first success is no news; every other change of state or reason is.
+        let first_ok = guard.last.is_none() && update.0 == RootHealth::Ok;
+        if guard.last.as_ref() != Some(&update) && !first_ok {
             log_change(name, &update);
         }
         guard.last = Some(update);
@@ -139,7 +141,7 @@ impl RootStats {
 
 fn log_change(name: &str, (health, why): &(RootHealth, String)) {
     match health {
-        RootHealth::Ok => tracing::info!(root = name, "root key calls succeed"),
+        RootHealth::Ok => tracing::info!(root = name, "root key calls succeed again"),
         RootHealth::Degraded => tracing::warn!(root = name, error = %why, "root key degraded"),
         RootHealth::Rejected => tracing::error!(root = name, error = %why, "root key rejected"),
     }
