@@ -93,7 +93,8 @@ pub async fn key_id(plugin: &Plugin) -> String {
 #[macro_export]
 macro_rules! rotation_tests {
     ($a:expr, $b:expr) => {
-        #[tokio::test]
+        // Two workers: the load keeps running while the CLI runs on a blocking thread.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn rotate_command_under_load_switches_key_id_and_keeps_old_data() {
             rotation::rotate_under_load(&$a, &$b).await
         }
@@ -141,20 +142,38 @@ pub async fn rotate_under_load<A: Backend, B: Backend>(ka: &A, kb: &B) {
         })
     };
 
+    // The load is running before the rotation starts.
+    while calls.load(Ordering::Relaxed) < 5 {
+        assert!(!load.is_finished(), "load task ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let socket = s.plugin.socket.clone();
     let config = s.config.to_string_lossy().into_owned();
-    let out = common::run_cli(
-        &[
-            "rotate", "--config", &config, "--to", "b", "--socket", &socket,
-        ],
-        &s.env,
-    );
+    let before = calls.load(Ordering::Relaxed);
+    let out = tokio::task::spawn_blocking({
+        let (socket, env) = (socket.clone(), s.env.clone());
+        move || {
+            common::run_cli(
+                &[
+                    "rotate", "--config", &config, "--to", "b", "--socket", &socket,
+                ],
+                &env,
+            )
+        }
+    })
+    .await
+    .expect("rotate task");
+    let during = calls.load(Ordering::Relaxed) - before;
+    let failed_during = failures.load(Ordering::Relaxed);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "rotate: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Calls finished between the CLI's start and its end: the load overlapped the rotation.
+    assert!(during > 0, "no call completed while `rotate` ran");
+    assert_eq!(failed_during, 0, "calls failed during rotation");
     assert!(
         stdout.contains("kubectl get secrets --all-namespaces -o json | kubectl replace -f -"),
         "{stdout}"
@@ -163,11 +182,10 @@ pub async fn rotate_under_load<A: Backend, B: Backend>(ka: &A, kb: &B) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     load.await.expect("load task");
-    assert!(calls.load(Ordering::Relaxed) > 10);
     assert_eq!(
         failures.load(Ordering::Relaxed),
         0,
-        "calls failed during rotation"
+        "calls failed after the rotation"
     );
 
     let new_id = key_id(&s.plugin).await;
