@@ -19,6 +19,8 @@ pub trait Backend: Sync {
     fn env(&self) -> Vec<(String, String)>;
     /// Destroys the key made by `new_key(dir, name)` for good (disaster-recovery tests).
     fn lose_key(&self, dir: &Path, name: &str) -> impl Future<Output = ()> + Send;
+    /// Whether the plugin notices a lost key (false where the emulator still serves it).
+    const LOSS_REFUSED: bool = true;
 }
 
 /// Starts a plugin whose active root is a fresh key of `backend`.

@@ -106,6 +106,11 @@ macro_rules! rotation_tests {
         async fn also_wrap_keeps_data_readable_when_the_active_root_is_lost() {
             rotation::also_wrap_recovery(&$a, &$b).await
         }
+        /// The same with the roles swapped: the key of `$b`'s provider is the one lost.
+        #[tokio::test]
+        async fn also_wrap_keeps_data_readable_when_the_second_providers_root_is_lost() {
+            rotation::also_wrap_recovery(&$b, &$a).await
+        }
     };
 }
 
@@ -274,6 +279,9 @@ pub async fn also_wrap_recovery<A: Backend, B: Backend>(ka: &A, kb: &B) {
     // Disaster: key a is lost. The admin makes b active and drops a; the plugin restarts.
     s.plugin.kill9();
     ka.lose_key(s.dir.path(), "a").await;
+    if A::LOSS_REFUSED {
+        assert_old_config_fails(&s).await;
+    }
     write_config(
         s.dir.path(),
         &s.plugin.socket,
@@ -284,4 +292,33 @@ pub async fn also_wrap_recovery<A: Backend, B: Backend>(ka: &A, kb: &B) {
     assert_ne!(key_id(&s.plugin).await, id_a);
     // Data written under a's key_id still decrypts through b's copy.
     all_decrypt(&s.plugin, &sealed).await;
+}
+
+/// The loss is real: the old configuration, with the lost key active, either does not start
+/// or starts unhealthy (a provider may wait for its root to come back).
+async fn assert_old_config_fails(s: &Setup) {
+    let lost = s.dir.path().join("lost");
+    std::fs::create_dir_all(&lost).expect("mkdir");
+    let config = s.config.to_string_lossy().into_owned();
+    let mut old = Plugin::spawn(&s.plugin.socket, &["--config", &config], &s.env, &lost);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = old.try_wait() {
+            assert!(!status.success(), "{}", old.output());
+            return;
+        }
+        if let Ok(mut client) = common::connect(&old.socket).await
+            && let Ok(status) = client.status(kms_plugin::proto::v2::StatusRequest {}).await
+        {
+            let healthz = status.into_inner().healthz;
+            assert_ne!(healthz, "ok", "the lost key still works:\n{}", old.output());
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "neither exited nor answered:\n{}",
+            old.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
