@@ -271,10 +271,15 @@ pub async fn ciphertexts_survive_kill_and_restart<B: Backend>(backend: &B) {
 pub async fn concurrent_calls_all_succeed<B: Backend>(backend: &B) {
     let dir = tempfile::tempdir().expect("tempdir");
     let plugin = start(backend, dir.path(), "").await;
-    let client = plugin.client().await;
+    let shared = plugin.client().await;
     let mut tasks = Vec::new();
-    for _ in 0..32 {
-        let mut client = client.clone();
+    // Half share one HTTP/2 connection (as an apiserver does), half open one each.
+    for i in 0..32 {
+        let mut client = if i % 2 == 0 {
+            shared.clone()
+        } else {
+            plugin.client().await
+        };
         tasks.push(tokio::spawn(async move {
             for _ in 0..10 {
                 let seed = common::seed();
