@@ -393,6 +393,10 @@ async fn keygen_checks_the_key_in_aws_and_creates_nothing() {
         .to_string_lossy()
         .into_owned();
 
+    let kms = moto::client(&moto.endpoint());
+    let keys_before = key_ids(&kms).await;
+    assert_eq!(keys_before.len(), 1, "{keys_before:?}");
+
     let out = common::run_cli(&["keygen", "--config", &config, "--key", "main"], &env());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -409,6 +413,32 @@ async fn keygen_checks_the_key_in_aws_and_creates_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("created in AWS"), "{stderr}");
+    assert_eq!(key_ids(&kms).await, keys_before, "keygen created a KMS key");
+}
+
+/// Every key id in the emulator (ListKeys, all pages).
+async fn key_ids(kms: &aws_sdk_kms::Client) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut marker = None;
+    loop {
+        let page = kms
+            .list_keys()
+            .set_marker(marker)
+            .send()
+            .await
+            .expect("ListKeys");
+        ids.extend(
+            page.keys()
+                .iter()
+                .filter_map(|k| k.key_id().map(String::from)),
+        );
+        marker = page.next_marker().map(String::from);
+        if marker.is_none() {
+            break;
+        }
+    }
+    ids.sort();
+    ids
 }
 
 /// SIGTERM while a Decrypt waits on KMS: the call still gets the plugin's own answer (here
@@ -431,7 +461,9 @@ async fn sigterm_lets_a_call_in_flight_finish() {
     proxy.set_up(false);
     let mut client = plugin.client().await;
     let call = tokio::spawn(async move { client.decrypt(common::decrypt_request(&sealed)).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // In flight: the plugin has tried KMS for it and is waiting to try again.
+    plugin.wait_for_output("retrying KMS call").await;
+    assert!(!call.is_finished(), "the Decrypt is no longer in flight");
     plugin.signal(libc::SIGTERM);
     let answer = call.await.expect("task").expect_err("KMS is down");
     assert_eq!(answer.code(), Code::Unavailable, "{answer:?}");

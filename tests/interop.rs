@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::Plugin;
+use kms_plugin::h2authority::REWROTE_LOG;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// Debian keeps its Go library packages here (GOPATH layout).
@@ -217,6 +218,17 @@ fn run_python(plugin: &Plugin) {
     );
 }
 
+/// Whether the plugin's (debug) log says the rewriter replaced a client's `:authority`: the
+/// client really sent one h2 would reject, and the calls passed because it was rewritten.
+fn assert_rewritten(plugin: &Plugin, expected: bool) {
+    let log = plugin.output();
+    assert_eq!(
+        log.contains(REWROTE_LOG),
+        expected,
+        "`{REWROTE_LOG}` expected: {expected}; plugin log:\n{log}"
+    );
+}
+
 /// kube-apiserver 1.32+: `:authority` is `localhost`.
 #[tokio::test]
 async fn grpc_go_with_localhost_authority() {
@@ -224,6 +236,7 @@ async fn grpc_go_with_localhost_authority() {
     let socket = common::socket_in(dir.path());
     let plugin = Plugin::embedded(dir.path(), &socket).await;
     run_go(&plugin, "localhost");
+    assert_rewritten(&plugin, false);
 }
 
 /// kube-apiserver 1.27–1.31: no override, so grpc-go sends the socket path as `:authority`.
@@ -233,6 +246,7 @@ async fn grpc_go_with_socket_path_as_authority() {
     let socket = common::socket_in(dir.path());
     let plugin = Plugin::embedded(dir.path(), &socket).await;
     run_go(&plugin, "");
+    assert_rewritten(&plugin, true);
 }
 
 /// kube-apiserver 1.27/1.28: socket path as `:authority` and only `v2beta1` accepted.
@@ -258,6 +272,7 @@ async fn grpc_go_as_apiserver_1_27_with_api_version_v2beta1() {
     );
     let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     run_go_expecting(&plugin, "", "v2beta1");
+    assert_rewritten(&plugin, true);
 }
 
 /// `endpoint: unix:///@name`: the apiserver dials "@name", which is also the authority
@@ -277,6 +292,7 @@ async fn python_grpcio_with_default_options() {
     let socket = common::socket_in(dir.path());
     let plugin = Plugin::embedded(dir.path(), &socket).await;
     run_python(&plugin);
+    assert_rewritten(&plugin, true);
 }
 
 /// grpcio's `unix-abstract:` target.

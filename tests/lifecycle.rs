@@ -433,6 +433,9 @@ async fn every_call_is_logged_as_json_without_secrets() {
                 !line.contains(&format!("{:?}", &secret[..8])),
                 "secret bytes in: {line}"
             );
+            for encoded in base64_forms(secret) {
+                assert!(!line.contains(&encoded), "secret bytes (base64) in: {line}");
+            }
         }
         if let Some(uid) = ["uid-enc-1", "uid-dec-1", "uid-dec-2"]
             .iter()
@@ -450,4 +453,62 @@ async fn every_call_is_logged_as_json_without_secrets() {
         "{log}"
     );
     assert!(log.contains("\"outcome\":\"error\""), "{log}");
+}
+
+/// The harness's `restart()` does not paper over a plugin that died by itself.
+#[tokio::test]
+#[should_panic(expected = "had already exited")]
+async fn restart_refuses_a_plugin_that_died_unseen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let mut plugin = Plugin::embedded(dir.path(), &socket).await;
+    let pid = plugin.pid().expect("running") as i32;
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    while plugin.try_wait().is_none() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    plugin.restart().await;
+}
+
+/// What any base64 encoding (standard or URL-safe alphabet, padded or not) of a buffer that
+/// contains `secret` must contain: for each of the three alignments, the encoding of the
+/// whole 3-byte groups of `secret` from that offset.
+fn base64_forms(secret: &[u8]) -> Vec<String> {
+    const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut forms = Vec::new();
+    for offset in 0..3 {
+        let groups = secret.get(offset..).unwrap_or_default().chunks_exact(3);
+        let mut text = String::new();
+        for g in groups {
+            let n = u32::from(g[0]) << 16 | u32::from(g[1]) << 8 | u32::from(g[2]);
+            for shift in [18, 12, 6, 0] {
+                text.push(char::from(STANDARD[(n >> shift & 63) as usize]));
+            }
+        }
+        if !text.is_empty() {
+            forms.push(text.replace('+', "-").replace('/', "_"));
+            forms.push(text);
+        }
+    }
+    forms
+}
+
+#[test]
+fn base64_forms_match_a_known_encoding() {
+    // base64("xyzsecret-bytes!") = "eHl6c2VjcmV0LWJ5dGVzIQ==": each alignment of the secret
+    // inside it is found.
+    let whole = "eHl6c2VjcmV0LWJ5dGVzIQ==";
+    for (at, secret) in [
+        (0, &b"xyzsecret"[..]),
+        (1, b"yzsecret-by"),
+        (2, b"zsecret-byt"),
+    ] {
+        assert!(
+            base64_forms(secret)
+                .iter()
+                .any(|f| whole.contains(f.as_str())),
+            "offset {at}"
+        );
+    }
 }

@@ -26,9 +26,10 @@ async fn broken_configs_leave_the_old_one_serving() {
     let sealed = batch(plugin, 3).await;
     let good = std::fs::read_to_string(&config).expect("config");
 
-    // Bad TOML, via SIGHUP.
+    // Bad TOML, via SIGHUP: refused (by the SIGHUP reload itself, not an earlier one).
     std::fs::write(&config, "this is [not toml").expect("write");
     plugin.signal(libc::SIGHUP);
+    wait_for_sighup_reload(plugin, "reload refused").await;
     // A missing key file, via the Admin reload.
     std::fs::write(
         &config,
@@ -61,11 +62,78 @@ async fn broken_configs_leave_the_old_one_serving() {
         "ok"
     );
     all_decrypt(plugin, &sealed).await;
+}
+
+/// What the plugin logs when SIGHUP starts a reload.
+const SIGHUP_LINE: &str = "SIGHUP received; reloading";
+
+/// Waits until the reload started by the last SIGHUP logged `outcome`. A reload the file
+/// watcher started meanwhile logs one too, so the log after the SIGHUP line must hold more
+/// `outcome`s than watcher reloads.
+async fn wait_for_sighup_reload(plugin: &common::Plugin, outcome: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let log = plugin.output();
+        if let Some(at) = log.rfind(SIGHUP_LINE) {
+            let after = &log[at..];
+            if after.matches(outcome).count() > after.matches("config file changed").count() {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no `{outcome}` from the SIGHUP reload in:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGHUP alone applies a change. The file watcher is out of play: it reloads only when the
+/// file's text differs from the text last tried, and this text was already tried (and
+/// refused, b's key file being unreadable then). Fixing the key file changes no config text,
+/// so only the SIGHUP can bring the new active key in.
+#[tokio::test]
+async fn sighup_applies_a_config_the_watcher_will_not_retry() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let s = two_keys("").await;
+    let (plugin, config) = (&s.plugin, s.config.clone());
+    let old_id = key_id(plugin).await;
+    let sealed = batch(plugin, 3).await;
+
+    // Make b active while its key file has the wrong mode: refused, the text recorded.
+    let b_key = s.dir.path().join("keys/b.key");
+    std::fs::set_permissions(&b_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("active = \"a\"", "active = \"b\"\nretired = [\"a\"]"),
+    )
+    .expect("write");
+    let out = common::run_cli(&["reload", "--socket", &plugin.socket], &[]);
+    assert!(!out.status.success());
     assert!(
-        plugin.output().contains("reload refused"),
+        String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
         "{}",
-        plugin.output()
+        String::from_utf8_lossy(&out.stderr)
     );
+
+    // Fixed. More than one watch interval (2 s) later, nothing has reloaded it by itself.
+    std::fs::set_permissions(&b_key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(key_id(plugin).await, old_id, "{}", plugin.output());
+    assert!(!plugin.output().contains(SIGHUP_LINE));
+
+    plugin.signal(libc::SIGHUP);
+    wait_for_sighup_reload(plugin, "configuration reloaded").await;
+    let info = common::info(plugin).await;
+    let b_id = common::root_info(&info, "b").key_id.clone();
+    assert_ne!(b_id, old_id);
+    assert_eq!(key_id(plugin).await, b_id);
+    let seed = common::seed();
+    let fresh = common::encrypt(&mut plugin.client().await, &seed).await;
+    assert_eq!(fresh.key_id, b_id);
+    all_decrypt(plugin, &sealed).await;
 }
 
 #[tokio::test]

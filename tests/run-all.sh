@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need from the package
 # registries (SoftHSM2, OpenSC, the PKCS#11 header, grpc-go from Debian; moto and grpcio from
-# PyPI; cargo-deny and cargo-fuzz from crates.io), then checks formatting, lints and
-# dependencies, fuzzes every parser of untrusted input briefly, and runs every test.
+# PyPI, into target/venv where the system Python refuses; cargo-deny and cargo-fuzz from
+# crates.io), then checks formatting, lints and dependencies, fuzzes every parser of untrusted
+# input briefly, and runs every test and doctest within a time limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-debs=(softhsm2 opensc libp11-kit-dev golang-go golang-google-grpc-dev golang-google-protobuf-dev
+debs=(softhsm2 opensc libp11-kit-dev python3-pip python3-venv golang-go golang-google-grpc-dev golang-google-protobuf-dev
       golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc protobuf-compiler)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -17,8 +18,23 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-python3 -c 'import moto, grpc, grpc_tools, boto3' 2>/dev/null ||
-  { echo "== installing moto[server] grpcio grpcio-tools"; python3 -m pip install -q 'moto[server]' grpcio grpcio-tools; }
+# Python test dependencies: system-wide where pip may install them, else (Debian 12's
+# externally-managed Python refuses) in a virtual environment under target/, put first on
+# PATH so that the tests' `python3` and `moto_server` are the ones from it.
+venv=target/venv
+[ -x "$venv/bin/python3" ] && export PATH="$PWD/$venv/bin:$PATH"
+pydeps_ok() { python3 -c 'import moto, grpc, grpc_tools, boto3' 2>/dev/null && command -v moto_server >/dev/null; }
+pydeps=('moto[server]' grpcio grpcio-tools)
+if ! pydeps_ok; then
+  echo "== installing ${pydeps[*]}"
+  if ! python3 -m pip install -q "${pydeps[@]}"; then
+    echo "== system-wide pip install refused; using a virtual environment in $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/python3" -m pip install -q "${pydeps[@]}"
+    export PATH="$PWD/$venv/bin:$PATH"
+  fi
+  pydeps_ok || { echo "$(command -v python3) still lacks moto, grpcio or moto_server"; exit 1; }
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -50,7 +66,13 @@ fuzz() { # TARGET SECONDS [libFuzzer options]
   mkdir -p "fuzz/corpus/$target"
   if ! (cd fuzz && cargo fuzz run "$target" "corpus/$target" "seeds/$target" -s none -- \
         -max_total_time="$seconds" "$@" >"$fuzz_log" 2>&1); then
-    tail -n 80 "$fuzz_log"; echo "fuzzing $target found a crash (reproducer under fuzz/artifacts/$target/)"
+    tail -n 80 "$fuzz_log"
+    # libFuzzer reports every finding (panic, timeout, out-of-memory) as "ERROR: libFuzzer".
+    if grep -q 'ERROR: libFuzzer' "$fuzz_log"; then
+      echo "fuzzing $target found a crash (reproducer under fuzz/artifacts/$target/)"
+    else
+      echo "cargo fuzz run $target failed before fuzzing found anything (build, corpus or option error; output above)"
+    fi
     exit 1
   fi
   echo "$target: $(grep -E '^Done [0-9]+ runs' "$fuzz_log" || tail -n 1 "$fuzz_log")"
@@ -59,5 +81,20 @@ fuzz authority_rewriter 30
 fuzz envelope 25
 fuzz annotations 25
 fuzz config 25 -dict=dicts/config.dict
-echo "== cargo test"
-cargo test --all-targets --no-fail-fast
+echo "== cargo test: all targets, then doctests; killed if still running after 40 minutes"
+cargo test --all-targets --no-run -q # building is not part of the time limit
+deadline=$(( $(date +%s) + 40 * 60 ))
+failed=0
+run_tests() { # cargo test ARGS, within what is left of the deadline
+  local left=$(( deadline - $(date +%s) )) rc=0
+  [ "$left" -gt 0 ] || left=1
+  # timeout signals its whole process group: the test binaries and the plugins they started.
+  timeout --kill-after=60 "$left" cargo test "$@" || rc=$?
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "cargo test $*: still running at the 40-minute limit (a hung test or benchmark); killed"
+  fi
+  [ "$rc" -eq 0 ] || failed=1
+}
+run_tests --all-targets --no-fail-fast
+run_tests --doc --no-fail-fast
+exit "$failed"

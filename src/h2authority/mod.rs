@@ -45,6 +45,9 @@ pub use error::RewriteError;
 pub use hpack::HpackError;
 pub use rewriter::{MAX_HEADER_BLOCK, REPLACEMENT_AUTHORITY, Rewriter};
 
+/// Logged (at debug) the first time a connection's `:authority` is rewritten.
+pub const REWROTE_LOG: &str = "rewrote an unparsable :authority to localhost on this connection";
+
 /// Size of the per-connection read buffer.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -129,9 +132,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             if filled.is_empty() {
                 return Poll::Ready(Ok(())); // EOF
             }
+            let rewritten_before = this.rewriter.rewritten_blocks();
             if let Err(e) = this.rewriter.feed(filled, &mut this.pending) {
                 this.pending.clear();
                 return Poll::Ready(Err(invalid_data(&e)));
+            }
+            // Once per connection: shows which clients need the rewrite (the value itself
+            // is not logged; it is whatever the client sent).
+            if rewritten_before == 0 && this.rewriter.rewritten_blocks() > 0 {
+                tracing::debug!("{REWROTE_LOG}");
             }
             // Nothing to hand out yet (e.g. inside a header block): read on.
         }

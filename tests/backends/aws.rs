@@ -20,6 +20,9 @@ impl AwsBackend {
 }
 
 impl Backend for AwsBackend {
+    /// moto keeps serving a key PendingDeletion (AWS refuses it).
+    const LOSS_REFUSED: bool = false;
+
     async fn new_key(&self, _dir: &Path, name: &str) -> String {
         let endpoint = self.moto.endpoint();
         let arn = moto::create_key(&moto::client(&endpoint)).await;
@@ -44,15 +47,35 @@ impl Backend for AwsBackend {
 
     async fn lose_key(&self, _dir: &Path, name: &str) {
         // What an operator would do to destroy it. moto only marks the key PendingDeletion
-        // (it does not refuse Encrypt/Decrypt then); the recovery tests drop the lost key
-        // from the config, so that difference does not matter to them.
+        // (it does not refuse Encrypt/Decrypt then, as AWS does); the plugin refuses to open
+        // a key that is not Enabled, and the recovery tests drop the lost key from the
+        // config, so that difference does not matter to them.
         let client = moto::client(&self.moto.endpoint());
+        // ScheduleKeyDeletion takes a key id, not an alias (moto: not an ARN either).
+        let key_id = client
+            .describe_key()
+            .key_id(format!("alias/{name}"))
+            .send()
+            .await
+            .expect("DescribeKey")
+            .key_metadata()
+            .map(|m| m.key_id().to_string())
+            .expect("key id");
         client
             .schedule_key_deletion()
-            .key_id(format!("alias/{name}"))
+            .key_id(&key_id)
             .pending_window_in_days(7)
             .send()
             .await
             .expect("ScheduleKeyDeletion");
+        let state = client
+            .describe_key()
+            .key_id(&key_id)
+            .send()
+            .await
+            .expect("DescribeKey")
+            .key_metadata()
+            .and_then(|m| m.key_state().cloned());
+        assert_eq!(state, Some(aws_sdk_kms::types::KeyState::PendingDeletion));
     }
 }

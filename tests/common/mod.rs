@@ -24,6 +24,8 @@ pub struct Plugin {
     env: Vec<(String, String)>,
     log: PathBuf,
     runs: u32,
+    /// The test saw the current run exit (kill9, wait_exit): a restart is expected.
+    exit_awaited: bool,
 }
 
 impl Plugin {
@@ -61,6 +63,7 @@ impl Plugin {
             env: env.to_vec(),
             log: log_dir.to_path_buf(),
             runs: 0,
+            exit_awaited: false,
         };
         plugin.launch();
         plugin
@@ -68,6 +71,7 @@ impl Plugin {
 
     fn launch(&mut self) {
         self.runs += 1;
+        self.exit_awaited = false;
         let log = std::fs::File::create(self.log_path()).expect("log file");
         let child = Command::new(BIN)
             .arg("serve")
@@ -168,6 +172,7 @@ impl Plugin {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.try_wait() {
+                self.exit_awaited = true;
                 return status;
             }
             assert!(
@@ -178,10 +183,16 @@ impl Plugin {
         }
     }
 
-    /// Starts the same command line again and waits until ready.
+    /// Starts the same command line again and waits until ready. Fails the test if the
+    /// plugin had died by itself (a crash must not be papered over by the restart).
     pub async fn restart(&mut self) {
-        if self.try_wait().is_none() {
-            self.kill9();
+        match self.try_wait() {
+            None => self.kill9(),
+            Some(status) if !self.exit_awaited => panic!(
+                "kms-plugin had already exited ({status}) before the restart:\n{}",
+                self.output()
+            ),
+            Some(_) => {}
         }
         self.launch();
         self.wait_ready().await;

@@ -93,7 +93,8 @@ pub async fn key_id(plugin: &Plugin) -> String {
 #[macro_export]
 macro_rules! rotation_tests {
     ($a:expr, $b:expr) => {
-        #[tokio::test]
+        // Two workers: the load keeps running while the CLI runs on a blocking thread.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn rotate_command_under_load_switches_key_id_and_keeps_old_data() {
             rotation::rotate_under_load(&$a, &$b).await
         }
@@ -104,6 +105,11 @@ macro_rules! rotation_tests {
         #[tokio::test]
         async fn also_wrap_keeps_data_readable_when_the_active_root_is_lost() {
             rotation::also_wrap_recovery(&$a, &$b).await
+        }
+        /// The same with the roles swapped: the key of `$b`'s provider is the one lost.
+        #[tokio::test]
+        async fn also_wrap_keeps_data_readable_when_the_second_providers_root_is_lost() {
+            rotation::also_wrap_recovery(&$b, &$a).await
         }
     };
 }
@@ -141,20 +147,38 @@ pub async fn rotate_under_load<A: Backend, B: Backend>(ka: &A, kb: &B) {
         })
     };
 
+    // The load is running before the rotation starts.
+    while calls.load(Ordering::Relaxed) < 5 {
+        assert!(!load.is_finished(), "load task ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let socket = s.plugin.socket.clone();
     let config = s.config.to_string_lossy().into_owned();
-    let out = common::run_cli(
-        &[
-            "rotate", "--config", &config, "--to", "b", "--socket", &socket,
-        ],
-        &s.env,
-    );
+    let before = calls.load(Ordering::Relaxed);
+    let out = tokio::task::spawn_blocking({
+        let (socket, env) = (socket.clone(), s.env.clone());
+        move || {
+            common::run_cli(
+                &[
+                    "rotate", "--config", &config, "--to", "b", "--socket", &socket,
+                ],
+                &env,
+            )
+        }
+    })
+    .await
+    .expect("rotate task");
+    let during = calls.load(Ordering::Relaxed) - before;
+    let failed_during = failures.load(Ordering::Relaxed);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "rotate: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Calls finished between the CLI's start and its end: the load overlapped the rotation.
+    assert!(during > 0, "no call completed while `rotate` ran");
+    assert_eq!(failed_during, 0, "calls failed during rotation");
     assert!(
         stdout.contains("kubectl get secrets --all-namespaces -o json | kubectl replace -f -"),
         "{stdout}"
@@ -163,11 +187,10 @@ pub async fn rotate_under_load<A: Backend, B: Backend>(ka: &A, kb: &B) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     load.await.expect("load task");
-    assert!(calls.load(Ordering::Relaxed) > 10);
     assert_eq!(
         failures.load(Ordering::Relaxed),
         0,
-        "calls failed during rotation"
+        "calls failed after the rotation"
     );
 
     let new_id = key_id(&s.plugin).await;
@@ -256,6 +279,9 @@ pub async fn also_wrap_recovery<A: Backend, B: Backend>(ka: &A, kb: &B) {
     // Disaster: key a is lost. The admin makes b active and drops a; the plugin restarts.
     s.plugin.kill9();
     ka.lose_key(s.dir.path(), "a").await;
+    if A::LOSS_REFUSED {
+        assert_old_config_fails(&s).await;
+    }
     write_config(
         s.dir.path(),
         &s.plugin.socket,
@@ -266,4 +292,33 @@ pub async fn also_wrap_recovery<A: Backend, B: Backend>(ka: &A, kb: &B) {
     assert_ne!(key_id(&s.plugin).await, id_a);
     // Data written under a's key_id still decrypts through b's copy.
     all_decrypt(&s.plugin, &sealed).await;
+}
+
+/// The loss is real: the old configuration, with the lost key active, either does not start
+/// or starts unhealthy (a provider may wait for its root to come back).
+async fn assert_old_config_fails(s: &Setup) {
+    let lost = s.dir.path().join("lost");
+    std::fs::create_dir_all(&lost).expect("mkdir");
+    let config = s.config.to_string_lossy().into_owned();
+    let mut old = Plugin::spawn(&s.plugin.socket, &["--config", &config], &s.env, &lost);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = old.try_wait() {
+            assert!(!status.success(), "{}", old.output());
+            return;
+        }
+        if let Ok(mut client) = common::connect(&old.socket).await
+            && let Ok(status) = client.status(kms_plugin::proto::v2::StatusRequest {}).await
+        {
+            let healthz = status.into_inner().healthz;
+            assert_ne!(healthz, "ok", "the lost key still works:\n{}", old.output());
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "neither exited nor answered:\n{}",
+            old.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
