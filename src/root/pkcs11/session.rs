@@ -91,7 +91,13 @@ fn read_pin_file(path: &Path) -> Result<Zeroizing<String>, RootError> {
     let meta = file.metadata().map_err(cannot)?;
     crate::secure_path::check_file(path, &meta, "PIN file").map_err(RootError::Config)?;
     if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o044 != 0 {
-        tracing::warn!(path = %shown, "PIN file is readable by group or others; `chmod 600` it");
+        // Read at every open, reload and session recovery: say it once per file.
+        static WARNED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+        let mut warned = WARNED.lock().unwrap_or_else(PoisonError::into_inner);
+        if !warned.iter().any(|p| p == path) {
+            warned.push(path.to_path_buf());
+            tracing::warn!(path = %shown, "PIN file is readable by group or others; `chmod 600` it");
+        }
     }
     // Reserved up front and read through a bound, so no reallocation leaves PIN bytes behind.
     let mut text = Zeroizing::new(String::with_capacity(MAX_PIN_FILE_LEN as usize));
