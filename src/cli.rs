@@ -109,7 +109,8 @@ pub enum Command {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
-    init_logging(cli.log_format);
+    // Held to the end of `run`: dropping it flushes what is still queued.
+    let _log = init_logging(cli.log_format);
     if matches!(cli.command, Command::Serve { .. })
         && let Err(e) = crate::process::harden()
     {
@@ -576,17 +577,30 @@ fn write_out(line: std::fmt::Arguments<'_>) {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Sets up the log on stderr, written by a worker thread: a slow or stuck reader (journald,
+/// a full pipe) never delays a call. Lines beyond the buffer are dropped and counted
+/// ([`crate::metrics::log_lines_dropped`]). The returned guard flushes the log when dropped.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KMS_PLUGIN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only on a terminal: journald and log collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("kms-plugin-log")
+        .finish(std::io::stderr());
+    crate::metrics::count_dropped_log_lines(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    guard
 }
+
+/// Log lines held for the writer thread (a few MiB at most).
+const LOG_BUFFER_LINES: usize = 16 * 1024;

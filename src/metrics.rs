@@ -4,8 +4,11 @@
 //! `metrics_listen` is set.
 
 use std::fmt::Write;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use tracing_appender::non_blocking::ErrorCounter;
 
 use crate::keyring::Keyring;
 
@@ -32,6 +35,19 @@ struct Histogram {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
+}
+
+/// The log writer's count of lines it dropped (its buffer was full).
+static LOG_DROPS: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Registers the log writer's drop counter (once, when logging is set up).
+pub fn count_dropped_log_lines(counter: ErrorCounter) {
+    let _ = LOG_DROPS.set(counter);
+}
+
+/// Log lines dropped so far because the log's reader did not keep up.
+pub fn log_lines_dropped() -> u64 {
+    LOG_DROPS.get().map_or(0, |c| c.dropped_lines() as u64)
 }
 
 /// The request counters. One per process, shared by the services.
@@ -232,6 +248,13 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP kms_plugin_log_lines_dropped_total Log lines dropped because the log's reader \
+             (journald, a pipe) did not keep up.\n# TYPE kms_plugin_log_lines_dropped_total \
+             counter\nkms_plugin_log_lines_dropped_total {}",
+            log_lines_dropped()
+        );
         out
     }
 }

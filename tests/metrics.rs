@@ -245,3 +245,61 @@ async fn health_probes_follow_status_without_root_calls() {
         assert_eq!(body, format!("{healthz}\n"), "{path}");
     }
 }
+
+/// The log is written by a worker thread: a reader that stops reading (a stuck journald, a
+/// full pipe) costs dropped, counted log lines, never a stalled Encrypt.
+#[tokio::test]
+async fn a_log_reader_that_stops_reading_never_stalls_a_call() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let addr = free_addr();
+    let config =
+        common::file_root_config(dir.path(), &socket, &format!("metrics_listen = \"{addr}\""));
+    // stderr is a pipe that nobody reads: it fills after about 64 KiB of log.
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["serve", "--config", &config])
+        .env("KMS_PLUGIN_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn kms-plugin");
+    let _unread = child.stderr.take();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut client = loop {
+        if let Ok(Ok(mut client)) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), common::connect(&socket)).await
+            && client
+                .status(kms_plugin::proto::v2::StatusRequest {})
+                .await
+                .is_ok()
+        {
+            break client;
+        }
+        assert!(std::time::Instant::now() < deadline, "plugin not ready");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    // At debug level each call logs several lines: 6,000 calls write far more than the pipe
+    // and the writer's 16 Ki-line buffer hold.
+    for i in 0..6000 {
+        let request = kms_plugin::proto::v2::EncryptRequest {
+            plaintext: common::seed(),
+            uid: common::uid(),
+        };
+        let call = tokio::time::timeout(std::time::Duration::from_secs(5), client.encrypt(request));
+        match call.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => panic!("Encrypt {i} failed: {status:?}"),
+            Err(_) => panic!("Encrypt {i} stalled behind a full log pipe"),
+        }
+    }
+    let (_, body) = probe(&addr, "GET", "/metrics");
+    let dropped: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("kms_plugin_log_lines_dropped_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("dropped-lines counter");
+    assert!(dropped > 0, "nothing dropped: did the pipe ever fill?");
+    let _ = child.kill();
+    let _ = child.wait();
+}
