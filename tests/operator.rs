@@ -217,7 +217,9 @@ async fn default_log_level_logs_encrypt_and_decrypt_but_not_status() {
     let seed = common::seed();
     let sealed = common::encrypt(&mut client, &seed).await;
     assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
-    let _ = child.kill();
+    // A clean stop flushes the log writer's queue (SIGKILL could lose its last lines).
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     let text = std::fs::read_to_string(&log_path).expect("read log");
     assert!(text.contains("op=\"encrypt\""), "{text}");
