@@ -132,6 +132,9 @@ async fn connections_over_max_connections_are_closed_at_once() {
     );
     round_trip(&mut client).await;
     drop(held);
+    plugin
+        .wait_for_output("connection refused: max_connections")
+        .await;
     let log = plugin.output();
     let lines = count_lines(&log, "connection refused: max_connections");
     assert!((1..=3).contains(&lines), "{lines} lines:\n{log}");

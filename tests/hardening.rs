@@ -163,7 +163,7 @@ async fn reload_reports_settings_that_need_a_restart() {
     let config = common::write_config(dir.path(), &socket, "main", &keys, "");
     common::keygen(&config, "main", &[]);
     let config_arg = config.to_string_lossy().into_owned();
-    let plugin = Plugin::start(&socket, &["--config", &config_arg], &[], dir.path()).await;
+    let mut plugin = Plugin::start(&socket, &["--config", &config_arg], &[], dir.path()).await;
 
     // Start-up-only settings change, and one that a reload applies.
     let changed = "socket_mode = \"0660\"\napi_version = \"v2beta1\"\n\
@@ -182,6 +182,7 @@ async fn reload_reports_settings_that_need_a_restart() {
         stdout.contains(&format!("applied, but {named} changed and needs a restart")),
         "{stdout}"
     );
+    plugin.wait_for_output("after a restart").await;
     let log = plugin.output();
     assert!(
         log.contains("WARN") && log.contains(named) && log.contains("after a restart"),

@@ -221,6 +221,12 @@ fn run_python(plugin: &Plugin) {
 /// Whether the plugin's (debug) log says the rewriter replaced a client's `:authority`: the
 /// client really sent one h2 would reject, and the calls passed because it was rewritten.
 fn assert_rewritten(plugin: &Plugin, expected: bool) {
+    // The log is written by a worker thread: give an expected line a moment to land.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while expected && !plugin.output().contains(REWROTE_LOG) && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = plugin.output();
     assert_eq!(
         log.contains(REWROTE_LOG),

@@ -97,11 +97,7 @@ async fn stale_socket_after_a_crash_is_replaced() {
         common::decrypt(&mut plugin.client().await, &sealed).await,
         seed
     );
-    assert!(
-        plugin.output().contains("stale socket"),
-        "{}",
-        plugin.output()
-    );
+    plugin.wait_for_output("stale socket").await;
 }
 
 #[tokio::test]
