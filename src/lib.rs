@@ -12,7 +12,7 @@
 //! - [`keyring`]: local KEKs, their rotation, the unwrap cache, the roots' roles;
 //! - [`envelope`]: the ciphertext format and annotations;
 //! - [`root`]: root key providers behind one trait;
-//! - [`config`], [`secret`], [`metrics`], [`proto`], [`client`], [`cli`].
+//! - [`config`], [`secret`], [`metrics`], [`systemd`], [`proto`], [`client`], [`cli`].
 
 pub mod cli;
 pub mod client;
@@ -30,3 +30,4 @@ pub mod secret;
 pub mod secure_path;
 pub mod server;
 pub mod service;
+pub mod systemd;

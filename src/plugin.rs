@@ -155,6 +155,7 @@ impl Plugin {
             return Err(ReloadError::NoConfigFile);
         };
         let mut loaded = self.loaded.lock().await;
+        crate::systemd::reloading();
         loaded.last_seen = hash_file(path).unwrap_or_default();
         let result = self
             .try_reload(&loaded.config, Config::load(path), force)
@@ -175,6 +176,7 @@ impl Plugin {
                 tracing::error!(config = %path.display(), error = %e, "reload refused; the previous configuration keeps serving")
             }
         }
+        crate::systemd::reloaded(&self.keyring());
         result.map(|(_, reloaded)| reloaded)
     }
 

@@ -77,7 +77,13 @@ pub async fn serve(
     let incoming = accept::Incoming::new(listener, access.peers, access.max_connections)
         .map(|conn| conn.map(AuthorityFix::new));
     let service = Service::new(plugin.clone());
-    notify_systemd("READY=1");
+    crate::systemd::ready(&plugin.keyring());
+    let watchdog = crate::systemd::watchdog_interval().map(|interval| {
+        let plugin = plugin.clone();
+        tokio::spawn(crate::systemd::keep_alive(interval, move || {
+            plugin.keyring()
+        }))
+    });
     let watcher = tokio::spawn(plugin.clone().watch());
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
@@ -101,7 +107,7 @@ pub async fn serve(
         drained = async {
             let _ = stopping_rx.await;
             tracing::info!("shutting down: no new connections, finishing calls in flight");
-            notify_systemd("STOPPING=1");
+            crate::systemd::stopping();
             // Idle HTTP/2 connections (kube-apiserver keeps one open) would hold a graceful
             // shutdown for the whole timeout: stop as soon as no call is in flight.
             tokio::time::timeout(DRAIN_TIMEOUT, plugin.calls_drained()).await
@@ -122,30 +128,14 @@ pub async fn serve(
     };
     socket::remove(endpoint);
     watcher.abort();
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     plugin.stop();
     if let Err(e) = result {
         tracing::error!(error = %e, "server error");
     }
     Ok(())
-}
-
-/// Tells systemd (Type=notify) about state changes; a no-op outside systemd.
-fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let endpoint = Endpoint::parse(&path.to_string_lossy());
-    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|sock| match &endpoint {
-        Endpoint::Path(p) => sock.send_to(state.as_bytes(), p),
-        Endpoint::Abstract(name) => {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            sock.send_to_addr(state.as_bytes(), &addr)
-        }
-    });
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, "cannot notify systemd");
-    }
 }
 
 /// `[0, 998]`, or what no list means, for the start-up log line (not a Rust Debug value).
