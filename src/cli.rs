@@ -480,10 +480,7 @@ async fn check(config_path: &Path) -> ExitCode {
         Err(e) => return fail(&e.to_string()),
     };
     say!("config {}: valid", config_path.display());
-    let rate = UnwrapRate {
-        per_second: config.cache.unwraps_per_second,
-        burst: config.cache.unwrap_burst,
-    };
+    let rate = UnwrapRate::from(&config.cache);
     let (mut total, mut failed) = (0, 0);
     for (name, role) in config.roles() {
         let Some(key) = config.keys.get(name) else {

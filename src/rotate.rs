@@ -68,10 +68,7 @@ pub async fn prepare(
             name: to.to_string(),
             source,
         })?;
-    let rate = UnwrapRate {
-        per_second: config.cache.unwraps_per_second,
-        burst: config.cache.unwrap_burst,
-    };
+    let rate = UnwrapRate::from(&config.cache);
     // A checked round trip: the copy NAME wraps must unwrap to the same key.
     Root::new(to, Role::Active, opened, Default::default(), rate)
         .probe()

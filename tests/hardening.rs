@@ -251,16 +251,7 @@ async fn sigterm_during_a_slow_start_up_exits_cleanly_and_promptly() {
     );
     let config = common::write_config(dir.path(), &socket, "aws", &[("aws", body)], "");
     let config = config.to_string_lossy().into_owned();
-    let env: Vec<(String, String)> = [
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_CONFIG_FILE", "/nonexistent"),
-        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    let env = common::aws_offline_env();
     let mut plugin = Plugin::spawn(&socket, &["--config", &config], &env, dir.path());
     // Wait until start-up is inside the KMS call.
     blackhole.set_nonblocking(true).expect("nonblocking");

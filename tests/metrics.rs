@@ -6,11 +6,12 @@ use std::io::{Read, Write};
 
 use common::Plugin;
 
-fn scrape(addr: &str, path: &str) -> String {
+/// The whole HTTP/1.1 response to `method path`.
+fn request(addr: &str, method: &str, path: &str) -> String {
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .expect("send");
     let mut response = String::new();
@@ -18,15 +19,32 @@ fn scrape(addr: &str, path: &str) -> String {
     response
 }
 
-#[tokio::test]
-async fn metrics_count_calls_roots_and_health() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+fn scrape(addr: &str, path: &str) -> String {
+    request(addr, "GET", path)
+}
+
+/// Status line and body of `method path`.
+fn probe(addr: &str, method: &str, path: &str) -> (String, String) {
+    let response = request(addr, method, path);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (status, body.to_string())
+}
+
+/// A loopback address nothing listens on yet.
+fn free_addr() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    let addr = format!("127.0.0.1:{port}");
+    format!("127.0.0.1:{port}")
+}
+
+#[tokio::test]
+async fn metrics_count_calls_roots_and_health() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = common::socket_in(dir.path());
+    let addr = free_addr();
     let key = dir.path().join("main.key").to_string_lossy().into_owned();
     let body = format!("provider = \"file\"\npath = \"{key}\"");
     let extra = format!("metrics_listen = \"{addr}\"");
@@ -88,13 +106,10 @@ async fn metrics_count_calls_roots_and_health() {
 async fn metrics_listener_times_out_half_requests_and_refuses_remote_by_default() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = common::socket_in(dir.path());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
 
     // Non-loopback without the opt-in: refused at load, with the reason and the fix.
+    let port = addr.rsplit(':').next().unwrap_or_default();
     let remote = format!("metrics_listen = \"0.0.0.0:{port}\"");
     let body = "provider = \"file\"\npath = \"/nonexistent/main.key\"".to_string();
     let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], &remote);
@@ -150,29 +165,6 @@ async fn metrics_listener_times_out_half_requests_and_refuses_remote_by_default(
     drop(plugin);
 }
 
-fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
-/// Status line and body of `method path`.
-fn probe(addr: &str, method: &str, path: &str) -> (String, String) {
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.lines().next().unwrap_or_default().to_string();
-    (status, body.to_string())
-}
-
 #[tokio::test]
 async fn health_probes_follow_status_without_root_calls() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -223,17 +215,7 @@ async fn health_probes_follow_status_without_root_calls() {
     );
     let extra = format!("metrics_listen = \"{addr}\"");
     let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], &extra);
-    let env: Vec<(String, String)> = [
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_CONFIG_FILE", "/nonexistent"),
-        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    let env = common::aws_offline_env();
     let config = config.to_string_lossy().into_owned();
     let plugin = Plugin::start(&socket, &["--config", &config], &env, dir.path()).await;
     let healthz = common::status(&mut plugin.client().await).await.healthz;

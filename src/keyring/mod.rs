@@ -164,10 +164,7 @@ impl Keyring {
     ) -> Result<Self, RootError> {
         let mut roots: Vec<Arc<Root>> = Vec::new();
         let mut unopened = Vec::new();
-        let rate = UnwrapRate {
-            per_second: config.cache.unwraps_per_second,
-            burst: config.cache.unwrap_burst,
-        };
+        let rate = UnwrapRate::from(&config.cache);
         for (name, role) in config.roles() {
             let Some(key_config) = config.keys.get(name) else {
                 return Err(RootError::Config(format!("no [keys.{name}] entry")));

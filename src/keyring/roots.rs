@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
 
 use super::limit::UnwrapBudget;
-use crate::config::Role;
+use crate::config::{CacheConfig, Role};
 use crate::root::{KeyId, RootError, RootKey, WrapContext};
 use crate::secret::Key256;
 
@@ -154,6 +154,15 @@ pub struct UnwrapRate {
     pub per_second: u32,
     /// Unwraps allowed at once after a quiet period.
     pub burst: u32,
+}
+
+impl From<&CacheConfig> for UnwrapRate {
+    fn from(cache: &CacheConfig) -> Self {
+        Self {
+            per_second: cache.unwraps_per_second,
+            burst: cache.unwrap_burst,
+        }
+    }
 }
 
 impl Root {

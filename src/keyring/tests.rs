@@ -102,10 +102,7 @@ async fn fixture(names: &[&str], adjust: impl FnOnce(&mut Config)) -> Fixture {
             mode: AtomicU8::new(HEALTHY),
         });
         let role = if i == 0 { Role::Active } else { Role::AlsoWrap };
-        let rate = UnwrapRate {
-            per_second: config.cache.unwraps_per_second,
-            burst: config.cache.unwrap_burst,
-        };
+        let rate = UnwrapRate::from(&config.cache);
         let root: Arc<dyn RootKey> = key.clone();
         roots.push(Arc::new(Root::new(
             name,

@@ -329,6 +329,21 @@ pub fn write_config(
     path
 }
 
+/// Dummy AWS credentials and no host credential sources: for a plugin whose AWS KMS endpoint
+/// is a test address (no emulator needed).
+pub fn aws_offline_env() -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_CONFIG_FILE", "/nonexistent"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
 /// A socket path inside `dir`.
 pub fn socket_in(dir: &Path) -> String {
     dir.join("run/kms.sock").to_string_lossy().into_owned()
