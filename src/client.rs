@@ -95,11 +95,46 @@ pub fn plugin_uid(socket: &str) -> std::io::Result<u32> {
     std.set_nonblocking(true)?;
     let uid = tokio::net::UnixStream::from_std(std)?.peer_cred()?.uid();
     let meta = std::fs::metadata(dir)?;
-    if (meta.uid() == 0 || meta.uid() == uid) && meta.mode() & 0o022 == 0 {
+    let not_the_plugins = || std::io::Error::other("the socket's directory is not the plugin's");
+    if meta.mode() & 0o022 != 0 {
+        Err(not_the_plugins())
+    } else if uid == 0 {
+        // A root listener is also systemd's socket under socket activation (`kms-plugin.socket`),
+        // in the service user's RuntimeDirectory: the plugin serves from a directory only if
+        // it runs as root or as the directory's owner, so the owner is the plugin's user.
+        Ok(meta.uid())
+    } else if meta.uid() == uid || meta.uid() == 0 {
         Ok(uid)
     } else {
-        Err(std::io::Error::other(
-            "the socket's directory is not the plugin's",
-        ))
+        Err(not_the_plugins())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_root_listener_in_the_service_users_directory_is_that_users_plugin() {
+        use std::os::unix::fs::PermissionsExt;
+        if crate::secure_path::euid() != 0 {
+            return; // needs chown; CI runs as root
+        }
+        // Socket activation: systemd (root) listens in the service user's RuntimeDirectory.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).expect("mkdir");
+        std::os::unix::fs::chown(&run, Some(12345), None).expect("chown");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let socket = run.join("kms.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        let socket = socket.to_string_lossy();
+        assert_eq!(plugin_uid(&socket).expect("plugin uid"), 12345);
+
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o770)).expect("chmod");
+        assert!(
+            plugin_uid(&socket).is_err(),
+            "group-writable directory trusted"
+        );
     }
 }

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 debs=(softhsm2 opensc libp11-kit-dev python3-pip python3-venv golang-go golang-google-grpc-dev golang-google-protobuf-dev
-      golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc protobuf-compiler)
+      golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc protobuf-compiler
+      systemd)  # systemd: systemd-analyze (unit check below), systemd-socket-activate (tests/systemd.rs)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -40,6 +41,20 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+echo "== systemd/kms-plugin.service: systemd-analyze security exposure at most 1.5"
+analyze_log=$(mktemp)
+if ! systemd-analyze security --offline=true systemd/kms-plugin.service >"$analyze_log" 2>&1; then
+  echo "SKIPPED: systemd-analyze cannot run here (Debian package systemd); its output:"
+  tail -n 5 "$analyze_log"
+else
+  exposure=$(sed -n 's/.*Overall exposure level for kms-plugin.service: \([0-9.]*\).*/\1/p' "$analyze_log")
+  [ -n "$exposure" ] || { cat "$analyze_log"; echo "no exposure level in systemd-analyze's output"; exit 1; }
+  if awk -v e="$exposure" 'BEGIN { exit !(e > 1.5) }'; then
+    grep '✗' "$analyze_log" || true
+    echo "systemd/kms-plugin.service exposure $exposure is above 1.5: harden the unit again"; exit 1
+  fi
+  echo "exposure $exposure"
+fi
 echo "== cargo deny: advisories (offline snapshot), licenses, duplicate crates, sources"
 # 0.20.2 needs rustc >= 1.88 (as does the plugin). Building it takes about 5 CPU-minutes
 # (about 3 minutes on 2 idle cores; 14 on 2 cores shared with other builds).

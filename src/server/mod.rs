@@ -63,7 +63,7 @@ pub async fn serve(
     access: Access,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SocketError> {
-    let listener = socket::bind(endpoint, mode)?;
+    let listener = socket::listen(endpoint, mode)?;
     // kube-apiserver 1.27-1.31 and grpcio send the socket path as `:authority`, which h2
     // rejects; every connection goes through the rewriter that makes it `localhost`.
     tracing::info!(

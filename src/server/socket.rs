@@ -3,12 +3,18 @@
 //! A socket file left by a crash is removed only if it is a socket and nothing answers on
 //! it. A live plugin on the path, or a path that is not a socket, stops start-up and is
 //! left untouched.
+//!
+//! Under systemd socket activation (`kms-plugin.socket`) the listening socket is inherited
+//! instead (`LISTEN_FDS`/`LISTEN_PID`): systemd owns its file, so it is checked but never
+//! bound, replaced or removed here.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{SocketAddr, UnixListener as StdListener, UnixStream as StdStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use tokio::net::UnixListener;
@@ -73,6 +79,9 @@ pub enum SocketError {
     /// own socket in front of kube-apiserver and read every DEK seed.
     #[error("refusing to serve: {0}")]
     Insecure(String),
+    /// The socket systemd passed (socket activation) is not one the plugin can serve on.
+    #[error("socket activation: {0}")]
+    Activation(String),
     /// Any other I/O failure.
     #[error("cannot listen on {endpoint}: {source}")]
     Io {
@@ -81,6 +90,151 @@ pub enum SocketError {
         /// The cause.
         source: io::Error,
     },
+}
+
+/// The listening socket for `endpoint`: the one systemd passed if the plugin was socket
+/// activated, else a socket of its own ([`bind`]). Logs which.
+pub fn listen(endpoint: &Endpoint, mode: u32) -> Result<UnixListener, SocketError> {
+    let activation = |e: io::Error| {
+        SocketError::Activation(format!(
+            "cannot read LISTEN_FDS/LISTEN_PID: {e}; unset them to bind {endpoint} directly"
+        ))
+    };
+    let mut fds = sd_notify::listen_fds().map_err(activation)?;
+    let fd = match (fds.len(), fds.next()) {
+        (0, _) | (_, None) => {
+            let listener = bind(endpoint, mode)?;
+            tracing::info!(socket = %endpoint, "listening on a socket of its own");
+            return Ok(listener);
+        }
+        (1, Some(fd)) => fd,
+        (n, _) => {
+            return Err(SocketError::Activation(format!(
+                "systemd passed {n} sockets, expected one: give kms-plugin.socket a single \
+                 ListenStream= (the plugin's socket path)"
+            )));
+        }
+    };
+    let fd = take_inherited(fd)?;
+    let shown_fd = fd.as_raw_fd();
+    let listener = inherited(fd, endpoint, mode)?;
+    tracing::info!(
+        socket = %endpoint,
+        fd = shown_fd,
+        "listening on the socket systemd passed (socket activation)"
+    );
+    Ok(listener)
+}
+
+/// Set once the inherited descriptor has an owner, so no second [`OwnedFd`] can claim it.
+static INHERITED_TAKEN: AtomicBool = AtomicBool::new(false);
+
+fn take_inherited(fd: RawFd) -> Result<OwnedFd, SocketError> {
+    if INHERITED_TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(SocketError::Activation(format!(
+            "descriptor {fd} from systemd was already taken"
+        )));
+    }
+    // SAFETY: `sd_notify::listen_fds` checked LISTEN_PID is this process and made `fd` (3,
+    // SD_LISTEN_FDS_START) close-on-exec, which fails on a descriptor that is not open.
+    // Nothing else in the process opens it by number, and the flag above makes this the only
+    // owner ever created for it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Checks an inherited descriptor as [`bind`] checks its own socket: a listening Unix
+/// stream socket, at `endpoint`, in a directory only root or the plugin's user can change,
+/// and no more open than `mode`.
+fn inherited(fd: OwnedFd, endpoint: &Endpoint, mode: u32) -> Result<UnixListener, SocketError> {
+    let refuse = |why: String| {
+        SocketError::Activation(format!(
+            "{why}; fix ListenStream=/SocketMode= in kms-plugin.socket or the plugin's \
+             `socket` setting so they agree"
+        ))
+    };
+    let io_err = |source| SocketError::Io {
+        endpoint: endpoint.to_string(),
+        source,
+    };
+    let raw = fd.as_raw_fd();
+    if sockopt(raw, libc::SO_DOMAIN).map_err(io_err)? != libc::AF_UNIX {
+        return Err(refuse(format!(
+            "descriptor {raw} from systemd is not a Unix socket"
+        )));
+    }
+    if sockopt(raw, libc::SO_TYPE).map_err(io_err)? != libc::SOCK_STREAM {
+        return Err(refuse(format!(
+            "descriptor {raw} from systemd is not a stream socket (use ListenStream=)"
+        )));
+    }
+    if sockopt(raw, libc::SO_ACCEPTCONN).map_err(io_err)? == 0 {
+        return Err(refuse(format!(
+            "descriptor {raw} from systemd is not listening (Accept=no is needed)"
+        )));
+    }
+    let listener = StdListener::from(fd);
+    let addr = listener.local_addr().map_err(io_err)?;
+    let matches = match endpoint {
+        Endpoint::Path(path) => addr.as_pathname() == Some(path.as_path()),
+        Endpoint::Abstract(name) => addr.as_abstract_name() == Some(name.as_bytes()),
+    };
+    if !matches {
+        return Err(refuse(format!(
+            "systemd passed a socket on {}, but the plugin is configured for {endpoint}",
+            shown_addr(&addr)
+        )));
+    }
+    if let Endpoint::Path(path) = endpoint {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        crate::secure_path::check_dir(dir, "socket directory").map_err(SocketError::Insecure)?;
+        let meta = std::fs::symlink_metadata(path).map_err(io_err)?;
+        // Connecting needs write permission: refuse a file more writable than `socket_mode`.
+        let extra = meta.mode() & 0o222 & !mode;
+        if extra != 0 {
+            return Err(refuse(format!(
+                "socket file {} has mode {:04o}, wider than socket_mode {mode:04o}",
+                path.display(),
+                meta.mode() & 0o777
+            )));
+        }
+    }
+    listener.set_nonblocking(true).map_err(io_err)?;
+    UnixListener::from_std(listener).map_err(io_err)
+}
+
+fn shown_addr(addr: &SocketAddr) -> String {
+    if let Some(path) = addr.as_pathname() {
+        path.display().to_string()
+    } else if let Some(name) = addr.as_abstract_name() {
+        format!("@{}", String::from_utf8_lossy(name))
+    } else {
+        "an unnamed socket".to_string()
+    }
+}
+
+/// An integer `SOL_SOCKET` option of `fd`.
+fn sockopt(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes of the sizes given, and `fd` is open
+    // for the duration of the call (the caller holds it).
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Binds the endpoint. Socket files get `mode` before they appear at their final path.
@@ -284,6 +438,60 @@ mod tests {
             Err(SocketError::NotASocket(_))
         ));
         assert_eq!(std::fs::read(&path).expect("still there"), b"precious");
+    }
+
+    #[tokio::test]
+    async fn takes_an_inherited_listening_socket_at_the_endpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kms.sock");
+        let made = StdListener::bind(&path).expect("bind");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let endpoint = Endpoint::Path(path.clone());
+        let listener = inherited(OwnedFd::from(made), &endpoint, 0o600).expect("inherited");
+        let client = tokio::net::UnixStream::connect(&path);
+        let (accepted, connected) = tokio::join!(listener.accept(), client);
+        accepted.expect("accept");
+        connected.expect("connect");
+        // Not ours to remove: systemd owns the file.
+        remove(&endpoint);
+        assert!(path.exists());
+    }
+
+    #[tokio::test]
+    async fn refuses_inherited_sockets_it_cannot_serve_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kms.sock");
+        let endpoint = Endpoint::Path(path.clone());
+        let refused = |fd: OwnedFd, mode: u32| match inherited(fd, &endpoint, mode) {
+            Err(SocketError::Activation(why)) => why,
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("accepted"),
+        };
+
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp");
+        assert!(refused(tcp.into(), 0o600).contains("not a Unix socket"));
+
+        let datagram = std::os::unix::net::UnixDatagram::bind(&path).expect("datagram");
+        assert!(refused(datagram.into(), 0o600).contains("not a stream socket"));
+        std::fs::remove_file(&path).expect("rm");
+
+        let (stream, _peer) = StdStream::pair().expect("pair");
+        assert!(refused(stream.into(), 0o600).contains("not listening"));
+
+        let elsewhere = StdListener::bind(dir.path().join("other.sock")).expect("bind");
+        let why = refused(elsewhere.into(), 0o600);
+        assert!(
+            why.contains("other.sock") && why.contains("kms.sock"),
+            "{why}"
+        );
+
+        let wide = StdListener::bind(&path).expect("bind");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let why = refused(wide.into(), 0o600);
+        assert!(
+            why.contains("0666") && why.contains("socket_mode 0600"),
+            "{why}"
+        );
     }
 
     #[tokio::test]
