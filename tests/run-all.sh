@@ -24,8 +24,8 @@ fi
 # PATH so that the tests' `python3` and `moto_server` are the ones from it.
 venv=target/venv
 [ -x "$venv/bin/python3" ] && export PATH="$PWD/$venv/bin:$PATH"
-pydeps_ok() { python3 -c 'import moto, grpc, grpc_tools, boto3' 2>/dev/null && command -v moto_server >/dev/null; }
-pydeps=('moto[server]' grpcio grpcio-tools)
+pydeps_ok() { python3 -c 'import moto, grpc, grpc_tools, boto3, yaml' 2>/dev/null && command -v moto_server >/dev/null; }
+pydeps=('moto[server]' grpcio grpcio-tools pyyaml) # pyyaml: tests/deploy.rs
 if ! pydeps_ok; then
   echo "== installing ${pydeps[*]}"
   if ! python3 -m pip install -q "${pydeps[@]}"; then
@@ -34,7 +34,7 @@ if ! pydeps_ok; then
     "$venv/bin/python3" -m pip install -q "${pydeps[@]}"
     export PATH="$PWD/$venv/bin:$PATH"
   fi
-  pydeps_ok || { echo "$(command -v python3) still lacks moto, grpcio or moto_server"; exit 1; }
+  pydeps_ok || { echo "$(command -v python3) still lacks moto, grpcio, pyyaml or moto_server"; exit 1; }
 fi
 
 echo "== cargo fmt --check"
@@ -96,6 +96,8 @@ fuzz authority_rewriter 30
 fuzz envelope 25
 fuzz annotations 25
 fuzz config 25 -dict=dicts/config.dict
+echo "== Containerfile: the image with buildah if it can pull the bases, else the builder stage's commands"
+python3 tests/container/build_stages.py
 echo "== cargo test: all targets, then doctests; killed if still running after 40 minutes"
 cargo test --all-targets --no-run -q # building is not part of the time limit
 deadline=$(( $(date +%s) + 40 * 60 ))
