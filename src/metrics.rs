@@ -1,40 +1,172 @@
-//! Prometheus metrics: calls and latency per RPC, root key calls and health, the local KEK
-//! and the cache. Counters are plain atomics updated on the request path; everything else
-//! is read from the keyring when scraped. Served by `server::metrics_http` when
-//! `metrics_listen` is set.
+//! Prometheus metrics on the `prometheus-client` crate (OpenMetrics text): calls and latency
+//! per RPC, root key calls (latency and errors by kind, per root), root health, the local
+//! KEK, the cache, the log and the build. Counters and histograms are updated on the
+//! request path (atomics); everything else is read from the keyring when scraped. Served
+//! by `server::metrics_http` when `metrics_listen` is set. Every metric is listed in
+//! README.md ("Metrics and health probes").
 
-use std::fmt::Write;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
+use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
 use tracing_appender::non_blocking::ErrorCounter;
 
 use crate::keyring::Keyring;
+
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The RPCs measured.
 #[derive(Debug, Clone, Copy)]
 pub enum Op {
     /// Status.
-    Status = 0,
+    Status,
     /// Encrypt.
-    Encrypt = 1,
+    Encrypt,
     /// Decrypt.
-    Decrypt = 2,
+    Decrypt,
 }
 
-const OPS: [&str; 3] = ["status", "encrypt", "decrypt"];
-/// Histogram bucket upper bounds, in seconds: Encrypt/Decrypt are µs-scale when cached and
-/// bounded by the 3 s apiserver deadline when a root is slow.
-const BUCKETS: [f64; 14] = [
+impl Op {
+    fn label(self) -> &'static str {
+        match self {
+            Op::Status => "status",
+            Op::Encrypt => "encrypt",
+            Op::Decrypt => "decrypt",
+        }
+    }
+}
+
+/// A call to a root key.
+#[derive(Debug, Clone, Copy)]
+pub enum RootOp {
+    /// Wrap a local KEK.
+    Wrap,
+    /// Unwrap a local KEK.
+    Unwrap,
+}
+
+impl RootOp {
+    fn label(self) -> &'static str {
+        match self {
+            RootOp::Wrap => "wrap",
+            RootOp::Unwrap => "unwrap",
+        }
+    }
+}
+
+/// RPC latency buckets, in seconds: Encrypt/Decrypt are µs-scale when cached and bounded by
+/// the 3 s apiserver deadline when a root is slow.
+const CALL_BUCKETS: [f64; 14] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5,
 ];
+/// Root call latency buckets, in seconds: a file root takes µs, an HSM ms, a cloud KMS
+/// tens of ms, and a struggling one up to its timeout.
+const ROOT_BUCKETS: [f64; 14] = [
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
 
-#[derive(Default)]
-struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+/// A label value, escaped as the exposition format requires (`\`, `"`, newline): root
+/// names come from the config file. (`prometheus-client` writes label values verbatim.)
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Escaped(String);
+
+impl From<&str> for Escaped {
+    fn from(value: &str) -> Self {
+        Self(value.to_string())
+    }
+}
+
+impl EncodeLabelValue for Escaped {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A metric's labels, in order.
+type Labels = Vec<(&'static str, Escaped)>;
+
+fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
+    pairs
+        .into_iter()
+        .map(|(k, v)| (k, Escaped::from(v)))
+        .collect()
+}
+
+fn call_histogram() -> Histogram {
+    Histogram::new(CALL_BUCKETS)
+}
+
+fn root_histogram() -> Histogram {
+    Histogram::new(ROOT_BUCKETS)
+}
+
+/// Process-wide series recorded below the plugin (root calls, cache): labelled by root
+/// name and key_id, so keyrings before and after a reload stay apart.
+struct Shared {
+    root_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    root_errors: Family<Labels, Counter>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    negative_hits: Counter,
+}
+
+static SHARED: LazyLock<Shared> = LazyLock::new(|| Shared {
+    root_duration: Family::new_with_constructor(root_histogram),
+    root_errors: Family::default(),
+    cache_hits: Counter::default(),
+    cache_misses: Counter::default(),
+    negative_hits: Counter::default(),
+});
+
+/// Records one call to a root key: its latency, and its error kind
+/// (`ErrorKind::metric_label`) if it failed.
+pub fn observe_root_call(
+    root: &str,
+    key_id: &str,
+    op: RootOp,
+    elapsed: Duration,
+    error: Option<&'static str>,
+) {
+    let series = labels([("root", root), ("key_id", key_id), ("op", op.label())]);
+    SHARED
+        .root_duration
+        .get_or_create(&series)
+        .observe(elapsed.as_secs_f64());
+    if let Some(kind) = error {
+        let series = labels([("root", root), ("key_id", key_id), ("kind", kind)]);
+        SHARED.root_errors.get_or_create(&series).inc();
+    }
+}
+
+/// A Decrypt found its local KEK in the cache.
+pub fn cache_hit() {
+    SHARED.cache_hits.inc();
+}
+
+/// A Decrypt's local KEK was not cached (a root unwrap follows, or joins one in flight).
+pub fn cache_miss() {
+    SHARED.cache_misses.inc();
+}
+
+/// A wrapped copy already known not to authenticate was refused without a root call.
+pub fn negative_cache_hit() {
+    SHARED.negative_hits.inc();
 }
 
 /// The log writer's count of lines it dropped (its buffer was full).
@@ -51,211 +183,220 @@ pub fn log_lines_dropped() -> u64 {
 }
 
 /// The request counters. One per process, shared by the services.
-#[derive(Default)]
 pub struct Metrics {
-    ok: [AtomicU64; 3],
-    errors: [AtomicU64; 3],
-    latency: [Histogram; 3],
+    requests: Family<Labels, Counter>,
+    duration: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(call_histogram),
+        }
+    }
+}
+
+/// A gauge's value from a count that may exceed `i64` (it never does in practice).
+fn gauge_value(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 impl Metrics {
     /// Records one call.
     pub fn observe(&self, op: Op, ok: bool, elapsed: Duration) {
-        let i = op as usize;
-        let counter = if ok { &self.ok[i] } else { &self.errors[i] };
-        counter.fetch_add(1, Ordering::Relaxed);
-        let h = &self.latency[i];
-        let seconds = elapsed.as_secs_f64();
-        for (bound, bucket) in BUCKETS.iter().zip(&h.buckets) {
-            if seconds <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        h.count.fetch_add(1, Ordering::Relaxed);
-        h.sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        let outcome = if ok { "ok" } else { "error" };
+        self.requests
+            .get_or_create(&labels([("op", op.label()), ("outcome", outcome)]))
+            .inc();
+        self.duration
+            .get_or_create(&labels([("op", op.label())]))
+            .observe(elapsed.as_secs_f64());
     }
 
-    /// The Prometheus text exposition of these counters and of `keyring`'s state.
+    /// The OpenMetrics text exposition ([`CONTENT_TYPE`]) of these counters, the shared
+    /// ones and `keyring`'s state.
     pub fn render(&self, keyring: &Keyring) -> String {
-        let mut out = String::with_capacity(4096);
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        out.push_str("# HELP kms_plugin_requests_total KMS v2 calls served, by outcome.\n");
-        out.push_str("# TYPE kms_plugin_requests_total counter\n");
-        for (i, op) in OPS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "kms_plugin_requests_total{{op=\"{op}\",outcome=\"ok\"}} {}",
-                load(&self.ok[i])
-            );
-            let _ = writeln!(
-                out,
-                "kms_plugin_requests_total{{op=\"{op}\",outcome=\"error\"}} {}",
-                load(&self.errors[i])
-            );
-        }
-        out.push_str("# HELP kms_plugin_request_duration_seconds Time to serve a KMS v2 call.\n");
-        out.push_str("# TYPE kms_plugin_request_duration_seconds histogram\n");
-        for (i, op) in OPS.iter().enumerate() {
-            let h = &self.latency[i];
-            for (bound, bucket) in BUCKETS.iter().zip(&h.buckets) {
-                let _ = writeln!(
-                    out,
-                    "kms_plugin_request_duration_seconds_bucket{{op=\"{op}\",le=\"{bound}\"}} {}",
-                    load(bucket)
-                );
-            }
-            let count = load(&h.count);
-            let _ = writeln!(
-                out,
-                "kms_plugin_request_duration_seconds_bucket{{op=\"{op}\",le=\"+Inf\"}} {count}"
-            );
-            let _ = writeln!(
-                out,
-                "kms_plugin_request_duration_seconds_sum{{op=\"{op}\"}} {}",
-                load(&h.sum_micros) as f64 / 1e6
-            );
-            let _ = writeln!(
-                out,
-                "kms_plugin_request_duration_seconds_count{{op=\"{op}\"}} {count}"
-            );
-        }
+        let mut registry = Registry::with_prefix("kms_plugin");
+        registry.register(
+            "requests",
+            "KMS v2 calls served, by operation and outcome",
+            self.requests.clone(),
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Time to serve a KMS v2 call",
+            Unit::Seconds,
+            self.duration.clone(),
+        );
+        registry.register_with_unit(
+            "root_call_duration",
+            "Time of one root key call (an HSM or KMS operation), by root and operation",
+            Unit::Seconds,
+            SHARED.root_duration.clone(),
+        );
+        registry.register(
+            "root_call_errors",
+            "Root key calls that failed, by root and error kind",
+            SHARED.root_errors.clone(),
+        );
+        registry.register(
+            "cache_hits",
+            "Decrypts whose local KEK was cached",
+            SHARED.cache_hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Decrypts whose local KEK had to be unwrapped by a root",
+            SHARED.cache_misses.clone(),
+        );
+        registry.register(
+            "cache_negative_hits",
+            "Wrapped keys refused without a root call: known not to authenticate",
+            SHARED.negative_hits.clone(),
+        );
+        self.register_keyring(&mut registry, keyring);
+        let dropped: Counter = Counter::default();
+        dropped.inc_by(log_lines_dropped());
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log's reader (journald, a pipe) did not keep up",
+            dropped,
+        );
+        registry.register(
+            "build",
+            "The running build",
+            Info::new(labels([("version", env!("CARGO_PKG_VERSION"))])),
+        );
+        let mut out = String::with_capacity(8192);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
 
+    /// Series read from the keyring at scrape time.
+    fn register_keyring(&self, registry: &mut Registry, keyring: &Keyring) {
         let health = keyring.health();
-        out.push_str("# HELP kms_plugin_healthy 1 when Status reports healthz \"ok\".\n");
-        out.push_str("# TYPE kms_plugin_healthy gauge\n");
-        let _ = writeln!(
-            out,
-            "kms_plugin_healthy{{key_id=\"{}\"}} {}",
-            health.key_id,
-            u8::from(health.healthz == "ok")
+        let healthy: Family<Labels, Gauge> = Family::default();
+        healthy
+            .get_or_create(&labels([("key_id", &health.key_id)]))
+            .set(i64::from(health.healthz == "ok"));
+        registry.register(
+            "healthy",
+            "1 when Status reports healthz \"ok\" (an Encrypt would succeed)",
+            healthy,
         );
 
         let (roots, local) = keyring.info();
-        let families: [(&str, &str, &str); 7] = [
-            (
-                "kms_plugin_root_calls_total",
-                "counter",
-                "Calls to a root key, by kind (wrap, unwrap).",
-            ),
-            (
-                "kms_plugin_root_failures_total",
-                "counter",
-                "Root key calls that failed.",
-            ),
-            (
-                "kms_plugin_root_unwraps_throttled_total",
-                "counter",
-                "Decrypt unwraps refused without a root call: the root's unwrap budget was spent.",
-            ),
-            (
-                "kms_plugin_root_state",
-                "gauge",
-                "1 for the root's current state (ok, degraded, rejected; unavailable: could not be opened).",
-            ),
-            (
-                "kms_plugin_decrypts_total",
-                "counter",
-                "Decrypt calls served under a root's key_id since start.",
-            ),
-            (
-                "kms_plugin_last_decrypt_timestamp_seconds",
-                "gauge",
-                "When a Decrypt last used a root's key_id (0: never since start).",
-            ),
-            (
-                "kms_plugin_root_info",
-                "gauge",
-                "Configured root keys and their roles.",
-            ),
-        ];
-        for (name, kind, help) in families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for r in &roots {
-                let labels = format!("root=\"{}\",key_id=\"{}\"", r.name, r.key_id);
-                match name {
-                    "kms_plugin_root_calls_total" => {
-                        let _ = writeln!(out, "{name}{{{labels},kind=\"wrap\"}} {}", r.wrap_calls);
-                        let _ =
-                            writeln!(out, "{name}{{{labels},kind=\"unwrap\"}} {}", r.unwrap_calls);
-                    }
-                    "kms_plugin_root_failures_total" => {
-                        let _ = writeln!(out, "{name}{{{labels}}} {}", r.failed_calls);
-                    }
-                    "kms_plugin_root_unwraps_throttled_total" => {
-                        let _ = writeln!(out, "{name}{{{labels}}} {}", r.throttled_unwraps);
-                    }
-                    "kms_plugin_root_state" => {
-                        for state in ["ok", "degraded", "rejected", "unavailable"] {
-                            let _ = writeln!(
-                                out,
-                                "{name}{{{labels},state=\"{state}\"}} {}",
-                                u8::from(r.state == state)
-                            );
-                        }
-                    }
-                    "kms_plugin_decrypts_total" => {
-                        let _ = writeln!(out, "{name}{{{labels}}} {}", r.decrypts);
-                    }
-                    "kms_plugin_last_decrypt_timestamp_seconds" => {
-                        let _ = writeln!(out, "{name}{{{labels}}} {}", r.last_decrypt_unix);
-                    }
-                    _ => {
-                        let _ = writeln!(
-                            out,
-                            "{name}{{{labels},provider=\"{}\",role=\"{}\"}} 1",
-                            r.provider, r.role
-                        );
-                    }
-                }
+        let calls: Family<Labels, Counter> = Family::default();
+        let throttled: Family<Labels, Counter> = Family::default();
+        let state: Family<Labels, Gauge> = Family::default();
+        let decrypts: Family<Labels, Counter> = Family::default();
+        let last_decrypt: Family<Labels, Gauge> = Family::default();
+        let info: Family<Labels, Gauge> = Family::default();
+        for r in &roots {
+            let root = [("root", r.name.as_str()), ("key_id", r.key_id.as_str())];
+            let with = |name: &'static str, value: &str| {
+                let mut l = labels(root);
+                l.push((name, Escaped::from(value)));
+                l
+            };
+            calls
+                .get_or_create(&with("op", "wrap"))
+                .inc_by(r.wrap_calls);
+            calls
+                .get_or_create(&with("op", "unwrap"))
+                .inc_by(r.unwrap_calls);
+            throttled
+                .get_or_create(&labels(root))
+                .inc_by(r.throttled_unwraps);
+            for s in ["ok", "degraded", "rejected", "unavailable"] {
+                state
+                    .get_or_create(&with("state", s))
+                    .set(i64::from(r.state == s));
             }
+            decrypts.get_or_create(&labels(root)).inc_by(r.decrypts);
+            last_decrypt
+                .get_or_create(&labels(root))
+                .set(r.last_decrypt_unix);
+            let mut l = with("provider", &r.provider);
+            l.push(("role", Escaped::from(r.role.as_str())));
+            info.get_or_create(&l).set(1);
         }
-        let gauges = [
+        registry.register(
+            "root_calls",
+            "Calls to a root key, by operation (each is one HSM or KMS call)",
+            calls,
+        );
+        registry.register(
+            "root_unwraps_throttled",
+            "Decrypt unwraps refused without a root call: the root's unwrap budget was spent",
+            throttled,
+        );
+        registry.register(
+            "root_state",
+            "1 for the root's current state (ok, degraded, rejected; unavailable: could not be opened)",
+            state,
+        );
+        registry.register(
+            "decrypts",
+            "Decrypt calls served under a root's key_id since start",
+            decrypts,
+        );
+        registry.register_with_unit(
+            "last_decrypt_timestamp",
+            "When a Decrypt last used a root's key_id (Unix time; 0: never since start)",
+            Unit::Seconds,
+            last_decrypt,
+        );
+        registry.register("root_info", "Configured root keys: provider and role", info);
+
+        let gauges: [(&str, &str, Option<Unit>, u64); 6] = [
             (
-                "kms_plugin_local_kek_encryptions",
-                "Encryptions under the current local KEK.",
+                "local_kek_encryptions",
+                "Encryptions under the current local KEK",
+                None,
                 local.encryptions,
             ),
             (
-                "kms_plugin_local_kek_max_encryptions",
-                "Encryptions allowed under one local KEK.",
+                "local_kek_max_encryptions",
+                "Encryptions allowed under one local KEK",
+                None,
                 local.max_encryptions,
             ),
             (
-                "kms_plugin_local_kek_age_seconds",
-                "Age of the current local KEK.",
+                "local_kek_age",
+                "Age of the current local KEK",
+                Some(Unit::Seconds),
                 local.age_seconds,
             ),
             (
-                "kms_plugin_local_kek_max_age_seconds",
-                "Age at which a local KEK stops sealing.",
+                "local_kek_max_age",
+                "Age at which a local KEK stops sealing",
+                Some(Unit::Seconds),
                 local.max_age_seconds,
             ),
             (
-                "kms_plugin_cache_entries",
-                "Unwrapped local KEKs in memory.",
+                "cache_entries",
+                "Unwrapped local KEKs in memory",
+                None,
                 keyring.cache().len() as u64,
             ),
             (
-                "kms_plugin_cache_failed_entries",
-                "Wrapped keys remembered as not authenticating (refused without a root call).",
+                "cache_failed_entries",
+                "Wrapped keys remembered as not authenticating (the negative cache)",
+                None,
                 keyring.cache().failed_len() as u64,
             ),
         ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
+        for (name, help, unit, value) in gauges {
+            let gauge: Gauge = Gauge::default();
+            gauge.set(gauge_value(value));
+            match unit {
+                Some(unit) => registry.register_with_unit(name, help, unit, gauge),
+                None => registry.register(name, help, gauge),
+            }
         }
-        let _ = writeln!(
-            out,
-            "# HELP kms_plugin_log_lines_dropped_total Log lines dropped because the log's reader \
-             (journald, a pipe) did not keep up.\n# TYPE kms_plugin_log_lines_dropped_total \
-             counter\nkms_plugin_log_lines_dropped_total {}",
-            log_lines_dropped()
-        );
-        out
     }
 }
 
@@ -264,22 +405,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
+    fn histogram_buckets_are_cumulative_and_counters_by_outcome() {
         let m = Metrics::default();
         m.observe(Op::Encrypt, true, Duration::from_micros(80));
         m.observe(Op::Encrypt, false, Duration::from_millis(3));
-        let h = &m.latency[Op::Encrypt as usize];
-        let at = |bound: f64| {
-            let i = BUCKETS.iter().position(|b| *b == bound).expect("bucket");
-            h.buckets[i].load(Ordering::Relaxed)
-        };
-        assert_eq!(at(0.00005), 0);
-        assert_eq!(at(0.0001), 1);
-        assert_eq!(at(0.0025), 1);
-        assert_eq!(at(0.005), 2);
-        assert_eq!(at(2.5), 2);
-        assert_eq!(h.count.load(Ordering::Relaxed), 2);
-        assert_eq!(m.ok[1].load(Ordering::Relaxed), 1);
-        assert_eq!(m.errors[1].load(Ordering::Relaxed), 1);
+        let mut registry = Registry::with_prefix("kms_plugin");
+        registry.register_with_unit("d", "", Unit::Seconds, m.duration.clone());
+        registry.register("requests", "", m.requests.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for line in [
+            "kms_plugin_d_seconds_bucket{le=\"0.00005\",op=\"encrypt\"} 0",
+            "kms_plugin_d_seconds_bucket{le=\"0.0001\",op=\"encrypt\"} 1",
+            "kms_plugin_d_seconds_bucket{le=\"0.0025\",op=\"encrypt\"} 1",
+            "kms_plugin_d_seconds_bucket{le=\"0.005\",op=\"encrypt\"} 2",
+            "kms_plugin_d_seconds_count{op=\"encrypt\"} 2",
+            "kms_plugin_requests_total{op=\"encrypt\",outcome=\"ok\"} 1",
+            "kms_plugin_requests_total{op=\"encrypt\",outcome=\"error\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let family: Family<Labels, Counter> = Family::default();
+        family
+            .get_or_create(&labels([("root", "a\"b\\c\nd")]))
+            .inc();
+        let mut registry = Registry::default();
+        registry.register("x", "", family);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(text.contains(r#"x_total{root="a\"b\\c\nd"} 1"#), "{text}");
     }
 }

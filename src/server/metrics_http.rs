@@ -86,7 +86,7 @@ async fn respond(
     request: Request<Incoming>,
     plugin: Arc<Plugin>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    const PROMETHEUS: &str = "text/plain; version=0.0.4";
+    const PROMETHEUS: &str = crate::metrics::CONTENT_TYPE;
     const TEXT: &str = "text/plain; charset=utf-8";
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/metrics") => (
