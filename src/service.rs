@@ -17,6 +17,7 @@ use crate::proto::v2::key_management_service_server::KeyManagementService;
 use crate::proto::v2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
+use crate::root::ErrorKind;
 
 /// Decrypt waits at most this long for a root when the client sent no deadline.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(3);
@@ -189,13 +190,18 @@ pub fn to_status(error: &KeyringError) -> Status {
         KeyringError::InvalidRequest(_) | KeyringError::Envelope(_) => {
             Status::invalid_argument(message)
         }
-        KeyringError::UnknownKeyId | KeyringError::RootRejected { .. } => {
-            Status::failed_precondition(message)
-        }
-        KeyringError::RootUnavailable { .. } | KeyringError::NotReady(_) => {
-            Status::unavailable(message)
-        }
-        KeyringError::Throttled { .. } => Status::resource_exhausted(message),
+        KeyringError::UnknownKeyId => Status::failed_precondition(message),
+        KeyringError::NotReady(_) => Status::unavailable(message),
+        // The one mapping from root failure kinds to gRPC codes.
+        KeyringError::Root { kind, .. } => match kind {
+            ErrorKind::Unavailable | ErrorKind::RateLimited => Status::unavailable(message),
+            ErrorKind::Throttled => Status::resource_exhausted(message),
+            ErrorKind::Denied
+            | ErrorKind::KeyDisabled
+            | ErrorKind::CredentialsRejected
+            | ErrorKind::Misconfigured => Status::failed_precondition(message),
+            ErrorKind::NotAuthentic => Status::invalid_argument(message),
+        },
     }
 }
 
@@ -243,16 +249,25 @@ mod tests {
             ),
             (KeyringError::UnknownKeyId, Code::FailedPrecondition),
             (
-                KeyringError::RootRejected { name: "a".into() },
+                KeyringError::Root {
+                    name: "a".into(),
+                    kind: ErrorKind::Denied,
+                },
                 Code::FailedPrecondition,
             ),
             (
-                KeyringError::RootUnavailable { name: "a".into() },
+                KeyringError::Root {
+                    name: "a".into(),
+                    kind: ErrorKind::Unavailable,
+                },
                 Code::Unavailable,
             ),
             (KeyringError::NotReady("x".into()), Code::Unavailable),
             (
-                KeyringError::Throttled { name: "a".into() },
+                KeyringError::Root {
+                    name: "a".into(),
+                    kind: ErrorKind::Throttled,
+                },
                 Code::ResourceExhausted,
             ),
         ];

@@ -28,7 +28,7 @@ use crate::config::{ApiVersion, Config, LocalKekConfig, Role};
 use crate::envelope::annotations::{self, MAX_TOTAL_LEN, wrapped_kek_key};
 use crate::envelope::{EnvelopeError, KekCipher, MAX_PLAINTEXT_LEN, associated_data, check_format};
 use crate::proto::admin;
-use crate::root::{self, KeyId, RootError};
+use crate::root::{self, ErrorKind, KeyId, RootError};
 use crate::secret::Key256;
 use cache::KekCache;
 use roots::{Root, RootHealth, RootStats, UnwrapRate};
@@ -50,27 +50,35 @@ pub enum KeyringError {
     /// No configured root key matches the request's key_id or annotations.
     #[error("key_id is not one this plugin has configured")]
     UnknownKeyId,
-    /// A root key could not be reached; retrying later may work.
-    #[error("root key \"{name}\" is unavailable")]
-    RootUnavailable {
+    /// A root key call failed (or was not made: [`ErrorKind::Throttled`]); the kind
+    /// decides the gRPC code.
+    #[error("{}", root_failure(name, *kind))]
+    Root {
         /// The `[keys.NAME]` entry.
         name: String,
-    },
-    /// A root key refused (access denied, disabled, deleted).
-    #[error("root key \"{name}\" rejected the request")]
-    RootRejected {
-        /// The `[keys.NAME]` entry.
-        name: String,
-    },
-    /// The root's unwrap budget for Decrypt is spent (many uncached wrapped keys at once).
-    #[error("too many uncached keys to unwrap under root key \"{name}\"; retry shortly")]
-    Throttled {
-        /// The `[keys.NAME]` entry.
-        name: String,
+        /// Why.
+        kind: ErrorKind,
     },
     /// No local KEK can be used for Encrypt right now; the text says why.
     #[error("cannot encrypt now: {0}")]
     NotReady(String),
+}
+
+/// The caller's message for a failed root call: which key, and whether to retry.
+fn root_failure(name: &str, kind: ErrorKind) -> String {
+    match kind {
+        ErrorKind::Throttled => {
+            format!("too many uncached keys to unwrap under root key \"{name}\"; retry shortly")
+        }
+        ErrorKind::Unavailable | ErrorKind::RateLimited => {
+            format!("root key \"{name}\" is unavailable")
+        }
+        ErrorKind::Denied
+        | ErrorKind::KeyDisabled
+        | ErrorKind::CredentialsRejected
+        | ErrorKind::Misconfigured
+        | ErrorKind::NotAuthentic => format!("root key \"{name}\" rejected the request"),
+    }
 }
 
 /// What to do with a retired root key that cannot be opened.
@@ -167,7 +175,10 @@ impl Keyring {
         let rate = UnwrapRate::from(&config.cache);
         for (name, role) in config.roles() {
             let Some(key_config) = config.keys.get(name) else {
-                return Err(RootError::Config(format!("no [keys.{name}] entry")));
+                return Err(RootError::new(
+                    ErrorKind::Misconfigured,
+                    format!("no [keys.{name}] entry"),
+                ));
             };
             let key = match root::open(name, key_config).await {
                 Ok(key) => key,
@@ -189,11 +200,14 @@ impl Keyring {
                 }
             };
             if let Some(twin) = roots.iter().find(|r| r.key_id() == key.key_id()) {
-                return Err(RootError::Config(format!(
-                    "keys \"{}\" and \"{name}\" are the same root key (key_id {})",
-                    twin.name,
-                    key.key_id()
-                )));
+                return Err(RootError::new(
+                    ErrorKind::Misconfigured,
+                    format!(
+                        "keys \"{}\" and \"{name}\" are the same root key (key_id {})",
+                        twin.name,
+                        key.key_id()
+                    ),
+                ));
             }
             let stats = stats.get(key.key_id()).cloned().unwrap_or_default();
             roots.push(Arc::new(Root::new(name, role, key, stats, rate)));
@@ -211,7 +225,7 @@ impl Keyring {
         let active = roots
             .first()
             .cloned()
-            .ok_or_else(|| RootError::Config("no active root key".into()))?;
+            .ok_or_else(|| RootError::new(ErrorKind::Misconfigured, "no active root key"))?;
         let wrappers = roots
             .iter()
             .filter(|r| r.role != Role::Retired)
@@ -404,7 +418,7 @@ impl Keyring {
                 .get_or_unwrap(id, || async {
                     match root.unwrap_for_decrypt(wrapped).await {
                         Some(key) => key.map(|k| KekCipher::new(&k)),
-                        None => Err(RootError::Throttled),
+                        None => Err(RootError::bare(ErrorKind::Throttled)),
                     }
                 })
                 .await;
@@ -414,18 +428,13 @@ impl Keyring {
                     // Root health changes are logged by the root itself; a forged or
                     // throttled copy is the caller's doing and must not flood the log.
                     tracing::debug!(root = %root.name, key_id = %root.key_id(), error = %e, "cannot unwrap local KEK");
-                    failure = Some(match e {
-                        RootError::Authentication => {
+                    failure = Some(match e.kind() {
+                        ErrorKind::NotAuthentic => {
                             KeyringError::Envelope(EnvelopeError::Authentication)
                         }
-                        RootError::Throttled => KeyringError::Throttled {
+                        kind => KeyringError::Root {
                             name: root.name.clone(),
-                        },
-                        RootError::Unavailable(_) => KeyringError::RootUnavailable {
-                            name: root.name.clone(),
-                        },
-                        _ => KeyringError::RootRejected {
-                            name: root.name.clone(),
+                            kind,
                         },
                     });
                 }
@@ -583,8 +592,9 @@ impl Keyring {
             annotations.insert(wrapped_kek_key(root.key_id().as_str()), wrapped);
         }
         if annotations::total_len(&annotations) > MAX_TOTAL_LEN {
-            return Err(RootError::Config(
-                "wrapped keys exceed kube-apiserver's 32 KiB annotation limit: fewer also_wrap roots".into(),
+            return Err(RootError::new(
+                ErrorKind::Misconfigured,
+                "wrapped keys exceed kube-apiserver's 32 KiB annotation limit: fewer also_wrap roots",
             ));
         }
         let cipher = Arc::new(KekCipher::new(&kek));
@@ -714,14 +724,7 @@ impl Keyring {
 
 /// Prefixes a root error with the key's name so operators know which key failed.
 fn name_error(name: &str, provider: &str, e: RootError) -> RootError {
-    let label = format!("key \"{name}\" ({provider})");
-    match e {
-        RootError::Unavailable(m) => RootError::Unavailable(format!("{label}: {m}")),
-        RootError::Rejected(m) => RootError::Rejected(format!("{label}: {m}")),
-        RootError::Config(m) => RootError::Config(format!("{label}: {m}")),
-        RootError::Authentication => RootError::Authentication,
-        RootError::Throttled => RootError::Throttled,
-    }
+    e.context(&format!("key \"{name}\" ({provider})"))
 }
 
 #[cfg(test)]

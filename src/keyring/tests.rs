@@ -31,8 +31,14 @@ impl Faulty {
 
     fn failure(&self) -> Option<RootError> {
         match self.mode.load(Ordering::SeqCst) {
-            REFUSE => Some(RootError::Rejected("access denied (injected)".into())),
-            DOWN => Some(RootError::Unavailable("unreachable (injected)".into())),
+            REFUSE => Some(RootError::new(
+                ErrorKind::Denied,
+                "access denied (injected)",
+            )),
+            DOWN => Some(RootError::new(
+                ErrorKind::Unavailable,
+                "unreachable (injected)",
+            )),
             _ => None,
         }
     }
@@ -231,7 +237,13 @@ async fn forged_copies_cost_a_bounded_number_of_unwraps_and_evict_nothing() {
             (Err(KeyringError::Envelope(EnvelopeError::Authentication)), annotations) => {
                 refused.push(annotations)
             }
-            (Err(KeyringError::Throttled { .. }), _) => throttled += 1,
+            (
+                Err(KeyringError::Root {
+                    kind: ErrorKind::Throttled,
+                    ..
+                }),
+                _,
+            ) => throttled += 1,
             (other, _) => panic!("forged copy: {:?}", other.err()),
         }
     }
