@@ -8,11 +8,13 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroize;
 
-use crate::keyring::KeyringError;
+use crate::keyring::{KeyringError, RootReport};
 use crate::metrics::Op;
 use crate::plugin::Plugin;
 use crate::proto::admin::admin_server::Admin;
-use crate::proto::admin::{InfoRequest, InfoResponse, ReloadRequest, ReloadResponse};
+use crate::proto::admin::{
+    InfoRequest, InfoResponse, LocalKekInfo, ReloadRequest, ReloadResponse, RootInfo,
+};
 use crate::proto::v2::key_management_service_server::KeyManagementService;
 use crate::proto::v2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
@@ -70,15 +72,15 @@ impl KeyManagementService for Service {
         let started = std::time::Instant::now();
         let keyring = self.plugin.keyring();
         let health = keyring.health();
-        tracing::debug!(op = "status", key_id = %health.key_id, healthz = %health.healthz);
-        let healthy = health.healthz == "ok";
+        let key_id = keyring.key_id().to_string();
+        tracing::debug!(op = "status", key_id = %key_id, healthz = %health.healthz());
         self.plugin
             .metrics()
-            .observe(Op::Status, healthy, started.elapsed());
+            .observe(Op::Status, health.is_ready(), started.elapsed());
         Ok(Response::new(StatusResponse {
             version: keyring.api_version().as_str().to_string(),
-            healthz: health.healthz,
-            key_id: health.key_id,
+            healthz: health.healthz().to_string(),
+            key_id,
         }))
     }
 
@@ -145,15 +147,19 @@ impl KeyManagementService for Service {
 impl Admin for Service {
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         let keyring = self.plugin.keyring();
-        let health = keyring.health();
         let (roots, local_kek) = keyring.info();
         let cache = keyring.cache();
         Ok(Response::new(InfoResponse {
             version: keyring.api_version().as_str().to_string(),
-            healthz: health.healthz,
-            key_id: health.key_id,
-            roots,
-            local_kek: Some(local_kek),
+            healthz: keyring.health().healthz().to_string(),
+            key_id: keyring.key_id().to_string(),
+            roots: roots.into_iter().map(root_info).collect(),
+            local_kek: Some(LocalKekInfo {
+                encryptions: local_kek.encryptions,
+                max_encryptions: local_kek.max_encryptions,
+                age_seconds: local_kek.age_seconds,
+                max_age_seconds: local_kek.max_age_seconds,
+            }),
             cache_entries: cache.len() as u64,
             cache_capacity: cache.capacity() as u64,
             config_source: self.plugin.source().to_string(),
@@ -202,6 +208,24 @@ pub fn to_status(error: &KeyringError) -> Status {
             | ErrorKind::Misconfigured => Status::failed_precondition(message),
             ErrorKind::NotAuthentic => Status::invalid_argument(message),
         },
+    }
+}
+
+/// A root as the Admin protocol shows it.
+fn root_info(root: RootReport) -> RootInfo {
+    RootInfo {
+        name: root.name,
+        provider: root.provider.to_string(),
+        key_id: root.key_id,
+        role: root.role.to_string(),
+        state: root.state.to_string(),
+        last_error: root.last_error,
+        last_decrypt_unix: root.last_decrypt_unix,
+        wrap_calls: root.wrap_calls,
+        unwrap_calls: root.unwrap_calls,
+        failed_calls: root.failed_calls,
+        decrypts: root.decrypts,
+        throttled_unwraps: root.throttled_unwraps,
     }
 }
 

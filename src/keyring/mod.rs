@@ -27,7 +27,6 @@ use zeroize::Zeroizing;
 use crate::config::{ApiVersion, Config, LocalKekConfig, Role};
 use crate::envelope::annotations::{self, MAX_TOTAL_LEN, wrapped_kek_key};
 use crate::envelope::{EnvelopeError, KekCipher, MAX_PLAINTEXT_LEN, associated_data, check_format};
-use crate::proto::admin;
 use crate::root::{self, ErrorKind, KeyId, RootError};
 use crate::secret::Key256;
 use cache::KekCache;
@@ -35,6 +34,8 @@ use roots::{Root, RootHealth, RootStats, UnwrapRate};
 
 /// kube-apiserver rejects longer key_ids; anything longer cannot be one of ours.
 const MAX_KEY_ID_LEN: usize = 1024;
+/// The Status `healthz` of a healthy plugin (the KMS v2 contract).
+pub const HEALTHZ_OK: &str = "ok";
 /// Status strings are shown on the apiserver's health endpoints: keep them short.
 const MAX_HEALTHZ_LEN: usize = 400;
 
@@ -100,12 +101,83 @@ pub struct Encrypted {
     pub annotations: HashMap<String, Vec<u8>>,
 }
 
-/// What Status returns.
-pub struct Health {
-    /// "ok", or a short reason.
-    pub healthz: String,
-    /// The active key_id.
+/// The keyring's health, as Status, `/readyz`, systemd and metrics report it
+/// (../shared/KMSV2.md §8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Encrypt works and every wrapping root answered its last call.
+    Ok,
+    /// Encrypt works, but a wrapping root is unreachable for now: logged and shown by
+    /// `kms-plugin status`; Status stays "ok" while the current local KEK lasts.
+    Degraded {
+        /// Which root, and its last error.
+        reason: String,
+    },
+    /// Encrypt fails now, or a wrapping root refuses and needs an operator.
+    Unhealthy {
+        /// Why, short enough for the apiserver's health endpoints.
+        reason: String,
+    },
+}
+
+impl Health {
+    /// The Status `healthz` string: "ok", or why not.
+    pub fn healthz(&self) -> &str {
+        match self {
+            Health::Ok | Health::Degraded { .. } => HEALTHZ_OK,
+            Health::Unhealthy { reason } => reason,
+        }
+    }
+
+    /// True when `/readyz` answers 200 (Status reports "ok"), false for 503.
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Health::Ok | Health::Degraded { .. } => true,
+            Health::Unhealthy { .. } => false,
+        }
+    }
+}
+
+/// One root key as `kms-plugin status` and metrics show it (the admin layer turns it into
+/// the protocol's `RootInfo`).
+#[derive(Debug, Clone, Default)]
+pub struct RootReport {
+    /// The `[keys.NAME]` entry.
+    pub name: String,
+    /// Its provider.
+    pub provider: &'static str,
+    /// Its key_id; empty when it could not be opened.
     pub key_id: String,
+    /// What it is used for: "active", "also-wrap" or "retired".
+    pub role: &'static str,
+    /// "ok", "degraded", "rejected", or "unavailable" when it could not be opened.
+    pub state: &'static str,
+    /// The last error, empty when healthy.
+    pub last_error: String,
+    /// Unix time of the last Decrypt under its key_id; 0 if none since start.
+    pub last_decrypt_unix: i64,
+    /// Wrap calls made to it.
+    pub wrap_calls: u64,
+    /// Unwrap calls made to it.
+    pub unwrap_calls: u64,
+    /// Calls that failed.
+    pub failed_calls: u64,
+    /// Decrypt RPCs served under its key_id.
+    pub decrypts: u64,
+    /// Decrypt unwraps refused because its unwrap budget was spent.
+    pub throttled_unwraps: u64,
+}
+
+/// The current local KEK's use against its limits.
+pub struct LocalKekReport {
+    /// Seals made.
+    pub encryptions: u64,
+    /// `[local_kek] max_encryptions`.
+    pub max_encryptions: u64,
+    /// Seconds since it took over.
+    pub age_seconds: u64,
+    /// `[local_kek] max_age_seconds`.
+    pub max_age_seconds: u64,
 }
 
 /// A local KEK in use for Encrypt.
@@ -143,7 +215,7 @@ pub struct Keyring {
     /// Every configured root in role order (active, also-wrap, retired).
     roots: Vec<Arc<Root>>,
     /// Retired roots that could not be opened at start-up, as `status` shows them.
-    unopened: Vec<admin::RootInfo>,
+    unopened: Vec<RootReport>,
     limits: LocalKekConfig,
     probe_interval: Option<Duration>,
     retry_interval: Duration,
@@ -188,13 +260,13 @@ impl Keyring {
                         return Err(e);
                     }
                     tracing::error!(key = name, error = %e, "retired root key cannot be opened; data under it stays unreadable until it is fixed and the config reloaded");
-                    unopened.push(admin::RootInfo {
+                    unopened.push(RootReport {
                         name: name.to_string(),
-                        provider: key_config.provider().to_string(),
-                        role: role.as_str().to_string(),
-                        state: "unavailable".to_string(),
+                        provider: key_config.provider(),
+                        role: role.as_str(),
+                        state: "unavailable",
                         last_error: e.to_string(),
-                        ..Default::default()
+                        ..RootReport::default()
                     });
                     continue;
                 }
@@ -219,7 +291,7 @@ impl Keyring {
     fn assemble(
         config: &Config,
         roots: Vec<Arc<Root>>,
-        unopened: Vec<admin::RootInfo>,
+        unopened: Vec<RootReport>,
         cache: Arc<KekCache>,
     ) -> Result<Self, RootError> {
         let active = roots
@@ -445,33 +517,42 @@ impl Keyring {
 
     /// What Status reports. In-memory only: never calls a root.
     pub fn health(&self) -> Health {
-        let mut healthz = self.unhealthy_reason().unwrap_or_else(|| "ok".to_string());
-        if healthz.len() > MAX_HEALTHZ_LEN {
-            let mut cut = MAX_HEALTHZ_LEN;
-            while !healthz.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            healthz.truncate(cut);
+        if let Some(reason) = self.unhealthy_reason() {
+            return Health::Unhealthy {
+                reason: short(reason),
+            };
         }
-        Health {
-            healthz,
-            key_id: self.key_id().to_string(),
+        let degraded = self.wrappers.iter().find_map(|root| {
+            let (health, error) = root.stats.health();
+            (health != RootHealth::Ok).then(|| {
+                format!(
+                    "{} root key \"{}\" degraded: {error}",
+                    root.role.as_str(),
+                    root.name
+                )
+            })
+        });
+        match degraded {
+            Some(reason) => Health::Degraded {
+                reason: short(reason),
+            },
+            None => Health::Ok,
         }
     }
 
-    /// Detail for `kms-plugin status`.
-    pub fn info(&self) -> (Vec<admin::RootInfo>, admin::LocalKekInfo) {
+    /// Detail for `kms-plugin status`: every configured root, then the local KEK.
+    pub fn info(&self) -> (Vec<RootReport>, LocalKekReport) {
         let roots = self
             .roots
             .iter()
             .map(|r| {
                 let (health, last_error) = r.stats.health();
-                admin::RootInfo {
+                RootReport {
                     name: r.name.clone(),
-                    provider: r.provider().to_string(),
+                    provider: r.provider(),
                     key_id: r.key_id().to_string(),
-                    role: r.role.as_str().to_string(),
-                    state: health.as_str().to_string(),
+                    role: r.role.as_str(),
+                    state: health.as_str(),
                     last_error,
                     last_decrypt_unix: r.stats.last_decrypt_unix.load(Ordering::Relaxed),
                     wrap_calls: r.stats.wraps.load(Ordering::Relaxed),
@@ -484,7 +565,7 @@ impl Keyring {
             .chain(self.unopened.iter().cloned())
             .collect();
         let current = self.current();
-        let local = admin::LocalKekInfo {
+        let local = LocalKekReport {
             encryptions: current
                 .as_ref()
                 .map_or(0, |k| k.encryptions.load(Ordering::Relaxed)),
@@ -720,6 +801,18 @@ impl Keyring {
             .filter(|e| !e.is_transient())
             .map(|e| format!("cannot make the next local KEK: {e}"))
     }
+}
+
+/// Cuts a health reason to [`MAX_HEALTHZ_LEN`] bytes, on a character boundary.
+fn short(mut reason: String) -> String {
+    if reason.len() > MAX_HEALTHZ_LEN {
+        let mut cut = MAX_HEALTHZ_LEN;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    reason
 }
 
 /// Prefixes a root error with the key's name so operators know which key failed.
