@@ -244,7 +244,7 @@ async fn forged_copies_cost_a_bounded_number_of_unwraps_and_evict_nothing() {
     for task in tasks {
         match task.await.expect("join") {
             (Err(KeyringError::Envelope(EnvelopeError::Authentication)), annotations) => {
-                refused.push(annotations)
+                refused.push(annotations);
             }
             (
                 Err(KeyringError::Root {
