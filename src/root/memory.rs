@@ -102,6 +102,8 @@ impl RootKey for MemoryRoot {
     ) -> BoxFuture<'a, Result<Key256, RootError>> {
         Box::pin(async move {
             self.unwraps.fetch_add(1, Ordering::Relaxed);
+            // Like a remote call, let other tasks run meanwhile (single flight is tested so).
+            tokio::task::yield_now().await;
             self.check()?;
             let not_authentic = || RootError::bare(ErrorKind::NotAuthentic);
             if wrapped.len() != NONCE_LEN + KEY_LEN + 16 {
