@@ -15,6 +15,7 @@ pub mod file;
 #[cfg(test)]
 pub mod memory;
 pub mod pkcs11;
+pub mod validated;
 
 use std::future::Future;
 use std::pin::Pin;
