@@ -10,7 +10,7 @@ use crate::root::memory::MemoryRoot;
 
 /// A keyring over `roots` (name, role, root), first active, with `adjust`ed settings and
 /// a fresh cache.
-fn keyring(
+pub(super) fn keyring(
     roots: &[(&str, Role, &Arc<MemoryRoot>)],
     adjust: impl FnOnce(&mut Config),
 ) -> Arc<Keyring> {

@@ -1,11 +1,11 @@
 //! An in-memory root key for unit tests (`#[cfg(test)]` only: never in a release binary
 //! nor in the config): the file root's AES-256-GCM under a random key that never touches
-//! a disk, a switch that makes every call fail with a chosen [`ErrorKind`], and call
-//! counters.
+//! a disk, a switch that makes every call fail with a chosen [`ErrorKind`], one that
+//! corrupts the copies it wraps, and call counters.
 
 use std::sync::Mutex;
 use std::sync::PoisonError;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::file::FileRoot;
 use super::{BoxFuture, ErrorKind, KeyId, RootError, RootKey, WrapContext};
@@ -15,6 +15,7 @@ use crate::secret::Key256;
 pub struct MemoryRoot {
     inner: FileRoot,
     fail: Mutex<Option<ErrorKind>>,
+    corrupt: AtomicBool,
     /// Wrap calls made (failed ones included).
     pub wraps: AtomicU64,
     /// Unwrap calls made (failed ones included).
@@ -27,6 +28,7 @@ impl MemoryRoot {
         Self {
             inner: FileRoot::from_key(&Key256::generate()),
             fail: Mutex::new(None),
+            corrupt: AtomicBool::new(false),
             wraps: AtomicU64::new(0),
             unwraps: AtomicU64::new(0),
         }
@@ -37,9 +39,18 @@ impl MemoryRoot {
         *self.fail.lock().unwrap_or_else(PoisonError::into_inner) = kind;
     }
 
+    /// While on, wraps return a copy with one bit flipped, as a token that replaced the
+    /// GCM IV would: a copy that does not unwrap.
+    pub fn corrupt_wraps(&self, on: bool) {
+        self.corrupt.store(on, Ordering::SeqCst);
+    }
+
     fn check(&self) -> Result<(), RootError> {
         match *self.fail.lock().unwrap_or_else(PoisonError::into_inner) {
-            Some(kind) => Err(RootError::new(kind, "memory root told to fail")),
+            Some(kind) => Err(RootError::new(
+                kind,
+                format!("memory root: {} (injected)", kind.metric_label()),
+            )),
             None => Ok(()),
         }
     }
@@ -68,7 +79,13 @@ impl RootKey for MemoryRoot {
         self.wraps.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
             self.check()?;
-            self.inner.wrap(kek, ctx).await
+            let mut wrapped = self.inner.wrap(kek, ctx).await?;
+            if self.corrupt.load(Ordering::SeqCst)
+                && let Some(first) = wrapped.first_mut()
+            {
+                *first ^= 1;
+            }
+            Ok(wrapped)
         })
     }
 
