@@ -139,6 +139,42 @@ pub trait Provider: Send + Sync {
     fn create(&self) -> BoxFuture<'_, Result<bool, RootError>>;
 }
 
+/// Implements [`Provider`] for the `Config` of a provider behind a Cargo feature: its
+/// root type's `open(&Config)` and `create(&Config)` when the feature is in the build, a
+/// "not in this build" error when it is not (the config still parses).
+macro_rules! feature_gated_provider {
+    ($config:ty, $name:literal, $feature:literal, $root:ident) => {
+        impl $crate::root::Provider for $config {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn open(
+                &self,
+            ) -> $crate::root::BoxFuture<
+                '_,
+                Result<std::sync::Arc<dyn $crate::root::RootKey>, $crate::root::RootError>,
+            > {
+                #[cfg(feature = $feature)]
+                return Box::pin(async move {
+                    let root = $root::open(self).await?;
+                    Ok(std::sync::Arc::new(root) as std::sync::Arc<dyn $crate::root::RootKey>)
+                });
+                #[cfg(not(feature = $feature))]
+                Box::pin(async move { Err($crate::root::not_built($name)) })
+            }
+
+            fn create(&self) -> $crate::root::BoxFuture<'_, Result<bool, $crate::root::RootError>> {
+                #[cfg(feature = $feature)]
+                return Box::pin($root::create(self));
+                #[cfg(not(feature = $feature))]
+                Box::pin(async move { Err($crate::root::not_built($name)) })
+            }
+        }
+    };
+}
+use feature_gated_provider;
+
 /// The provider behind a `[keys.NAME]` entry: the one dispatch over [`KeyConfig`].
 pub fn provider(config: &KeyConfig) -> &dyn Provider {
     match config {

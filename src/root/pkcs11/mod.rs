@@ -21,32 +21,8 @@ mod session;
 #[cfg(all(test, feature = "pkcs11"))]
 mod tests;
 
-use std::sync::Arc;
-
 pub use config::Config;
 #[cfg(feature = "pkcs11")]
 pub use root::Pkcs11Root;
 
-use super::{BoxFuture, Provider, RootError, RootKey};
-
-impl Provider for Config {
-    fn name(&self) -> &'static str {
-        "pkcs11"
-    }
-
-    fn open(&self) -> BoxFuture<'_, Result<Arc<dyn RootKey>, RootError>> {
-        #[cfg(feature = "pkcs11")]
-        return Box::pin(
-            async move { Ok(Arc::new(Pkcs11Root::open(self).await?) as Arc<dyn RootKey>) },
-        );
-        #[cfg(not(feature = "pkcs11"))]
-        Box::pin(async move { Err(super::not_built(self.name())) })
-    }
-
-    fn create(&self) -> BoxFuture<'_, Result<bool, RootError>> {
-        #[cfg(feature = "pkcs11")]
-        return Box::pin(Pkcs11Root::create(self));
-        #[cfg(not(feature = "pkcs11"))]
-        Box::pin(async move { Err(super::not_built(self.name())) })
-    }
-}
+super::feature_gated_provider!(Config, "pkcs11", "pkcs11", Pkcs11Root);
