@@ -276,11 +276,10 @@ impl Metrics {
 
     /// Series read from the keyring at scrape time.
     fn register_keyring(&self, registry: &mut Registry, keyring: &Keyring) {
-        let health = keyring.health();
         let healthy: Family<Labels, Gauge> = Family::default();
         healthy
-            .get_or_create(&labels([("key_id", &health.key_id)]))
-            .set(i64::from(health.healthz == "ok"));
+            .get_or_create(&labels([("key_id", keyring.key_id().as_str())]))
+            .set(i64::from(keyring.health().is_ready()));
         registry.register(
             "healthy",
             "1 when Status reports healthz \"ok\" (an Encrypt would succeed)",
@@ -319,8 +318,8 @@ impl Metrics {
             last_decrypt
                 .get_or_create(&labels(root))
                 .set(r.last_decrypt_unix);
-            let mut l = with("provider", &r.provider);
-            l.push(("role", Escaped::from(r.role.as_str())));
+            let mut l = with("provider", r.provider);
+            l.push(("role", Escaped::from(r.role)));
             info.get_or_create(&l).set(1);
         }
         registry.register(

@@ -1,5 +1,6 @@
 //! The plugin under systemd `Type=notify`, with the test as the service manager: it binds
 //! the NOTIFY_SOCKET datagram socket and reads what the real binary sends.
+#![allow(unsafe_code)] // the test plays systemd: pre_exec umask, kill
 
 mod common;
 

@@ -139,7 +139,9 @@ fn take_inherited(fd: RawFd) -> Result<OwnedFd, SocketError> {
     // SD_LISTEN_FDS_START) close-on-exec, which fails on a descriptor that is not open.
     // Nothing else in the process opens it by number, and the flag above makes this the only
     // owner ever created for it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    #[allow(unsafe_code)]
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(owned)
 }
 
 /// Checks an inherited descriptor as [`bind`] checks its own socket: a listening Unix
@@ -221,6 +223,7 @@ fn sockopt(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `value` and `len` are valid for writes of the sizes given, and `fd` is open
     // for the duration of the call (the caller holds it).
+    #[allow(unsafe_code)]
     let rc = unsafe {
         libc::getsockopt(
             fd,
