@@ -65,22 +65,43 @@ async fn metrics_count_calls_roots_and_health() {
     let mut bad = common::decrypt_request(&sealed[2]);
     bad.ciphertext[5] ^= 1;
     assert!(client.decrypt(bad).await.is_err());
+    // A forged wrapped copy: one root unwrap that fails to authenticate, then refused from
+    // the negative cache without a root call.
+    let mut forged = common::decrypt_request(&sealed[2]);
+    for wrapped in forged.annotations.values_mut() {
+        wrapped[20] ^= 1;
+    }
+    for _ in 0..2 {
+        assert!(client.decrypt(forged.clone()).await.is_err());
+    }
 
     let response = scrape(&addr, "/metrics");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     for line in [
         "kms_plugin_requests_total{op=\"encrypt\",outcome=\"ok\"} 3".to_string(),
         "kms_plugin_requests_total{op=\"decrypt\",outcome=\"ok\"} 2".to_string(),
-        "kms_plugin_requests_total{op=\"decrypt\",outcome=\"error\"} 1".to_string(),
+        "kms_plugin_requests_total{op=\"decrypt\",outcome=\"error\"} 3".to_string(),
         "kms_plugin_request_duration_seconds_count{op=\"encrypt\"} 3".to_string(),
         format!("kms_plugin_healthy{{key_id=\"{key_id}\"}} 1"),
-        format!("kms_plugin_root_calls_total{{root=\"main\",key_id=\"{key_id}\",kind=\"wrap\"}} 1"),
-        // The unwrap that proved the local KEK's wrapped copy opens.
+        format!("kms_plugin_root_calls_total{{root=\"main\",key_id=\"{key_id}\",op=\"wrap\"}} 1"),
+        // The unwrap that proved the local KEK's wrapped copy opens, and the forged copy's.
+        format!("kms_plugin_root_calls_total{{root=\"main\",key_id=\"{key_id}\",op=\"unwrap\"}} 2"),
         format!(
-            "kms_plugin_root_calls_total{{root=\"main\",key_id=\"{key_id}\",kind=\"unwrap\"}} 1"
+            "kms_plugin_root_call_duration_seconds_count{{root=\"main\",key_id=\"{key_id}\",op=\"unwrap\"}} 2"
+        ),
+        format!(
+            "kms_plugin_root_call_errors_total{{root=\"main\",key_id=\"{key_id}\",kind=\"not_authentic\"}} 1"
+        ),
+        // Two good Decrypts and the one with a bad ciphertext found their local KEK cached.
+        "kms_plugin_cache_hits_total 3".to_string(),
+        "kms_plugin_cache_misses_total 2".to_string(),
+        "kms_plugin_cache_negative_hits_total 1".to_string(),
+        "kms_plugin_cache_failed_entries 1".to_string(),
+        format!(
+            "kms_plugin_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
         ),
         format!("kms_plugin_root_unwraps_throttled_total{{root=\"main\",key_id=\"{key_id}\"}} 0"),
-        "kms_plugin_cache_failed_entries 0".to_string(),
         format!("kms_plugin_root_state{{root=\"main\",key_id=\"{key_id}\",state=\"ok\"}} 1"),
         format!("kms_plugin_decrypts_total{{root=\"main\",key_id=\"{key_id}\"}} 2"),
         "kms_plugin_local_kek_encryptions 3".to_string(),
@@ -90,6 +111,13 @@ async fn metrics_count_calls_roots_and_health() {
             "missing `{line}` in:\n{response}"
         );
     }
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{response}"
+    );
+    assert!(response.ends_with("# EOF\n"), "{response}");
     // Every sample line is `name{labels} number` or `name number`.
     for line in response.split("\r\n\r\n").nth(1).expect("body").lines() {
         if line.is_empty() || line.starts_with('#') {

@@ -95,6 +95,7 @@ impl KekCache {
                 return Ok(cipher.clone());
             }
             if inner.failed.get(&id).is_some() {
+                crate::metrics::negative_cache_hit();
                 return Err(RootError::bare(ErrorKind::NotAuthentic));
             }
             inner
@@ -107,6 +108,7 @@ impl KekCache {
             .get_or_try_init(|| async {
                 // A waiter that runs after the leader failed: its verdict may be in.
                 if self.lock().failed.get(&id).is_some() {
+                    crate::metrics::negative_cache_hit();
                     return Err(RootError::bare(ErrorKind::NotAuthentic));
                 }
                 unwrap().await.map(Arc::new)

@@ -479,9 +479,11 @@ impl Keyring {
                 .cache
                 .get(&KekCache::id(root.key_id().as_str(), wrapped))
             {
+                crate::metrics::cache_hit();
                 return open(&cipher, root);
             }
         }
+        crate::metrics::cache_miss();
         let mut failure = None;
         for (root, wrapped) in candidates {
             let id = KekCache::id(root.key_id().as_str(), wrapped);

@@ -5,12 +5,13 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use subtle::ConstantTimeEq;
 
 use super::limit::UnwrapBudget;
 use crate::config::{CacheConfig, Role};
+use crate::metrics::RootOp;
 use crate::root::{ErrorKind, HealthEffect, KeyId, RootError, RootKey, WrapContext};
 use crate::secret::Key256;
 
@@ -197,20 +198,34 @@ impl Root {
         self.key.provider()
     }
 
-    /// Wraps a local KEK, counting the call.
+    /// Wraps a local KEK, counting and timing the call.
     pub async fn wrap(&self, kek: &Key256) -> Result<Vec<u8>, RootError> {
         self.stats.wraps.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let result = self.key.wrap(kek, &self.ctx).await;
-        self.stats.record(&self.name, &result);
+        self.observe(RootOp::Wrap, started, &result);
         result
     }
 
-    /// Unwraps a local KEK, counting the call.
+    /// Unwraps a local KEK, counting and timing the call.
     pub async fn unwrap(&self, wrapped: &[u8]) -> Result<Key256, RootError> {
         self.stats.unwraps.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let result = self.key.unwrap(wrapped, &self.ctx).await;
-        self.stats.record(&self.name, &result);
+        self.observe(RootOp::Unwrap, started, &result);
         result
+    }
+
+    /// Health, latency and error kind of one finished root call.
+    fn observe<T>(&self, op: RootOp, started: Instant, result: &Result<T, RootError>) {
+        crate::metrics::observe_root_call(
+            &self.name,
+            self.key_id().as_str(),
+            op,
+            started.elapsed(),
+            result.as_ref().err().map(|e| e.kind().metric_label()),
+        );
+        self.stats.record(&self.name, result);
     }
 
     /// Unwraps a copy that a Decrypt request carries, within this root's unwrap budget.
