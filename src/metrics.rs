@@ -350,7 +350,13 @@ impl Metrics {
         );
         registry.register("root_info", "Configured root keys: provider and role", info);
 
-        let gauges: [(&str, &str, Option<Unit>, u64); 6] = [
+        let gauges: [(&str, &str, Option<Unit>, u64); 7] = [
+            (
+                "local_kek_successor_ready",
+                "1 when the next local KEK is made and proven, ready to take over at the limit",
+                None,
+                u64::from(local.successor_ready),
+            ),
             (
                 "local_kek_encryptions",
                 "Encryptions under the current local KEK",

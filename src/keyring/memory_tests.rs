@@ -50,12 +50,14 @@ async fn local_keks_are_replaced_by_age_with_the_successor_made_ahead() {
     // 80% of 300 s: the successor is made and waits; the first key still seals.
     tokio::time::sleep(Duration::from_secs(241)).await;
     assert!(ring.has_prepared(), "successor prepared at 80% of the age");
+    assert!(ring.info().1.successor_ready, "reported (metrics, alerts)");
     assert!(Arc::ptr_eq(&first, &current(&ring)));
     // At the age limit the prepared successor takes over: no root call is needed for it.
     let wraps = a.wraps.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(!Arc::ptr_eq(&first, &current(&ring)), "promoted at 300 s");
     assert!(!ring.has_prepared(), "the successor is in use");
+    assert!(!ring.info().1.successor_ready);
     assert_eq!(
         a.wraps.load(Ordering::SeqCst),
         wraps,

@@ -178,6 +178,8 @@ pub struct LocalKekReport {
     pub age_seconds: u64,
     /// `[local_kek] max_age_seconds`.
     pub max_age_seconds: u64,
+    /// Its successor is made and proven, ready to take over at the limit.
+    pub successor_ready: bool,
 }
 
 /// A local KEK in use for Encrypt.
@@ -576,6 +578,7 @@ impl Keyring {
                 .as_ref()
                 .map_or(0, |k| k.created.elapsed().as_secs()),
             max_age_seconds: self.limits.max_age_seconds,
+            successor_ready: self.has_prepared(),
         };
         (roots, local)
     }
