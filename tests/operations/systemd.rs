@@ -2,12 +2,10 @@
 //! the NOTIFY_SOCKET datagram socket and reads what the real binary sends.
 #![allow(unsafe_code)] // the test plays systemd: pre_exec umask, kill
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use common::Plugin;
+use crate::support::{self, Plugin};
 
 /// Reads notifications until one contains `wanted`, returning it (fails after 10 s).
 fn expect(socket: &UnixDatagram, wanted: &str, seen: &mut Vec<String>) -> String {
@@ -33,8 +31,8 @@ async fn notifies_ready_reloading_watchdog_and_stopping() {
     manager
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
-    let socket = common::socket_in(dir.path());
-    let config = common::file_root_config(dir.path(), &socket, "");
+    let socket = support::socket_in(dir.path());
+    let config = support::file_root_config(dir.path(), &socket, "");
     let env = vec![
         (
             "NOTIFY_SOCKET".to_string(),
@@ -43,7 +41,7 @@ async fn notifies_ready_reloading_watchdog_and_stopping() {
         ("WATCHDOG_USEC".to_string(), "400000".to_string()),
     ];
     let mut plugin = Plugin::start(&socket, &["--config", &config], &env, dir.path()).await;
-    let key_id = common::status(&mut plugin.client().await).await.key_id;
+    let key_id = support::status(&mut plugin.client().await).await.key_id;
     let mut seen = Vec::new();
 
     let ready = expect(&manager, "READY=1", &mut seen);
