@@ -65,7 +65,7 @@ async fn metrics_count_calls_roots_and_health() {
     assert!(client.decrypt(bad).await.is_err());
     // A forged wrapped copy: one root unwrap that fails to authenticate, then refused from
     // the negative cache without a root call.
-    let mut forged = common::decrypt_request(&sealed[2]);
+    let mut forged = support::decrypt_request(&sealed[2]);
     for wrapped in forged.annotations.values_mut() {
         wrapped[20] ^= 1;
     }

@@ -1,6 +1,5 @@
 //! The plugin under systemd `Type=notify`, with the test as the service manager: it binds
 //! the NOTIFY_SOCKET datagram socket and reads what the real binary sends.
-#![allow(unsafe_code)] // the test plays systemd: pre_exec umask, kill
 
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
@@ -77,10 +76,10 @@ async fn notifies_ready_reloading_watchdog_and_stopping() {
 async fn serves_on_the_socket_systemd_passes() {
     use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let run = std::path::Path::new(&socket).parent().expect("socket dir");
     std::fs::create_dir(run).expect("mkdir");
-    let config = common::file_root_config(dir.path(), &socket, "");
+    let config = support::file_root_config(dir.path(), &socket, "");
     let log_path = dir.path().join("activated.log");
     let log = std::fs::File::create(&log_path).expect("log");
     let mut activator = std::process::Command::new("systemd-socket-activate");
@@ -90,7 +89,7 @@ async fn serves_on_the_socket_systemd_passes() {
             &socket,
             "-E",
             "KMS_PLUGIN_LOG=debug",
-            common::BIN,
+            support::BIN,
         ])
         .args(["serve", "--config", &config])
         .stdin(std::process::Stdio::null())
@@ -118,18 +117,18 @@ async fn serves_on_the_socket_systemd_passes() {
             panic!("exited with {status} before serving:\n{}", output());
         }
         if let Ok(Ok(client)) =
-            tokio::time::timeout(Duration::from_secs(5), common::connect(&socket)).await
+            tokio::time::timeout(Duration::from_secs(5), support::connect(&socket)).await
         {
             break client;
         }
         assert!(Instant::now() < deadline, "not serving:\n{}", output());
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let status = common::status(&mut client).await;
+    let status = support::status(&mut client).await;
     assert_eq!(status.healthz, "ok");
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut client, &seed).await;
-    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut client, &seed).await;
+    assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
 
     // The plugin says so, and the one listener on the path is descriptor 3 of the plugin
     // (systemd-socket-activate exec()s it in place: same pid).
