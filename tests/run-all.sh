@@ -11,7 +11,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 debs=(softhsm2 opensc libp11-kit-dev python3-pip python3-venv golang-go golang-google-grpc-dev golang-google-protobuf-dev
       golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc protobuf-compiler
-      systemd)  # systemd: systemd-analyze (unit check below), systemd-socket-activate (tests/systemd.rs)
+      systemd)  # systemd: systemd-analyze (unit check below), systemd-socket-activate (tests/operations/systemd.rs)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -25,7 +25,7 @@ fi
 venv=target/venv
 [ -x "$venv/bin/python3" ] && export PATH="$PWD/$venv/bin:$PATH"
 pydeps_ok() { python3 -c 'import moto, grpc, grpc_tools, boto3, yaml' 2>/dev/null && command -v moto_server >/dev/null; }
-pydeps=('moto[server]' grpcio grpcio-tools pyyaml) # pyyaml: tests/deploy.rs
+pydeps=('moto[server]' grpcio grpcio-tools pyyaml) # pyyaml: tests/operations/deploy.rs
 if ! pydeps_ok; then
   echo "== installing ${pydeps[*]}"
   if ! python3 -m pip install -q "${pydeps[@]}"; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks deploy/*.yaml against the plugin's configuration. Called by tests/deploy.rs with
+"""Checks deploy/*.yaml against the plugin's configuration. Called by tests/operations/deploy.rs with
 one JSON argument: what the plugin itself read from deploy/kms-plugin.toml (socket, metrics
 address, key files) and the Containerfile's user. Prints every problem; exits 1 if any."""
 
