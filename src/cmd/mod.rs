@@ -3,6 +3,7 @@
 //! one `run` function, which `main.rs` reaches through [`run`].
 
 pub mod check;
+pub mod docs;
 pub mod keygen;
 pub mod reload;
 pub mod rotate;
@@ -38,6 +39,15 @@ pub struct Cli {
     pub log_format: LogFormat,
 }
 
+/// Output of `status` and `check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Lines for a person.
+    Text,
+    /// One JSON object, for scripts and monitoring.
+    Json,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
@@ -69,6 +79,9 @@ pub enum Command {
         /// Socket path or @name of the running plugin.
         #[arg(long, default_value = config::DEFAULT_SOCKET)]
         socket: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Make another configured root key the active one: checks it works, rewrites the config
     /// file (old active becomes retired), reloads the running plugin and waits for it.
@@ -99,6 +112,9 @@ pub enum Command {
         /// TOML configuration file.
         #[arg(long)]
         config: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Create the root key a [keys.NAME] entry describes, if it does not exist yet.
     Keygen {
@@ -109,10 +125,31 @@ pub enum Command {
         #[arg(long)]
         key: String,
     },
+    /// Print a shell completion script (for packagers: see docs/OPERATIONS.md).
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page kms-plugin(1), or write it and one page per subcommand into a
+    /// directory (for packagers: see docs/OPERATIONS.md).
+    #[command(hide = true)]
+    Man {
+        /// Directory for kms-plugin.1 and kms-plugin-SUBCOMMAND.1.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
+    // Generated from these definitions; no runtime, no log.
+    match &cli.command {
+        Command::Completions { shell } => return docs::completions(*shell),
+        Command::Man { dir } => return docs::man(dir.as_deref()),
+        _ => {}
+    }
     // Held to the end of `run`: dropping it flushes what is still queued.
     let _log = init_logging(cli.log_format);
     if matches!(cli.command, Command::Serve { .. })
@@ -148,11 +185,12 @@ pub fn run(cli: Cli) -> ExitCode {
                 })
                 .await
             }
-            Command::Status { socket } => status::run(&socket).await,
+            Command::Status { socket, output } => status::run(&socket, output).await,
             Command::Keygen { config, key } => keygen::run(&config, &key).await,
-            Command::Check { config } => check::run(&config).await,
+            Command::Check { config, output } => check::run(&config, output).await,
             Command::Rotate { config, to, socket } => rotate::run(&config, &to, socket).await,
             Command::Reload { socket, force } => reload::run(&socket, force).await,
+            Command::Completions { .. } | Command::Man { .. } => ExitCode::SUCCESS,
         }
     });
     // Dropping the runtime would wait for every blocking task, and a root call stuck in a

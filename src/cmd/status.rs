@@ -4,14 +4,14 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::{say, unreachable_plugin, write_out};
+use super::{Output, say, unreachable_plugin, write_out};
 use crate::client;
 use crate::keyring::HEALTHZ_OK;
 use crate::proto::admin::InfoRequest;
 use crate::proto::v2::StatusRequest;
 
-/// Prints the plugin's Status and Admin Info.
-pub async fn run(socket: &str) -> ExitCode {
+/// Prints the plugin's Status and Admin Info, as text or one JSON object.
+pub async fn run(socket: &str, output: Output) -> ExitCode {
     let connected = tokio::time::timeout(Duration::from_secs(5), client::connect(socket)).await;
     let channel = match connected {
         Ok(Ok(channel)) => channel,
@@ -22,11 +22,25 @@ pub async fn run(socket: &str) -> ExitCode {
         Ok(r) => r.into_inner(),
         Err(e) => return unreachable_plugin(socket, e.message()).await,
     };
+    let code = if status.healthz == HEALTHZ_OK {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    };
+    // Admin Info only for admin_uids; others get Status alone.
+    let info = client::admin(channel)
+        .info(InfoRequest {})
+        .await
+        .ok()
+        .map(tonic::Response::into_inner);
+    if output == Output::Json {
+        say!("{}", json(socket, &status, info.as_ref()));
+        return code;
+    }
     say!("version: {}", status.version);
     say!("healthz: {}", status.healthz);
     say!("key_id:  {}", status.key_id);
-    if let Ok(info) = client::admin(channel).info(InfoRequest {}).await {
-        let info = info.into_inner();
+    if let Some(info) = info {
         say!(
             "config:  {} (pid {}, kms-plugin {})",
             info.config_source,
@@ -81,9 +95,56 @@ pub async fn run(socket: &str) -> ExitCode {
             }
         }
     }
-    if status.healthz == HEALTHZ_OK {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    code
+}
+
+/// `--output json`: Status, and Admin Info under `info` (null when this uid may not see it).
+fn json(
+    socket: &str,
+    status: &crate::proto::v2::StatusResponse,
+    info: Option<&crate::proto::admin::InfoResponse>,
+) -> serde_json::Value {
+    let info = info.map(|info| {
+        let roots: Vec<serde_json::Value> = info
+            .roots
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": r.name,
+                    "provider": r.provider,
+                    "role": r.role,
+                    "key_id": r.key_id,
+                    "state": r.state,
+                    "last_error": r.last_error,
+                    "wrap_calls": r.wrap_calls,
+                    "unwrap_calls": r.unwrap_calls,
+                    "failed_calls": r.failed_calls,
+                    "decrypts": r.decrypts,
+                    "last_decrypt_unix": r.last_decrypt_unix,
+                    "throttled_unwraps": r.throttled_unwraps,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "config": info.config_source,
+            "pid": info.pid,
+            "plugin_version": info.plugin_version,
+            "local_kek": info.local_kek.as_ref().map(|k| serde_json::json!({
+                "encryptions": k.encryptions,
+                "max_encryptions": k.max_encryptions,
+                "age_seconds": k.age_seconds,
+                "max_age_seconds": k.max_age_seconds,
+            })),
+            "cache": {"entries": info.cache_entries, "capacity": info.cache_capacity},
+            "roots": roots,
+        })
+    });
+    serde_json::json!({
+        "socket": socket,
+        "healthy": status.healthz == HEALTHZ_OK,
+        "healthz": status.healthz,
+        "version": status.version,
+        "key_id": status.key_id,
+        "info": info,
+    })
 }

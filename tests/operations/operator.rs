@@ -352,6 +352,26 @@ fn check_proves_every_root_and_fails_on_any() {
         "{stdout}"
     );
     assert!(stdout.contains("1 of 2 root keys do not work"), "{stdout}");
+    let out = support::run_cli(&["check", "--config", &config, "--output", "json"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(report["valid"], true);
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["keys"][0]["name"], "main");
+    assert_eq!(report["keys"][0]["role"], "active");
+    assert_eq!(report["keys"][0]["ok"], true);
+    assert!(
+        report["keys"][0]["key_id"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("file-"))
+    );
+    assert_eq!(report["keys"][1]["name"], "backup");
+    assert_eq!(report["keys"][1]["ok"], false);
+    assert!(
+        report["keys"][1]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty())
+    );
 
     support::keygen(dir.path().join("config.toml").as_path(), "backup", &[]);
     let out = support::run_cli(&["check", "--config", &config], &[]);
@@ -364,6 +384,73 @@ fn check_proves_every_root_and_fails_on_any() {
     let out = support::run_cli(&["check", "--config", &config], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+    let out = support::run_cli(&["check", "--config", &config, "--output", "json"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(report["valid"], false);
+    assert!(
+        report["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("config")),
+        "{report}"
+    );
+}
+
+/// `status --output json`: Status and the Admin detail as one object, for scripts.
+#[tokio::test]
+async fn status_prints_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = support::socket_in(dir.path());
+    let config = support::file_root_config(dir.path(), &socket, "");
+    let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
+    let key_id = support::status(&mut plugin.client().await).await.key_id;
+    let out = support::run_cli(&["status", "--socket", &socket, "--output", "json"], &[]);
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(report["healthy"], true);
+    assert_eq!(report["healthz"], "ok");
+    assert_eq!(report["key_id"], key_id.as_str());
+    assert_eq!(report["info"]["roots"][0]["name"], "main");
+    assert_eq!(report["info"]["roots"][0]["state"], "ok");
+    assert_eq!(report["info"]["local_kek"]["encryptions"], 0);
+}
+
+/// Completions and man pages come from the clap definitions, for packagers.
+#[test]
+fn completions_and_man_pages_are_generated() {
+    let out = support::run_cli(&["completions", "bash"], &[]);
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && script.contains("kms-plugin"),
+        "{script}"
+    );
+    assert!(
+        script.contains("--output"),
+        "status/check options missing: {script}"
+    );
+    let out = support::run_cli(&["man"], &[]);
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && page.contains(".TH kms-plugin 1"),
+        "{page}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = support::run_cli(&["man", "--dir", &dir.path().to_string_lossy()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in ["kms-plugin.1", "kms-plugin-serve.1", "kms-plugin-check.1"] {
+        assert!(dir.path().join(page).exists(), "no {page}");
+    }
+    // Packaging aids, not commands for operators.
+    let out = support::run_cli(&["--help"], &[]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !help.contains("completions") && !help.contains("\n  man "),
+        "{help}"
+    );
 }
 
 fn socket_exists(socket: &str) -> bool {
