@@ -278,10 +278,45 @@ pub struct Pkcs11KeyConfig {
     /// a hung token then fails the call as unavailable instead of holding it forever.
     #[serde(default = "default_pkcs11_timeout_ms")]
     pub timeout_ms: u64,
+    /// How local KEKs are wrapped: with an AES-256 key (`aes-gcm`), or with an RSA key pair
+    /// (`rsa-oaep`: a TPM's tpm2-pkcs11, smart-card HSMs), see `root::pkcs11::rsa_oaep`.
+    #[serde(default)]
+    pub mechanism: Pkcs11Mechanism,
+    /// rsa-oaep: the OAEP hash (and MGF1 hash) used for new wraps.
+    #[serde(default)]
+    pub oaep_hash: OaepHash,
+    /// rsa-oaep: modulus size `kms-plugin keygen` generates (2048 to 4096).
+    #[serde(default = "default_rsa_bits")]
+    pub rsa_bits: u32,
+}
+
+/// `mechanism` of a pkcs11 key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pkcs11Mechanism {
+    /// CKM_AES_GCM with an AES-256 secret key.
+    #[default]
+    AesGcm,
+    /// CKM_RSA_PKCS_OAEP with an RSA private key (2048 bits or more).
+    RsaOaep,
+}
+
+/// `oaep_hash` of an rsa-oaep key. SHA-1 only for tokens that cannot do better (SoftHSM2
+/// 2.6): OAEP's security does not rest on the hash's collision resistance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OaepHash {
+    #[default]
+    Sha256,
+    Sha1,
 }
 
 fn default_pkcs11_timeout_ms() -> u64 {
     2500
+}
+
+fn default_rsa_bits() -> u32 {
+    3072
 }
 
 impl Pkcs11KeyConfig {
@@ -308,6 +343,12 @@ impl Pkcs11KeyConfig {
             return Err(format!(
                 "timeout_ms = {} is out of range: give 1 to 59999 milliseconds (default 2500)",
                 self.timeout_ms
+            ));
+        }
+        if !(2048..=4096).contains(&self.rsa_bits) {
+            return Err(format!(
+                "rsa_bits = {} is out of range: give 2048 to 4096 (default 3072)",
+                self.rsa_bits
             ));
         }
         Ok(())
@@ -1069,6 +1110,29 @@ mod tests {
         assert_eq!(p.token_label.as_deref(), Some("kms"));
         assert!(!p.allow_extractable);
         assert_eq!(p.timeout_ms, 2500);
+        assert_eq!(p.mechanism, Pkcs11Mechanism::AesGcm);
+        assert_eq!(p.oaep_hash, OaepHash::Sha256);
+        assert_eq!(p.rsa_bits, 3072);
+        let rsa = Config::parse(&PKCS11.replace(
+            "key_label",
+            "mechanism = \"rsa-oaep\"\noaep_hash = \"sha1\"\nrsa_bits = 2048\nkey_label",
+        ))
+        .expect("rsa-oaep");
+        let KeyConfig::Pkcs11(p) = &rsa.keys["hsm"] else {
+            panic!("not pkcs11")
+        };
+        assert_eq!(
+            (p.mechanism, p.oaep_hash, p.rsa_bits),
+            (Pkcs11Mechanism::RsaOaep, OaepHash::Sha1, 2048)
+        );
+        assert!(
+            error_of(&PKCS11.replace("key_label", "mechanism = \"rsa\"\nkey_label"))
+                .contains("expected `aes-gcm` or `rsa-oaep`")
+        );
+        assert!(
+            error_of(&PKCS11.replace("key_label", "rsa_bits = 1024\nkey_label"))
+                .contains("rsa_bits")
+        );
         assert_eq!(c.keys["hsm"].provider(), "pkcs11");
         assert!(
             error_of(&PKCS11.replace("key_label", "pin = \"1234\"\nkey_label")).contains("pin")

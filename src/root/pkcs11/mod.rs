@@ -9,10 +9,14 @@
 //! follows the key material, not its label: a key deleted and re-created under the same
 //! label gets a new key_id.
 //!
+//! With `mechanism = "rsa-oaep"` the root is an RSA key pair instead (a TPM, smart-card
+//! HSMs); see [`rsa_oaep`] for its blob and how it binds the context.
+//!
 //! Every token call has a deadline (`timeout_ms`, start-up [`STARTUP_TIMEOUT`]) and holds
 //! one of [`MAX_SESSIONS`] permits for as long as its thread is in the token, so a hung HSM
 //! ties up at most that many threads and costs callers an error, not a hang.
 
+mod rsa_oaep;
 mod session;
 #[cfg(test)]
 mod tests;
@@ -32,7 +36,7 @@ use zeroize::Zeroizing;
 
 use self::session::{MAX_SESSIONS, Token, describe, is_session_lost};
 use super::{BoxFuture, KeyId, RootError, RootKey, WrapContext};
-use crate::config::Pkcs11KeyConfig;
+use crate::config::{Pkcs11KeyConfig, Pkcs11Mechanism};
 use crate::secret::{KEY_LEN, Key256};
 
 const IV_LEN: usize = 12;
@@ -49,12 +53,22 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Pkcs11Root {
     inner: Arc<Inner>,
     key_id: KeyId,
+    /// Set for `mechanism = "rsa-oaep"`.
+    rsa: Option<rsa_oaep::RsaKey>,
+}
+
+/// The token objects a root uses. For AES both are the one secret key; for RSA, the public
+/// key wraps and the private key unwraps.
+#[derive(Debug, Clone, Copy)]
+struct Keys {
+    wrap: ObjectHandle,
+    unwrap: ObjectHandle,
 }
 
 struct Inner {
     token: Token,
-    /// Handle of the key object; found again after a session loss.
-    key: Mutex<ObjectHandle>,
+    /// Handles of the key objects; found again after a session loss.
+    key: Mutex<Keys>,
     /// The check value of the key at start-up: a re-found key must match it.
     check: Vec<u8>,
     /// Bounds concurrent token calls to the session pool size. A call holds its permit
@@ -79,20 +93,22 @@ impl Pkcs11Root {
         let timeout = Duration::from_millis(config.timeout_ms);
         let name = config.token_name();
         let config = config.clone();
-        let (token, key, check) = blocking(&name, "opening the key", move || {
+        let (token, key, check, rsa) = blocking(&name, "opening the key", move || {
             let token = Token::new(&config)?;
             let session = token.open_session()?;
-            let key = find_key(&session, &token)?;
-            check_attributes(&session, key, &token)?;
-            let check = check_value(&session, key).map_err(|why| {
-                RootError::Config(format!(
-                    "the key labelled \"{}\" on {} cannot give a check value: {why}",
-                    token.config().key_label,
-                    token.name(),
-                ))
-            })?;
+            let (key, check, rsa) = match config.mechanism {
+                Pkcs11Mechanism::AesGcm => {
+                    let (key, check) = locate_aes(&session, &token)?;
+                    (key, check, None)
+                }
+                Pkcs11Mechanism::RsaOaep => {
+                    let (keys, identity, rsa) = rsa_oaep::locate(&session, &token)?;
+                    rsa_oaep::self_test(&session, &token, keys, rsa)?;
+                    (keys, identity, Some(rsa))
+                }
+            };
             token.put(session);
-            Ok((token, key, check))
+            Ok((token, key, check, rsa))
         })
         .await?;
         let key_id = KeyId::derive("pkcs11", &check);
@@ -105,12 +121,16 @@ impl Pkcs11Root {
                 timeout,
             }),
             key_id,
+            rsa,
         })
     }
 
     /// Generates the key in the token if there is none with its label (and CKA_ID).
     /// Returns whether it created one.
     pub async fn create(config: &Pkcs11KeyConfig) -> Result<bool, RootError> {
+        if config.mechanism == Pkcs11Mechanism::RsaOaep {
+            return rsa_oaep::create(config).await;
+        }
         let name = config.token_name();
         let config = config.clone();
         blocking(&name, "generating the key", move || {
@@ -157,7 +177,7 @@ impl Pkcs11Root {
     async fn run<T, F>(&self, op: F) -> Result<T, Failure>
     where
         T: Send + 'static,
-        F: Fn(&Session, ObjectHandle) -> Result<T, Error> + Send + 'static,
+        F: Fn(&Session, Keys) -> Result<T, Error> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
         let call = async move {
@@ -198,7 +218,7 @@ impl Pkcs11Root {
 impl Inner {
     fn run_blocking<T>(
         &self,
-        op: impl Fn(&Session, ObjectHandle) -> Result<T, Error>,
+        op: impl Fn(&Session, Keys) -> Result<T, Error>,
     ) -> Result<T, Failure> {
         let key = *self.key.lock().unwrap_or_else(PoisonError::into_inner);
         let first = match self.token.take() {
@@ -208,10 +228,9 @@ impl Inner {
                     return Ok(value);
                 }
                 Err(e) if is_session_lost(&e) => describe(&e),
-                Err(e) => {
-                    self.token.put(session);
-                    return Err(Failure::Token(e));
-                }
+                // The session is dropped, not pooled: tpm2-pkcs11 1.9 leaves the operation
+                // active after a failed C_Decrypt (CKR_OPERATION_ACTIVE on the next call).
+                Err(e) => return Err(Failure::Token(e)),
             },
             Err(e) => e.to_string(),
         };
@@ -238,25 +257,40 @@ impl Inner {
                 Ok(value)
             }
             Err(e) if is_session_lost(&e) => Err(unavailable(describe(&e))),
-            Err(e) => {
-                self.token.put(session);
-                Err(Failure::Token(e))
-            }
+            // Dropped, not pooled: see above.
+            Err(e) => Err(Failure::Token(e)),
         }
     }
 
     /// Finds the key again on a fresh session and checks it is still the same key material.
-    fn refind_key(&self, session: &Session) -> Result<ObjectHandle, Failure> {
-        let key = find_key(session, &self.token).map_err(|e| match e {
+    fn refind_key(&self, session: &Session) -> Result<Keys, Failure> {
+        let missing = |e| match e {
             RootError::Config(why) => Failure::Root(RootError::Rejected(why)),
             other => Failure::Root(other),
-        })?;
-        let check = check_value(session, key).map_err(|why| {
-            Failure::Root(RootError::Unavailable(format!(
-                "{} is unavailable: {why}",
-                self.token.name()
-            )))
-        })?;
+        };
+        let (key, check) = match self.token.config().mechanism {
+            Pkcs11Mechanism::AesGcm => {
+                let key = find_key(session, &self.token).map_err(missing)?;
+                let check = check_value(session, key).map_err(|why| {
+                    Failure::Root(RootError::Unavailable(format!(
+                        "{} is unavailable: {why}",
+                        self.token.name()
+                    )))
+                })?;
+                (
+                    Keys {
+                        wrap: key,
+                        unwrap: key,
+                    },
+                    check,
+                )
+            }
+            Pkcs11Mechanism::RsaOaep => {
+                let (keys, identity, _) =
+                    rsa_oaep::locate(session, &self.token).map_err(missing)?;
+                (keys, identity)
+            }
+        };
         if check != self.check {
             return Err(Failure::Root(RootError::Rejected(format!(
                 "the key labelled \"{}\" on {} is no longer the key this plugin started with \
@@ -285,17 +319,20 @@ impl RootKey for Pkcs11Root {
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Vec<u8>, RootError>> {
         Box::pin(async move {
+            if let Some(rsa) = self.rsa {
+                return self.wrap_rsa(rsa, kek, ctx).await;
+            }
             let aad = ctx.aad();
             let plain = Zeroizing::new(*kek.expose());
             let (iv, body) = self
-                .run(move |session, key| {
+                .run(move |session, keys| {
                     let mut iv = [0u8; IV_LEN];
                     OsRng.fill_bytes(&mut iv);
                     let body = {
                         // GcmParams points at `iv` itself; a FIPS token ignores our IV and
                         // writes the one it generated there, so read it after the call.
                         let params = GcmParams::new(&mut iv, &aad, ((TAG_LEN * 8) as u64).into())?;
-                        session.encrypt(&Mechanism::AesGcm(params), key, plain.as_slice())?
+                        session.encrypt(&Mechanism::AesGcm(params), keys.wrap, plain.as_slice())?
                     };
                     Ok((iv, body))
                 })
@@ -322,6 +359,9 @@ impl RootKey for Pkcs11Root {
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Key256, RootError>> {
         Box::pin(async move {
+            if let Some(rsa) = self.rsa {
+                return self.unwrap_rsa(rsa, wrapped, ctx).await;
+            }
             if wrapped.len() != WRAPPED_LEN {
                 return Err(RootError::Authentication);
             }
@@ -330,11 +370,11 @@ impl RootKey for Pkcs11Root {
             let body = wrapped[IV_LEN..].to_vec();
             let aad = ctx.aad();
             let plain = self
-                .run(move |session, key| {
+                .run(move |session, keys| {
                     let mut iv = iv;
                     let params = GcmParams::new(&mut iv, &aad, ((TAG_LEN * 8) as u64).into())?;
                     session
-                        .decrypt(&Mechanism::AesGcm(params), key, &body)
+                        .decrypt(&Mechanism::AesGcm(params), keys.unwrap, &body)
                         .map(Zeroizing::new)
                 })
                 .await
@@ -396,6 +436,26 @@ async fn blocking<T: Send + 'static>(
             STARTUP_TIMEOUT.as_secs()
         ))),
     }
+}
+
+/// Finds the AES key, checks its attributes, and computes its check value.
+fn locate_aes(session: &Session, token: &Token) -> Result<(Keys, Vec<u8>), RootError> {
+    let key = find_key(session, token)?;
+    check_attributes(session, key, token)?;
+    let check = check_value(session, key).map_err(|why| {
+        RootError::Config(format!(
+            "the key labelled \"{}\" on {} cannot give a check value: {why}",
+            token.config().key_label,
+            token.name(),
+        ))
+    })?;
+    Ok((
+        Keys {
+            wrap: key,
+            unwrap: key,
+        },
+        check,
+    ))
 }
 
 fn key_cka_id(config: &Pkcs11KeyConfig) -> Option<Vec<u8>> {

@@ -17,6 +17,8 @@ use secrecy::SecretString;
 use super::session::context;
 use super::*;
 
+mod rsa;
+
 const TOKEN: &str = "kms";
 const PIN: &str = "5678";
 const PIN_ENV: &str = "KMS_PLUGIN_UNIT_TEST_PIN";
@@ -120,6 +122,9 @@ fn config(key_label: &str) -> Pkcs11KeyConfig {
         pin_env: None,
         allow_extractable: false,
         timeout_ms: 2500,
+        mechanism: Default::default(),
+        oaep_hash: Default::default(),
+        rsa_bits: 3072,
     }
 }
 
