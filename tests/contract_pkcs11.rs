@@ -6,3 +6,10 @@ mod contract;
 mod softhsm;
 
 contract_tests!(backends::pkcs11::SoftHsmBackend);
+
+/// The same contract over `mechanism = "rsa-oaep"` on SoftHSM2.
+mod rsa_oaep {
+    use super::*;
+
+    contract_tests!(backends::pkcs11::SoftHsmRsaBackend);
+}
