@@ -70,3 +70,11 @@ async fn a_wrong_pin_for_the_new_key_leaves_the_old_config_serving() {
     );
     rotation::all_decrypt(&s.plugin, &sealed).await;
 }
+
+/// The same rotations to an rsa-oaep key pair on SoftHSM2.
+mod rsa_oaep {
+    use super::*;
+    use backends::pkcs11::SoftHsmRsaBackend;
+
+    rotation_tests!(FileBackend, SoftHsmRsaBackend);
+}
