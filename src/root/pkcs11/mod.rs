@@ -102,8 +102,8 @@ impl Pkcs11Root {
                     (key, check, None)
                 }
                 Pkcs11Mechanism::RsaOaep => {
-                    let (keys, identity, rsa) = rsa_oaep::locate(&session, &token)?;
-                    rsa_oaep::self_test(&session, &token, keys, rsa)?;
+                    let (keys, identity, shape) = rsa_oaep::locate(&session, &token)?;
+                    let rsa = rsa_oaep::open(&session, &token, keys, shape)?;
                     (keys, identity, Some(rsa))
                 }
             };
@@ -319,7 +319,7 @@ impl RootKey for Pkcs11Root {
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Vec<u8>, RootError>> {
         Box::pin(async move {
-            if let Some(rsa) = self.rsa {
+            if let Some(rsa) = &self.rsa {
                 return self.wrap_rsa(rsa, kek, ctx).await;
             }
             let aad = ctx.aad();
@@ -359,7 +359,7 @@ impl RootKey for Pkcs11Root {
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Key256, RootError>> {
         Box::pin(async move {
-            if let Some(rsa) = self.rsa {
+            if let Some(rsa) = &self.rsa {
                 return self.unwrap_rsa(rsa, wrapped, ctx).await;
             }
             if wrapped.len() != WRAPPED_LEN {

@@ -6,9 +6,15 @@
 //!
 //! ```text
 //! version (1) || OAEP(seed) (modulus length) || nonce (12) || AES-256-GCM(K, local KEK) (32 + 16)
-//! K   = HMAC-SHA256(key = seed, "kms-plugin rsa-oaep wrap v1" || ctx)
+//! K   = HMAC-SHA256(key = S, "kms-plugin rsa-oaep wrap v1" || seed || ctx)
 //! AAD = version || OAEP(seed) || ctx            where ctx = WrapContext::aad()
+//! S   = SHA-256("kms-plugin rsa-oaep binding v1" || RSASSA-PKCS1-v1_5-SHA256(private key, BIND))
 //! ```
+//!
+//! `S` is computed once at start-up by the token (a PKCS#1 v1.5 signature is deterministic)
+//! and held in memory like a local KEK. Without it, anyone who has the public key could make
+//! a blob that unwraps to a local KEK of their choice; with it, making a blob that
+//! authenticates needs the private key, as with an AES-GCM root.
 //!
 //! `seed` is 32 fresh random bytes per wrap, encrypted to the public key with
 //! CKM_RSA_PKCS_OAEP (SHA-256 and MGF1-SHA-256, or SHA-1 for both when `oaep_hash = "sha1"`;
@@ -16,7 +22,7 @@
 //! empty OAEP label. The context is bound by K and the AAD, not by the OAEP label: SoftHSM2
 //! 2.6 refuses any label and tpm2-pkcs11 passes it to a TPM that wants it NUL-terminated,
 //! so one construction that needs no label works on every token. A blob moved to another
-//! key_id or context derives another K and fails the GCM tag; a flipped bit in the OAEP
+//! key_id or context, or made without S, derives another K and fails the GCM tag; a flipped bit in the OAEP
 //! part fails OAEP decoding in the token or, if it were to decode, the tag (the AAD covers
 //! it); a flipped bit elsewhere fails the tag.
 //!
@@ -33,7 +39,7 @@ use cryptoki::session::Session;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use rand::rngs::OsRng;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::session::{Token, describe};
@@ -52,14 +58,23 @@ const V1_SHA256: u8 = 1;
 /// ... or over SHA-1.
 const V1_SHA1: u8 = 2;
 const DERIVE_LABEL: &[u8] = b"kms-plugin rsa-oaep wrap v1";
+/// What the private key signs to give S.
+const BIND_MESSAGE: &[u8] = b"kms-plugin rsa-oaep binding v1: sign only to derive the wrap secret";
+const BIND_LABEL: &[u8] = b"kms-plugin rsa-oaep binding v1";
 
 /// What the plugin knows of the key pair once it is found.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct RsaKey {
+pub(super) struct RsaShape {
     /// Modulus length in bytes: the length of every OAEP ciphertext.
     modulus_len: usize,
     /// The hash new wraps use.
     hash: OaepHash,
+}
+
+/// An opened key pair: its shape and the secret S only its private key can compute.
+pub(super) struct RsaKey {
+    shape: RsaShape,
+    secret: Key256,
 }
 
 fn oaep(hash: OaepHash) -> Mechanism<'static> {
@@ -85,11 +100,13 @@ fn hash_of(version: u8) -> Option<OaepHash> {
     }
 }
 
-/// The AES-GCM cipher for one blob: K from the seed and the context.
-fn cipher(seed: &[u8], ctx_aad: &[u8]) -> Result<Aes256Gcm, RootError> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(seed)
-        .map_err(|_| RootError::Unavailable("HMAC refused the seed length".into()))?;
+/// The AES-GCM cipher for one blob: K from S, the seed (always [`SEED_LEN`] bytes) and the
+/// context.
+fn cipher(secret: &Key256, seed: &[u8], ctx_aad: &[u8]) -> Result<Aes256Gcm, RootError> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.expose())
+        .map_err(|_| RootError::Unavailable("HMAC refused the key length".into()))?;
     mac.update(DERIVE_LABEL);
+    mac.update(seed);
     mac.update(ctx_aad);
     let mut k = Zeroizing::new([0u8; KEY_LEN]);
     k.copy_from_slice(&mac.finalize().into_bytes());
@@ -105,10 +122,16 @@ fn gcm_aad(head: &[u8], ctx_aad: &[u8]) -> Vec<u8> {
 }
 
 /// Completes a blob whose `head` (version || OAEP(seed)) is known.
-fn seal(head: Vec<u8>, seed: &[u8], ctx_aad: &[u8], kek: &Key256) -> Result<Vec<u8>, RootError> {
+pub(super) fn seal(
+    head: Vec<u8>,
+    secret: &Key256,
+    seed: &[u8],
+    ctx_aad: &[u8],
+    kek: &Key256,
+) -> Result<Vec<u8>, RootError> {
     let mut nonce = [0u8; NONCE_LEN];
     OsRng.fill_bytes(&mut nonce);
-    let body = cipher(seed, ctx_aad)?
+    let body = cipher(secret, seed, ctx_aad)?
         .encrypt(
             Nonce::from_slice(&nonce),
             Payload {
@@ -127,13 +150,14 @@ fn seal(head: Vec<u8>, seed: &[u8], ctx_aad: &[u8], kek: &Key256) -> Result<Vec<
 fn open_sealed(
     blob: &[u8],
     head_len: usize,
+    secret: &Key256,
     seed: &[u8],
     ctx_aad: &[u8],
 ) -> Result<Key256, RootError> {
     let (head, rest) = blob.split_at(head_len);
     let (nonce, body) = rest.split_at(NONCE_LEN);
     let plain = Zeroizing::new(
-        cipher(seed, ctx_aad)?
+        cipher(secret, seed, ctx_aad)?
             .decrypt(
                 Nonce::from_slice(nonce),
                 Payload {
@@ -149,38 +173,38 @@ fn open_sealed(
 impl Pkcs11Root {
     pub(super) async fn wrap_rsa(
         &self,
-        rsa: RsaKey,
+        rsa: &RsaKey,
         kek: &Key256,
         ctx: &WrapContext,
     ) -> Result<Vec<u8>, RootError> {
         let seed = Key256::generate();
         let for_token = seed.clone();
-        let hash = rsa.hash;
+        let hash = rsa.shape.hash;
         let encrypted = self
             .run(move |session, keys| session.encrypt(&oaep(hash), keys.wrap, for_token.expose()))
             .await
             .map_err(|f| self.rsa_failure(f, "wrap"))?;
-        if encrypted.len() != rsa.modulus_len {
+        if encrypted.len() != rsa.shape.modulus_len {
             return Err(RootError::Unavailable(format!(
                 "{} returned {} bytes for an RSA-OAEP encryption, expected {}",
                 self.inner.token.name(),
                 encrypted.len(),
-                rsa.modulus_len
+                rsa.shape.modulus_len
             )));
         }
         let mut head = Vec::with_capacity(1 + encrypted.len() + NONCE_LEN + KEY_LEN + TAG_LEN);
         head.push(version(hash));
         head.extend_from_slice(&encrypted);
-        seal(head, seed.expose(), &ctx.aad(), kek)
+        seal(head, &rsa.secret, seed.expose(), &ctx.aad(), kek)
     }
 
     pub(super) async fn unwrap_rsa(
         &self,
-        rsa: RsaKey,
+        rsa: &RsaKey,
         wrapped: &[u8],
         ctx: &WrapContext,
     ) -> Result<Key256, RootError> {
-        let head_len = 1 + rsa.modulus_len;
+        let head_len = 1 + rsa.shape.modulus_len;
         if wrapped.len() != head_len + NONCE_LEN + KEY_LEN + TAG_LEN {
             return Err(RootError::Authentication);
         }
@@ -209,7 +233,7 @@ impl Pkcs11Root {
         if seed.len() != SEED_LEN {
             return Err(RootError::Authentication);
         }
-        open_sealed(wrapped, head_len, &seed, &ctx.aad())
+        open_sealed(wrapped, head_len, &rsa.secret, &seed, &ctx.aad())
     }
 
     /// Like [`Pkcs11Root::failure`], plus the refusals that mean this token cannot do
@@ -299,7 +323,7 @@ fn trimmed(bytes: &[u8]) -> &[u8] {
 pub(super) fn locate(
     session: &Session,
     token: &Token,
-) -> Result<(Keys, Vec<u8>, RsaKey), RootError> {
+) -> Result<(Keys, Vec<u8>, RsaShape), RootError> {
     let config = token.config();
     let private = find_one(session, token, ObjectClass::PRIVATE_KEY)?;
     let public = find_one(session, token, ObjectClass::PUBLIC_KEY)?;
@@ -404,21 +428,50 @@ pub(super) fn locate(
         wrap: public,
         unwrap: private,
     };
-    let rsa = RsaKey {
+    let shape = RsaShape {
         modulus_len: modulus.len(),
         hash: config.oaep_hash,
     };
-    Ok((keys, identity, rsa))
+    Ok((keys, identity, shape))
 }
 
-/// One OAEP round trip at start-up, so a token that cannot do the configured parameters,
-/// or keys that are not one pair, fail `serve` and `keygen` with a clear message instead
-/// of the first Encrypt.
-pub(super) fn self_test(
+/// Opens the pair found by [`locate`]: one OAEP round trip, so a token that cannot do the
+/// configured parameters, or keys that are not one pair, fail `serve` and `keygen` with a
+/// clear message instead of the first Encrypt; then the secret S.
+pub(super) fn open(
     session: &Session,
     token: &Token,
     keys: Keys,
-    rsa: RsaKey,
+    shape: RsaShape,
+) -> Result<RsaKey, RootError> {
+    round_trip(session, token, keys, shape)?;
+    let signature = Zeroizing::new(
+        session
+            .sign(&Mechanism::Sha256RsaPkcs, keys.unwrap, BIND_MESSAGE)
+            .map_err(|e| {
+                RootError::Config(format!(
+                    "{}: the private key labelled \"{}\" cannot sign with \
+                     CKM_SHA256_RSA_PKCS ({}); rsa-oaep needs CKA_SIGN on it to derive the \
+                     secret that authenticates wrapped keys (`kms-plugin keygen` sets it)",
+                    token.name(),
+                    token.config().key_label,
+                    describe(&e)
+                ))
+            })?,
+    );
+    let mut hash = Sha256::new();
+    hash.update(BIND_LABEL);
+    hash.update(signature.as_slice());
+    let secret = Key256::from_slice(&hash.finalize())
+        .ok_or_else(|| RootError::Unavailable("SHA-256 gave a short digest".into()))?;
+    Ok(RsaKey { shape, secret })
+}
+
+fn round_trip(
+    session: &Session,
+    token: &Token,
+    keys: Keys,
+    rsa: RsaShape,
 ) -> Result<(), RootError> {
     let probe = Key256::generate();
     let refused = |step: &str, e: Error| {
@@ -487,6 +540,8 @@ pub(super) async fn create(config: &Pkcs11KeyConfig) -> Result<bool, RootError> 
             Attribute::Sensitive(true),
             Attribute::Extractable(false),
             Attribute::Decrypt(true),
+            // For S (see the module comment), never for signing anything else.
+            Attribute::Sign(true),
             label,
         ];
         if let Some(id) = key_cka_id(&config) {
@@ -532,6 +587,7 @@ mod tests {
     /// every byte of the blob are authenticated.
     #[test]
     fn sealed_blob_is_bound_to_context_and_every_byte() {
+        let secret = Key256::generate();
         let seed = Key256::generate();
         let kek = Key256::generate();
         let head = {
@@ -539,22 +595,27 @@ mod tests {
             h.extend_from_slice(&[0x5a; 256]);
             h
         };
-        let blob = seal(head, seed.expose(), &ctx(b"a"), &kek).expect("seal");
+        let blob = seal(head, &secret, seed.expose(), &ctx(b"a"), &kek).expect("seal");
         assert_eq!(blob.len(), 1 + 256 + NONCE_LEN + KEY_LEN + TAG_LEN);
-        let opened = open_sealed(&blob, 257, seed.expose(), &ctx(b"a")).expect("open");
+        let opened = open_sealed(&blob, 257, &secret, seed.expose(), &ctx(b"a")).expect("open");
         assert_eq!(opened.expose(), kek.expose());
         assert!(matches!(
-            open_sealed(&blob, 257, seed.expose(), &ctx(b"b")),
+            open_sealed(&blob, 257, &secret, seed.expose(), &ctx(b"b")),
             Err(RootError::Authentication)
         ));
-        let other_seed = Key256::generate();
-        assert!(open_sealed(&blob, 257, other_seed.expose(), &ctx(b"a")).is_err());
+        let other = Key256::generate();
+        assert!(open_sealed(&blob, 257, &secret, other.expose(), &ctx(b"a")).is_err());
+        // S is what a forger with only the public key lacks.
+        assert!(matches!(
+            open_sealed(&blob, 257, &other, seed.expose(), &ctx(b"a")),
+            Err(RootError::Authentication)
+        ));
         for i in 0..blob.len() {
             let mut bad = blob.clone();
             bad[i] ^= 0x01;
             assert!(
                 matches!(
-                    open_sealed(&bad, 257, seed.expose(), &ctx(b"a")),
+                    open_sealed(&bad, 257, &secret, seed.expose(), &ctx(b"a")),
                     Err(RootError::Authentication)
                 ),
                 "flipped byte {i} accepted"

@@ -159,6 +159,62 @@ async fn rsa_wrap_round_trip_and_binding() {
     );
 }
 
+/// What anyone with the public key can do: encrypt a seed of their own and seal a local KEK
+/// of their choice under it. Without S (only the private key can compute it) the blob must
+/// not unwrap.
+#[tokio::test]
+async fn a_blob_made_with_only_the_public_key_is_refused() {
+    let _g = shared().await;
+    let c = rsa_config("rsa-forged");
+    Pkcs11Root::create(&c).await.expect("create");
+    let root = Pkcs11Root::open(&c).await.expect("open");
+    let ctx = WrapContext::new(root.key_id());
+    let session = raw_session(&c.module);
+    let public = find_class(&session, "rsa-forged", ObjectClass::PUBLIC_KEY)[0];
+    let seed = Key256::generate();
+    let params = cryptoki::mechanism::rsa::PkcsOaepParams::new(
+        cryptoki::mechanism::MechanismType::SHA1,
+        cryptoki::mechanism::rsa::PkcsMgfType::MGF1_SHA1,
+        cryptoki::mechanism::rsa::PkcsOaepSource::empty(),
+    );
+    let encrypted = session
+        .encrypt(&Mechanism::RsaPkcsOaep(params), public, seed.expose())
+        .expect("encrypt with the public key");
+    let mut head = vec![2u8];
+    head.extend_from_slice(&encrypted);
+    // The forger's best guesses for S: none (all zero), or the seed itself.
+    for guess in [Key256::from_slice(&[0u8; 32]).expect("key"), seed.clone()] {
+        let forged = super::super::rsa_oaep::seal(
+            head.clone(),
+            &guess,
+            seed.expose(),
+            &ctx.aad(),
+            &Key256::generate(),
+        )
+        .expect("seal");
+        assert!(matches!(
+            root.unwrap(&forged, &ctx).await,
+            Err(RootError::Authentication)
+        ));
+    }
+}
+
+#[tokio::test]
+async fn a_private_key_that_cannot_sign_is_refused() {
+    let _g = shared().await;
+    make_pair(
+        "rsa-nosign",
+        2048,
+        &[
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(false),
+        ],
+    );
+    let e = open_err(&rsa_config("rsa-nosign")).await;
+    assert!(e.to_string().contains("CKA_SIGN"), "{e}");
+}
+
 #[tokio::test]
 async fn rsa_key_id_is_stable_and_follows_the_key_pair() {
     let _g = shared().await;
