@@ -14,8 +14,8 @@
 //! - [`root`]: root key providers behind one trait;
 //! - [`config`], [`secret`], [`metrics`], [`systemd`], [`proto`], [`client`], [`cli`].
 
-pub mod cli;
 pub mod client;
+pub mod cmd;
 pub mod config;
 pub mod envelope;
 pub mod h2authority;
@@ -25,7 +25,6 @@ pub mod plugin;
 pub mod process;
 pub mod proto;
 pub mod root;
-pub mod rotate;
 pub mod secret;
 pub mod secure_path;
 pub mod server;

@@ -79,7 +79,9 @@ impl Drop for KekCipher {
 impl KekCipher {
     /// Expands `kek`; the caller may drop its copy afterwards.
     pub fn new(kek: &Key256) -> Self {
-        Self(ManuallyDrop::new(Aes256Gcm::new(kek.expose().into())))
+        Self(ManuallyDrop::new(Aes256Gcm::new(
+            kek.expose_secret().into(),
+        )))
     }
 
     /// Seals `plaintext` with a fresh random nonce. The caller enforces [`MAX_PLAINTEXT_LEN`].

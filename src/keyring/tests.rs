@@ -31,8 +31,14 @@ impl Faulty {
 
     fn failure(&self) -> Option<RootError> {
         match self.mode.load(Ordering::SeqCst) {
-            REFUSE => Some(RootError::Rejected("access denied (injected)".into())),
-            DOWN => Some(RootError::Unavailable("unreachable (injected)".into())),
+            REFUSE => Some(RootError::new(
+                ErrorKind::Denied,
+                "access denied (injected)",
+            )),
+            DOWN => Some(RootError::new(
+                ErrorKind::Unavailable,
+                "unreachable (injected)",
+            )),
             _ => None,
         }
     }
@@ -139,8 +145,12 @@ async fn a_copy_that_does_not_unwrap_is_never_used() {
     assert!(!error.is_transient(), "{error}");
     assert!(error.to_string().contains("key \"main\""), "{error}");
     let health = f.keyring.health();
-    assert_ne!(health.healthz, "ok");
-    assert!(health.healthz.contains("\"main\""), "{}", health.healthz);
+    assert_ne!(health.healthz(), "ok");
+    assert!(
+        health.healthz().contains("\"main\""),
+        "{}",
+        health.healthz()
+    );
     assert!(matches!(
         f.keyring.encrypt(b"seed"),
         Err(KeyringError::NotReady(_))
@@ -162,9 +172,9 @@ async fn a_broken_also_wrap_root_fails_health_but_the_proven_kek_keeps_serving()
     );
     let health = f.keyring.health();
     assert!(
-        health.healthz.contains("also-wrap root key \"backup\""),
+        health.healthz().contains("also-wrap root key \"backup\""),
         "{}",
-        health.healthz
+        health.healthz()
     );
     // Encrypt goes on under the current, proven local KEK (same wrapped copies).
     let after = f.keyring.encrypt(b"seed").expect("encrypt");
@@ -173,7 +183,7 @@ async fn a_broken_also_wrap_root_fails_health_but_the_proven_kek_keeps_serving()
     // Once the root round-trips again, the successor is made and health recovers.
     f.roots[1].set(HEALTHY);
     f.keyring.rotate().await.expect("rotate");
-    assert_eq!(f.keyring.health().healthz, "ok");
+    assert_eq!(f.keyring.health().healthz(), "ok");
     assert!(f.keyring.has_prepared());
 }
 
@@ -183,18 +193,23 @@ async fn probes_report_refusals_as_unhealthy_and_outages_as_degraded() {
     f.keyring.start().await.expect("start");
     f.roots[0].set(DOWN);
     f.keyring.probe_wrappers().await;
-    assert_eq!(f.keyring.health().healthz, "ok", "unreachable is degraded");
+    assert_eq!(
+        f.keyring.health().healthz(),
+        "ok",
+        "unreachable is degraded"
+    );
     assert_eq!(f.keyring.info().0[0].state, "degraded");
     f.roots[0].set(REFUSE);
     f.keyring.probe_wrappers().await;
-    let healthz = f.keyring.health().healthz;
+    let health = f.keyring.health();
+    let healthz = health.healthz();
     assert!(
         healthz.contains("active root key \"main\" rejected") && healthz.contains("access denied"),
         "{healthz}"
     );
     f.roots[0].set(HEALTHY);
     f.keyring.probe_wrappers().await;
-    assert_eq!(f.keyring.health().healthz, "ok");
+    assert_eq!(f.keyring.health().healthz(), "ok");
 }
 
 #[tokio::test]
@@ -231,7 +246,13 @@ async fn forged_copies_cost_a_bounded_number_of_unwraps_and_evict_nothing() {
             (Err(KeyringError::Envelope(EnvelopeError::Authentication)), annotations) => {
                 refused.push(annotations)
             }
-            (Err(KeyringError::Throttled { .. }), _) => throttled += 1,
+            (
+                Err(KeyringError::Root {
+                    kind: ErrorKind::Throttled,
+                    ..
+                }),
+                _,
+            ) => throttled += 1,
             (other, _) => panic!("forged copy: {:?}", other.err()),
         }
     }
@@ -261,7 +282,7 @@ async fn forged_copies_cost_a_bounded_number_of_unwraps_and_evict_nothing() {
         assert!(matches!(again, Err(KeyringError::Envelope(_))));
     }
     assert_eq!(unwraps(&f.keyring, "main") - before, calls);
-    assert_eq!(f.keyring.health().healthz, "ok");
+    assert_eq!(f.keyring.health().healthz(), "ok");
 }
 
 #[tokio::test]

@@ -4,16 +4,16 @@
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 
+use super::super::config::{Mechanism as WrapMechanism, OaepHash};
 use super::*;
-use crate::config::{OaepHash, Pkcs11Mechanism};
 
-fn rsa_config(key_label: &str) -> Pkcs11KeyConfig {
-    Pkcs11KeyConfig {
-        mechanism: Pkcs11Mechanism::RsaOaep,
+fn rsa_config(key_label: &str) -> Config {
+    valid(Fields {
+        mechanism: WrapMechanism::RsaOaep,
         oaep_hash: OaepHash::Sha1,
         rsa_bits: 2048,
-        ..config(key_label)
-    }
+        ..(*config(key_label)).clone()
+    })
 }
 
 fn find_class(session: &Session, label: &str, class: ObjectClass) -> Vec<ObjectHandle> {
@@ -113,19 +113,22 @@ async fn rsa_wrap_round_trip_and_binding() {
     assert_eq!(wrapped.len(), 1 + 256 + 12 + 32 + 16);
     assert_ne!(root.wrap(&kek, &ctx).await.expect("wrap again"), wrapped);
     assert_eq!(
-        root.unwrap(&wrapped, &ctx).await.expect("unwrap").expose(),
-        kek.expose()
+        root.unwrap(&wrapped, &ctx)
+            .await
+            .expect("unwrap")
+            .expose_secret(),
+        kek.expose_secret()
     );
 
     // Moved to another key_id / context, or to another key pair.
     let wrong_ctx = WrapContext::new(other.key_id());
     assert!(matches!(
         root.unwrap(&wrapped, &wrong_ctx).await,
-        Err(RootError::Authentication)
+        Err(e) if e.kind() == ErrorKind::NotAuthentic
     ));
     assert!(matches!(
         other.unwrap(&wrapped, &ctx).await,
-        Err(RootError::Authentication)
+        Err(e) if e.kind() == ErrorKind::NotAuthentic
     ));
     // A flipped bit anywhere: version byte, the OAEP part (start, middle, end), nonce, body.
     for i in [0, 1, 100, 256, 257, 269, wrapped.len() - 1] {
@@ -134,7 +137,7 @@ async fn rsa_wrap_round_trip_and_binding() {
         assert!(
             matches!(
                 root.unwrap(&tampered, &ctx).await,
-                Err(RootError::Authentication)
+                Err(e) if e.kind() == ErrorKind::NotAuthentic
             ),
             "byte {i}"
         );
@@ -146,7 +149,7 @@ async fn rsa_wrap_round_trip_and_binding() {
     for short in [&wrapped[1..], &wrapped[..wrapped.len() - 1], &[][..]] {
         assert!(matches!(
             root.unwrap(short, &ctx).await,
-            Err(RootError::Authentication)
+            Err(e) if e.kind() == ErrorKind::NotAuthentic
         ));
     }
     // The token still works after failed decryptions (no operation left active).
@@ -154,8 +157,8 @@ async fn rsa_wrap_round_trip_and_binding() {
         root.unwrap(&wrapped, &ctx)
             .await
             .expect("unwrap after failures")
-            .expose(),
-        kek.expose()
+            .expose_secret(),
+        kek.expose_secret()
     );
 }
 
@@ -178,23 +181,28 @@ async fn a_blob_made_with_only_the_public_key_is_refused() {
         cryptoki::mechanism::rsa::PkcsOaepSource::empty(),
     );
     let encrypted = session
-        .encrypt(&Mechanism::RsaPkcsOaep(params), public, seed.expose())
+        .encrypt(
+            &Mechanism::RsaPkcsOaep(params),
+            public,
+            seed.expose_secret(),
+        )
         .expect("encrypt with the public key");
     let mut head = vec![2u8];
     head.extend_from_slice(&encrypted);
     // The forger's best guesses for S: none (all zero), or the seed itself.
-    for guess in [Key256::from_slice(&[0u8; 32]).expect("key"), seed.clone()] {
+    let guesses = [[0u8; 32], *seed.expose_secret()];
+    for guess in guesses.iter().map(|g| Key256::from_slice(g).expect("key")) {
         let forged = super::super::rsa_oaep::seal(
             head.clone(),
             &guess,
-            seed.expose(),
+            seed.expose_secret(),
             &ctx.aad(),
             &Key256::generate(),
         )
         .expect("seal");
         assert!(matches!(
             root.unwrap(&forged, &ctx).await,
-            Err(RootError::Authentication)
+            Err(e) if e.kind() == ErrorKind::NotAuthentic
         ));
     }
 }
@@ -237,10 +245,12 @@ async fn rsa_key_id_is_stable_and_follows_the_key_pair() {
     assert_ne!(first.key_id(), recreated.key_id());
     assert!(matches!(
         recreated.unwrap(&wrapped, &ctx).await,
-        Err(RootError::Authentication)
+        Err(e) if e.kind() == ErrorKind::NotAuthentic
     ));
     match first.wrap(&Key256::generate(), &ctx).await {
-        Err(RootError::Rejected(why)) => assert!(why.contains("no longer the key"), "{why}"),
+        Err(e) if e.kind() == ErrorKind::KeyDisabled => {
+            assert!(e.detail().contains("no longer the key"), "{e}");
+        }
         other => panic!("expected Rejected, got {other:?}"),
     }
 }
@@ -250,10 +260,10 @@ async fn sha256_oaep_on_softhsm_is_refused_at_start_with_the_fix() {
     let _g = shared().await;
     let c = rsa_config("rsa-sha256");
     Pkcs11Root::create(&c).await.expect("create");
-    let e = open_err(&Pkcs11KeyConfig {
+    let e = open_err(&valid(Fields {
         oaep_hash: OaepHash::Sha256,
-        ..c
-    })
+        ..(*c).clone()
+    }))
     .await;
     assert!(e.to_string().contains("oaep_hash = \"sha1\""), "{e}");
 }
@@ -266,10 +276,10 @@ async fn small_extractable_or_readable_private_keys_are_refused() {
         1024,
         &[Attribute::Sensitive(true), Attribute::Extractable(false)],
     );
-    let e = open_err(&Pkcs11KeyConfig {
+    let e = open_err(&valid(Fields {
         allow_extractable: true,
-        ..rsa_config("rsa-1024")
-    })
+        ..(*rsa_config("rsa-1024")).clone()
+    }))
     .await;
     assert!(e.to_string().contains("1024-bit"), "{e}");
 
@@ -287,10 +297,10 @@ async fn small_extractable_or_readable_private_keys_are_refused() {
     );
     let e = open_err(&rsa_config("rsa-readable")).await;
     assert!(e.to_string().contains("not sensitive"), "{e}");
-    Pkcs11Root::open(&Pkcs11KeyConfig {
+    Pkcs11Root::open(&valid(Fields {
         allow_extractable: true,
-        ..rsa_config("rsa-readable")
-    })
+        ..(*rsa_config("rsa-readable")).clone()
+    }))
     .await
     .expect("allowed when asked for");
 }
