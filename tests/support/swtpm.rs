@@ -7,8 +7,6 @@
 //! memory for object contexts"). tpm2-abrmd flushes a client's objects when it goes away,
 //! as the kernel's /dev/tpmrm0 does on a real node.
 
-#![allow(dead_code)] // each test binary uses a different part of this helper
-
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,15 +1,13 @@
 //! `provider = "pkcs11"`, `mechanism = "rsa-oaep"` keys in a software TPM (swtpm behind
-//! tpm2-abrmd, tpm2-pkcs11), one TPM per backend value. Not listed in `backends/mod.rs`
-//! (every test binary would need the TPM packages); the TPM test binaries include it with
-//! `#[path]`.
+//! tpm2-abrmd, tpm2-pkcs11), one TPM per backend value (so one per test).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use crate::common;
-use crate::contract::Backend;
-use crate::swtpm::{self, SwTpm};
+use super::Backend;
+use crate::support;
+use crate::support::swtpm::{self, SwTpm};
 
 pub struct TpmBackend {
     pub tpm: SwTpm,
@@ -30,8 +28,8 @@ impl Backend for TpmBackend {
     async fn new_key(&self, dir: &Path, name: &str) -> String {
         let token = self.tpm.new_token();
         let body = swtpm::key_body(&token, name, &self.tpm.pin_file(dir));
-        let config = common::write_config(dir, "unused", name, &[(name, body.clone())], "");
-        common::keygen(&config, name, &self.tpm.env());
+        let config = support::write_config(dir, "unused", name, &[(name, body.clone())], "");
+        support::keygen(&config, name, &self.tpm.env());
         self.tokens
             .lock()
             .expect("tokens")

@@ -1,0 +1,15 @@
+//! What is particular to one root key provider, through the real binary: PIN, token and key
+//! errors and a FIPS-like token (SoftHSM2), a software TPM's failed decryptions and power
+//! cuts, KMS call counts, outages and a hung KMS (moto).
+//! What every provider must do is in `tests/contract.rs`.
+
+mod support;
+
+mod providers {
+    #[cfg(feature = "aws-kms")]
+    mod aws_kms;
+    #[cfg(feature = "aws-kms")]
+    mod aws_stall;
+    mod pkcs11;
+    mod tpm;
+}
