@@ -234,6 +234,15 @@ impl Pkcs11Root {
                     | RvError::DataLenRange,
                     _,
                 )) => RootError::bare(ErrorKind::NotAuthentic),
+                // The blob names an OAEP hash other than the configured one (which the
+                // start-up self-test proved) and the token refuses it: anyone can write that
+                // byte, so it says nothing about the root's health.
+                Failure::Token(Error::Pkcs11(
+                    RvError::ArgumentsBad
+                    | RvError::MechanismInvalid
+                    | RvError::MechanismParamInvalid,
+                    _,
+                )) if hash != rsa.shape.hash => RootError::bare(ErrorKind::NotAuthentic),
                 other => self.rsa_failure(other, "unwrap"),
             })?;
         if seed.len() != SEED_LEN {
