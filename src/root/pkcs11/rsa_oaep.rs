@@ -527,9 +527,12 @@ fn round_trip(
         RootError::new(
             ErrorKind::Misconfigured,
             format!(
-                "{} cannot {step} with RSA-OAEP ({:?}) using the key pair labelled \"{}\": {}{hint}",
+                "{} cannot {step} with RSA-OAEP ({}) using the key pair labelled \"{}\": {}{hint}",
                 token.name(),
-                rsa.hash,
+                match rsa.hash {
+                    OaepHash::Sha256 => "SHA-256",
+                    OaepHash::Sha1 => "SHA-1",
+                },
                 token.config().key_label,
                 describe(&e)
             ),
