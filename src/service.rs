@@ -60,7 +60,7 @@ impl Service {
         match result {
             Ok(_) => tracing::info!(op, uid = %uid, key_id = %key_id, outcome = "ok", micros),
             Err(e) => {
-                tracing::warn!(op, uid = %uid, key_id = %key_id, outcome = "error", error = %e, micros)
+                tracing::warn!(op, uid = %uid, key_id = %key_id, outcome = "error", error = %e, micros);
             }
         }
     }
@@ -179,7 +179,7 @@ impl Admin for Service {
                 needs_restart: reloaded
                     .needs_restart
                     .iter()
-                    .map(|f| f.to_string())
+                    .map(std::string::ToString::to_string)
                     .collect(),
             })),
             // The operator's own configuration problem: tell them all of it.

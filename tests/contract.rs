@@ -1,6 +1,8 @@
 //! The contract every root key provider must pass, through the real binary and socket, run
 //! over every provider of the table in `support::backends` (`for_each_provider!`): each
 //! test is `PROVIDER::CASE`, e.g. `pkcs11::tampering_is_rejected_and_plugin_stays_healthy`.
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
+#![allow(missing_docs)] // test harness items are shared between modules, not a documented API
 
 mod support;
 

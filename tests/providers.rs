@@ -2,6 +2,8 @@
 //! errors and a FIPS-like token (SoftHSM2), a software TPM's failed decryptions and power
 //! cuts, KMS call counts, outages and a hung KMS (moto).
 //! What every provider must do is in `tests/contract.rs`.
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
+#![allow(missing_docs)] // test harness items are shared between modules, not a documented API
 
 mod support;
 

@@ -2,6 +2,8 @@
 //! the table in `support::backends` (`for_each_provider!`): `kms-plugin rotate` under load,
 //! dropping a retired key, and `also_wrap` disaster recovery after losing either key. Each
 //! generic test is `PROVIDER::CASE`; provider- and config-specific cases are in `rotation/`.
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
+#![allow(missing_docs)] // test harness items are shared between modules, not a documented API
 
 mod support;
 

@@ -179,14 +179,14 @@ pub(crate) async fn unreachable_plugin(socket: &str, why: &str) -> ExitCode {
              plugin running, and is this its socket?"
         )),
         client::NoAnswer::ClosedBeforeAnswering => {
-            // SAFETY: geteuid has no preconditions; SO_PEERCRED reports the effective uid.
-            let uid = unsafe { libc::geteuid() };
+            // SO_PEERCRED reports the effective uid.
+            let uid = crate::secure_path::euid();
             tell(format_args!(
                 "kms-plugin: a plugin listens on {socket} but closed the connection before \
                  answering: this uid ({uid}) is probably not in its allowed_uids (or it has \
                  max_connections open); run this command as an allowed user (sudo -u \
                  kms-plugin ...) or add {uid} to allowed_uids"
-            ))
+            ));
         }
         client::NoAnswer::Other => tell(format_args!(
             "kms-plugin: the call to the plugin on {socket} failed: {why}"

@@ -64,6 +64,7 @@ pub enum EnvelopeError {
 pub struct KekCipher(ManuallyDrop<Aes256Gcm>);
 
 impl Drop for KekCipher {
+    #[allow(unsafe_code)] // zeroizes the AES key schedule in place, see SAFETY
     fn drop(&mut self) {
         let size = std::mem::size_of::<Aes256Gcm>();
         let storage = std::ptr::from_mut::<Aes256Gcm>(&mut self.0).cast::<u8>();

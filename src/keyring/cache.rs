@@ -304,6 +304,7 @@ mod tests {
     /// What the cache holds is a `KekCipher`: dropping one must wipe its key schedule and
     /// GHASH key, not just satisfy a trait bound. Drops one in place and reads what is left.
     #[test]
+    #[allow(unsafe_code)] // reads the bytes a dropped cipher leaves, see SAFETY
     fn a_dropped_cipher_leaves_no_key_material() {
         let key = Key256::from_slice(&[0x5a; 32]).expect("32 bytes");
         let mut slot = std::mem::MaybeUninit::<KekCipher>::uninit();

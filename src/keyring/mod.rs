@@ -821,4 +821,6 @@ fn name_error(name: &str, provider: &str, e: RootError) -> RootError {
 }
 
 #[cfg(test)]
+mod memory_tests;
+#[cfg(test)]
 mod tests;

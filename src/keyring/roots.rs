@@ -119,10 +119,10 @@ impl RootStats {
         if guard.broken != why {
             match &why {
                 Some(why) => {
-                    tracing::error!(root = name, error = %why, "root key is broken: no local KEK it wraps will be used")
+                    tracing::error!(root = name, error = %why, "root key is broken: no local KEK it wraps will be used");
                 }
                 None if guard.broken.is_some() => {
-                    tracing::info!(root = name, "root key round trip works again")
+                    tracing::info!(root = name, "root key round trip works again");
                 }
                 None => {}
             }

@@ -1,27 +1,21 @@
 //! An in-memory root key for unit tests (`#[cfg(test)]` only: never in a release binary
-//! nor in the config). AES-256-GCM under a random key like the file root, plus a switch
-//! that makes every call fail with a chosen [`ErrorKind`], and call counters.
+//! nor in the config): the file root's AES-256-GCM under a random key that never touches
+//! a disk, a switch that makes every call fail with a chosen [`ErrorKind`], one that
+//! corrupts the copies it wraps, and call counters.
 
 use std::sync::Mutex;
 use std::sync::PoisonError;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{AeadCore, Aes256Gcm, KeyInit, Nonce};
-use rand::RngCore;
-use rand::rngs::OsRng;
-use zeroize::Zeroizing;
-
+use super::file::FileRoot;
 use super::{BoxFuture, ErrorKind, KeyId, RootError, RootKey, WrapContext};
-use crate::secret::{KEY_LEN, Key256};
-
-const NONCE_LEN: usize = 12;
+use crate::secret::Key256;
 
 /// A root key that lives only in this process.
 pub struct MemoryRoot {
-    cipher: Aes256Gcm,
-    key_id: KeyId,
+    inner: FileRoot,
     fail: Mutex<Option<ErrorKind>>,
+    corrupt: AtomicBool,
     /// Wrap calls made (failed ones included).
     pub wraps: AtomicU64,
     /// Unwrap calls made (failed ones included).
@@ -29,15 +23,12 @@ pub struct MemoryRoot {
 }
 
 impl MemoryRoot {
-    /// A root with a fresh random key and key_id.
+    /// A root with a fresh random key (so a distinct key_id).
     pub fn new() -> Self {
-        let key = Key256::generate();
-        let mut id = [0u8; 16];
-        OsRng.fill_bytes(&mut id);
         Self {
-            cipher: Aes256Gcm::new(key.expose_secret().into()),
-            key_id: KeyId::derive("memory", &id),
+            inner: FileRoot::from_key(&Key256::generate()),
             fail: Mutex::new(None),
+            corrupt: AtomicBool::new(false),
             wraps: AtomicU64::new(0),
             unwraps: AtomicU64::new(0),
         }
@@ -48,9 +39,18 @@ impl MemoryRoot {
         *self.fail.lock().unwrap_or_else(PoisonError::into_inner) = kind;
     }
 
+    /// While on, wraps return a copy with one bit flipped, as a token that replaced the
+    /// GCM IV would: a copy that does not unwrap.
+    pub fn corrupt_wraps(&self, on: bool) {
+        self.corrupt.store(on, Ordering::SeqCst);
+    }
+
     fn check(&self) -> Result<(), RootError> {
         match *self.fail.lock().unwrap_or_else(PoisonError::into_inner) {
-            Some(kind) => Err(RootError::new(kind, "memory root told to fail")),
+            Some(kind) => Err(RootError::new(
+                kind,
+                format!("memory root: {} (injected)", kind.metric_label()),
+            )),
             None => Ok(()),
         }
     }
@@ -68,7 +68,7 @@ impl RootKey for MemoryRoot {
     }
 
     fn key_id(&self) -> &KeyId {
-        &self.key_id
+        self.inner.key_id()
     }
 
     fn wrap<'a>(
@@ -76,22 +76,16 @@ impl RootKey for MemoryRoot {
         kek: &'a Key256,
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Vec<u8>, RootError>> {
+        self.wraps.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
-            self.wraps.fetch_add(1, Ordering::Relaxed);
             self.check()?;
-            let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-            let aad = ctx.aad();
-            let body = self
-                .cipher
-                .encrypt(
-                    &nonce,
-                    Payload {
-                        msg: kek.expose_secret(),
-                        aad: &aad,
-                    },
-                )
-                .map_err(|_| RootError::new(ErrorKind::Misconfigured, "AES-GCM wrap failed"))?;
-            Ok([nonce.as_slice(), &body].concat())
+            let mut wrapped = self.inner.wrap(kek, ctx).await?;
+            if self.corrupt.load(Ordering::SeqCst)
+                && let Some(first) = wrapped.first_mut()
+            {
+                *first ^= 1;
+            }
+            Ok(wrapped)
         })
     }
 
@@ -100,27 +94,12 @@ impl RootKey for MemoryRoot {
         wrapped: &'a [u8],
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Key256, RootError>> {
+        self.unwraps.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
-            self.unwraps.fetch_add(1, Ordering::Relaxed);
+            // Like a remote call, let other tasks run meanwhile (single flight is tested so).
+            tokio::task::yield_now().await;
             self.check()?;
-            let not_authentic = || RootError::bare(ErrorKind::NotAuthentic);
-            if wrapped.len() != NONCE_LEN + KEY_LEN + 16 {
-                return Err(not_authentic());
-            }
-            let (nonce, body) = wrapped.split_at(NONCE_LEN);
-            let aad = ctx.aad();
-            let plain = Zeroizing::new(
-                self.cipher
-                    .decrypt(
-                        Nonce::from_slice(nonce),
-                        Payload {
-                            msg: body,
-                            aad: &aad,
-                        },
-                    )
-                    .map_err(|_| not_authentic())?,
-            );
-            Key256::from_slice(&plain).ok_or_else(not_authentic)
+            self.inner.unwrap(wrapped, ctx).await
         })
     }
 }

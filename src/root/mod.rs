@@ -15,6 +15,7 @@ pub mod file;
 #[cfg(test)]
 pub mod memory;
 pub mod pkcs11;
+pub mod validated;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -138,6 +139,42 @@ pub trait Provider: Send + Sync {
     fn create(&self) -> BoxFuture<'_, Result<bool, RootError>>;
 }
 
+/// Implements [`Provider`] for the `Config` of a provider behind a Cargo feature: its
+/// root type's `open(&Config)` and `create(&Config)` when the feature is in the build, a
+/// "not in this build" error when it is not (the config still parses).
+macro_rules! feature_gated_provider {
+    ($config:ty, $name:literal, $feature:literal, $root:ident) => {
+        impl $crate::root::Provider for $config {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn open(
+                &self,
+            ) -> $crate::root::BoxFuture<
+                '_,
+                Result<std::sync::Arc<dyn $crate::root::RootKey>, $crate::root::RootError>,
+            > {
+                #[cfg(feature = $feature)]
+                return Box::pin(async move {
+                    let root = $root::open(self).await?;
+                    Ok(std::sync::Arc::new(root) as std::sync::Arc<dyn $crate::root::RootKey>)
+                });
+                #[cfg(not(feature = $feature))]
+                Box::pin(async move { Err($crate::root::not_built($name)) })
+            }
+
+            fn create(&self) -> $crate::root::BoxFuture<'_, Result<bool, $crate::root::RootError>> {
+                #[cfg(feature = $feature)]
+                return Box::pin($root::create(self));
+                #[cfg(not(feature = $feature))]
+                Box::pin(async move { Err($crate::root::not_built($name)) })
+            }
+        }
+    };
+}
+use feature_gated_provider;
+
 /// The provider behind a `[keys.NAME]` entry: the one dispatch over [`KeyConfig`].
 pub fn provider(config: &KeyConfig) -> &dyn Provider {
     match config {
@@ -161,7 +198,7 @@ pub async fn create(config: &KeyConfig) -> Result<bool, RootError> {
 }
 
 /// The error for a provider whose Cargo feature was left out of this build.
-#[cfg(not(all(feature = "aws-kms", feature = "pkcs11")))]
+#[cfg_attr(all(feature = "aws-kms", feature = "pkcs11"), allow(dead_code))]
 fn not_built(provider: &str) -> RootError {
     RootError::new(
         ErrorKind::Misconfigured,
@@ -193,6 +230,18 @@ mod tests {
         for bad in ["", "UPPER", "a/b", "x.y", &"a".repeat(64)] {
             assert!(KeyId::parse(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_provider_left_out_of_the_build_says_how_to_get_it() {
+        let e = not_built("aws-kms");
+        assert_eq!(e.kind(), ErrorKind::Misconfigured);
+        assert!(
+            e.to_string().contains(
+                "\"aws-kms\" is not in this build of kms-plugin (rebuild with --features aws-kms)"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -250,7 +250,7 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "x").expect("write");
         // Tests run as root: hand the file to another user and group, as /etc files may be.
-        let (uid, gid) = if euid() == 0 {
+        let (uid, gid) = if crate::secure_path::euid() == 0 {
             std::os::unix::fs::chown(&path, Some(1234), Some(5678)).expect("chown");
             (1234, 5678)
         } else {
@@ -268,10 +268,5 @@ mod tests {
             1,
             "no temp file left"
         );
-    }
-
-    fn euid() -> u32 {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() }
     }
 }

@@ -1,9 +1,10 @@
 //! `[keys.NAME]` with `provider = "aws-kms"`: which key, where, and the call budget.
 
 use std::collections::BTreeMap;
-use std::ops::Deref;
 
 use serde::Deserialize;
+
+use crate::root::validated::{Check, Validated};
 
 /// Encryption-context keys with this prefix belong to the plugin.
 pub const RESERVED_CONTEXT_PREFIX: &str = "kms-plugin/";
@@ -49,14 +50,11 @@ fn default_attempt_timeout_ms() -> u64 {
 
 /// A validated `provider = "aws-kms"` entry: a full key ARN in `region`, an https://
 /// endpoint (or http:// with `allow_http`), no reserved context keys, budgets in range.
-/// Only made by [`Config::new`] (which parsing goes through).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(try_from = "Fields")]
-pub struct Config(Fields);
+pub type Config = Validated<Fields>;
 
-impl Config {
-    /// Checks `fields`; the error says what is wrong and how to fix it.
-    pub fn new(fields: Fields) -> Result<Self, String> {
+impl Check for Fields {
+    fn check(&self) -> Result<(), String> {
+        let fields = self;
         let arn = &fields.key_id;
         // arn:PARTITION:kms:REGION:ACCOUNT:key/ID
         let parts: Vec<&str> = arn.splitn(6, ':').collect();
@@ -107,7 +105,7 @@ impl Config {
         if fields.attempt_timeout_ms < 50 || fields.attempt_timeout_ms > fields.timeout_ms {
             return Err("attempt_timeout_ms must be at least 50 and at most timeout_ms".into());
         }
-        Ok(Self(fields))
+        Ok(())
     }
 }
 
@@ -126,22 +124,6 @@ fn check_endpoint(endpoint: &str, allow_http: bool) -> Result<(), String> {
         _ => Err(format!(
             "endpoint must be an https:// URL, not \"{endpoint}\""
         )),
-    }
-}
-
-impl TryFrom<Fields> for Config {
-    type Error = String;
-
-    fn try_from(fields: Fields) -> Result<Self, String> {
-        Self::new(fields)
-    }
-}
-
-impl Deref for Config {
-    type Target = Fields;
-
-    fn deref(&self) -> &Fields {
-        &self.0
     }
 }
 

@@ -121,8 +121,11 @@ impl AwsKmsRoot {
                     "{} is not a symmetric encrypt/decrypt key (usage {}, spec {}; need \
                  ENCRYPT_DECRYPT, SYMMETRIC_DEFAULT)",
                     root.arn,
-                    name_or_unknown(meta.key_usage().map(|u| u.as_str())),
-                    name_or_unknown(meta.key_spec().map(|s| s.as_str())),
+                    name_or_unknown(
+                        meta.key_usage()
+                            .map(aws_sdk_kms::types::KeyUsageType::as_str)
+                    ),
+                    name_or_unknown(meta.key_spec().map(aws_sdk_kms::types::KeySpec::as_str)),
                 ),
             ));
         }
@@ -324,7 +327,7 @@ where
 fn not_enabled_message(arn: &str, state: Option<&KeyState>) -> String {
     format!(
         "{arn} is in state {}, not Enabled",
-        name_or_unknown(state.map(|s| s.as_str()))
+        name_or_unknown(state.map(aws_sdk_kms::types::KeyState::as_str))
     )
 }
 

@@ -46,7 +46,7 @@ impl FileRoot {
             })?
     }
 
-    fn from_key(key: &Key256) -> Self {
+    pub(crate) fn from_key(key: &Key256) -> Self {
         // key_id = hash of an HMAC check value: stable for the key, reveals nothing of it.
         let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(key.expose_secret()) {
             Ok(mac) => mac,

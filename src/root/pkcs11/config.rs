@@ -1,9 +1,10 @@
 //! `[keys.NAME]` with `provider = "pkcs11"`: where the token, the key and the PIN are.
 
-use std::ops::Deref;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+
+use crate::root::validated::{Check, Validated};
 
 /// `provider = "pkcs11"` as written in the config file. Holds where the PIN is, never the
 /// PIN itself. Parsed into [`Config`], which is what the rest of the plugin uses.
@@ -64,8 +65,10 @@ pub enum Mechanism {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OaepHash {
+    /// SHA-256 for OAEP and MGF1.
     #[default]
     Sha256,
+    /// SHA-1 for OAEP and MGF1.
     Sha1,
 }
 
@@ -78,47 +81,45 @@ fn default_rsa_bits() -> u32 {
 }
 
 /// A validated `provider = "pkcs11"` entry: exactly one token selector, exactly one PIN
-/// source, a key label, a hex CKA_ID if any, a timeout in range. Only made by
-/// [`Config::new`] (which parsing goes through), so its users need not check again.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(try_from = "Fields")]
-pub struct Config(Fields);
+/// source, a key label, a hex CKA_ID if any, a timeout in range.
+pub type Config = Validated<Fields>;
 
-impl Config {
-    /// Checks `fields`; the error says what is wrong and how to fix it.
-    pub fn new(fields: Fields) -> Result<Self, String> {
-        if fields.token_label.is_some() == fields.slot.is_some() {
+impl Check for Fields {
+    fn check(&self) -> Result<(), String> {
+        if self.token_label.is_some() == self.slot.is_some() {
             return Err("a pkcs11 key needs exactly one of token_label and slot".into());
         }
-        if fields.pin_file.is_some() == fields.pin_env.is_some() {
+        if self.pin_file.is_some() == self.pin_env.is_some() {
             return Err(
                 "a pkcs11 key needs exactly one of pin_file and pin_env (never a PIN literal)"
                     .into(),
             );
         }
-        if fields.key_label.is_empty() {
+        if self.key_label.is_empty() {
             return Err("a pkcs11 key needs a non-empty key_label".into());
         }
-        if let Some(id) = &fields.key_id_hex
+        if let Some(id) = &self.key_id_hex
             && (id.is_empty() || hex::decode(id).is_err())
         {
             return Err(format!("key_id_hex \"{id}\" is not a non-empty hex string"));
         }
-        if !(1..60_000).contains(&fields.timeout_ms) {
+        if !(1..60_000).contains(&self.timeout_ms) {
             return Err(format!(
                 "timeout_ms = {} is out of range: give 1 to 59999 milliseconds (default 2500)",
-                fields.timeout_ms
+                self.timeout_ms
             ));
         }
-        if !(2048..=4096).contains(&fields.rsa_bits) {
+        if !(2048..=4096).contains(&self.rsa_bits) {
             return Err(format!(
                 "rsa_bits = {} is out of range: give 2048 to 4096 (default 3072)",
-                fields.rsa_bits
+                self.rsa_bits
             ));
         }
-        Ok(Self(fields))
+        Ok(())
     }
+}
 
+impl Config {
     /// The token as named in messages.
     pub fn token_name(&self) -> String {
         match (&self.token_label, self.slot) {
@@ -131,22 +132,6 @@ impl Config {
     /// The key's CKA_ID, if the entry names one.
     pub fn key_cka_id(&self) -> Option<Vec<u8>> {
         self.key_id_hex.as_deref().and_then(|h| hex::decode(h).ok())
-    }
-}
-
-impl TryFrom<Fields> for Config {
-    type Error = String;
-
-    fn try_from(fields: Fields) -> Result<Self, String> {
-        Self::new(fields)
-    }
-}
-
-impl Deref for Config {
-    type Target = Fields;
-
-    fn deref(&self) -> &Fields {
-        &self.0
     }
 }
 

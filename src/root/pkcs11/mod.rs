@@ -3,17 +3,17 @@
 //! key never leaves it, so the plugin's memory holds only unwrapped local KEKs.
 //!
 //! Wrapped blob: 12-byte IV || 32-byte ciphertext || 16-byte tag, with
-//! [`WrapContext::aad`] as associated data. The IV stored is the one in the IV buffer after
+//! [`WrapContext::aad`](crate::root::WrapContext::aad) as associated data. The IV stored is the one in the IV buffer after
 //! C_Encrypt: FIPS HSMs ignore the caller's IV and write back the one they generated. The
-//! key_id is derived from a check value the token computes (see [`check_value`]), so it
+//! key_id is derived from a check value the token computes (see `check_value`), so it
 //! follows the key material, not its label: a key deleted and re-created under the same
 //! label gets a new key_id.
 //!
 //! With `mechanism = "rsa-oaep"` the root is an RSA key pair instead (a TPM, smart-card
 //! HSMs); see `rsa_oaep` for its blob and how it binds the context.
 //!
-//! Every token call has a deadline (`timeout_ms`, start-up [`STARTUP_TIMEOUT`]) and holds
-//! one of [`MAX_SESSIONS`] permits for as long as its thread is in the token, so a hung HSM
+//! Every token call has a deadline (`timeout_ms`, start-up `STARTUP_TIMEOUT`) and holds
+//! one of `MAX_SESSIONS` permits for as long as its thread is in the token, so a hung HSM
 //! ties up at most that many threads and costs callers an error, not a hang.
 
 pub mod config;
@@ -26,32 +26,8 @@ mod session;
 #[cfg(all(test, feature = "pkcs11"))]
 mod tests;
 
-use std::sync::Arc;
-
 pub use config::Config;
 #[cfg(feature = "pkcs11")]
 pub use root::Pkcs11Root;
 
-use super::{BoxFuture, Provider, RootError, RootKey};
-
-impl Provider for Config {
-    fn name(&self) -> &'static str {
-        "pkcs11"
-    }
-
-    fn open(&self) -> BoxFuture<'_, Result<Arc<dyn RootKey>, RootError>> {
-        #[cfg(feature = "pkcs11")]
-        return Box::pin(
-            async move { Ok(Arc::new(Pkcs11Root::open(self).await?) as Arc<dyn RootKey>) },
-        );
-        #[cfg(not(feature = "pkcs11"))]
-        Box::pin(async move { Err(super::not_built(self.name())) })
-    }
-
-    fn create(&self) -> BoxFuture<'_, Result<bool, RootError>> {
-        #[cfg(feature = "pkcs11")]
-        return Box::pin(Pkcs11Root::create(self));
-        #[cfg(not(feature = "pkcs11"))]
-        Box::pin(async move { Err(super::not_built(self.name())) })
-    }
-}
+super::feature_gated_provider!(Config, "pkcs11", "pkcs11", Pkcs11Root);

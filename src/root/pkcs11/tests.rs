@@ -59,6 +59,7 @@ pub(crate) fn softhsm_module() -> PathBuf {
     .unwrap_or_else(|| panic!("libsofthsm2.so not found: install softhsm2 (apt-get install softhsm2) or set SOFTHSM2_MODULE"))
 }
 
+#[allow(unsafe_code)] // set_var before any PKCS#11 initialisation, see SAFETY
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
