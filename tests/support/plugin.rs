@@ -56,7 +56,7 @@ impl Plugin {
         let mut plugin = Plugin {
             child: None,
             socket: socket.to_string(),
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args: args.iter().map(ToString::to_string).collect(),
             env: env.to_vec(),
             log: log_dir.to_path_buf(),
             runs: 0,
