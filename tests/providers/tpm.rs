@@ -81,3 +81,30 @@ async fn ciphertexts_survive_a_tpm_power_cut_and_a_plugin_kill() {
         assert_eq!(&support::decrypt(&mut client, sealed).await, seed);
     }
 }
+
+/// The TPM goes away under a running plugin with a cold cache: Decrypt fails as unavailable
+/// (retryable), not as a forged copy. tpm2-pkcs11 keeps its connection to tpm2-abrmd for the
+/// life of the process, so after the resource manager restarts the plugin must restart too
+/// (on a node, /dev/tpmrm0 does not go away); then the same request decrypts.
+#[tokio::test]
+async fn a_vanished_tpm_is_unavailable_not_a_forgery() {
+    let mut backend = TpmBackend::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut plugin = start(&backend, dir.path()).await;
+    let (sealed, seed) = sealed(&plugin, 1).await.remove(0);
+    plugin.kill9();
+    plugin.restart().await;
+    let mut client = plugin.client().await;
+
+    backend.tpm.stop();
+    let err = client
+        .decrypt(support::decrypt_request(&sealed))
+        .await
+        .expect_err("no TPM");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{}", err.message());
+    backend.tpm.start_again();
+    plugin.kill9();
+    plugin.restart().await;
+    let mut client = plugin.client().await;
+    assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
+}

@@ -195,7 +195,13 @@ impl SwTpm {
         self.boot();
     }
 
-    fn stop(&mut self) {
+    /// Boots again after [`SwTpm::stop`].
+    pub fn start_again(&mut self) {
+        self.boot();
+    }
+
+    /// Kills swtpm, tpm2-abrmd and D-Bus: the TPM is gone until [`SwTpm::start_again`].
+    pub fn stop(&mut self) {
         while let Some(mut child) = self.children.pop() {
             let _ = child.kill();
             let _ = child.wait();

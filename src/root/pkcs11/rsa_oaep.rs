@@ -22,9 +22,9 @@
 //! empty OAEP label. The context is bound by K and the AAD, not by the OAEP label: SoftHSM2
 //! 2.6 refuses any label and tpm2-pkcs11 passes it to a TPM that wants it NUL-terminated,
 //! so one construction that needs no label works on every token. A blob moved to another
-//! key_id or context, or made without S, derives another K and fails the GCM tag; a flipped bit in the OAEP
-//! part fails OAEP decoding in the token or, if it were to decode, the tag (the AAD covers
-//! it); a flipped bit elsewhere fails the tag.
+//! key_id or context, or made without S, derives another K and fails the GCM tag; a flipped
+//! bit in the OAEP part fails OAEP decoding in the token or, if it were to decode, the tag
+//! (the AAD covers it); a flipped bit elsewhere fails the tag.
 //!
 //! The key_id comes from the public key (modulus and exponent), so it is stable across
 //! restarts and differs for a re-created key pair.
@@ -50,7 +50,7 @@ use crate::root::{ErrorKind, RootError, WrapContext};
 use crate::secret::{KEY_LEN, Key256};
 
 /// Smallest modulus accepted, whatever `allow_extractable` says.
-pub(super) const MIN_BITS: usize = 2048;
+const MIN_BITS: usize = 2048;
 const SEED_LEN: usize = 32;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -216,35 +216,66 @@ impl Pkcs11Root {
         }
         let hash = hash_of(wrapped[0]).ok_or_else(|| RootError::bare(ErrorKind::NotAuthentic))?;
         let encrypted = wrapped[1..head_len].to_vec();
-        let seed = self
+        let decrypted = self
             .run(move |session, keys| {
                 session
                     .decrypt(&oaep(hash), keys.unwrap, &encrypted)
                     .map(Zeroizing::new)
             })
-            .await
-            .map_err(|f| match f {
-                // OAEP decoding failed: the blob is not for this key (tpm2-pkcs11 reports
-                // the TPM's refusal as CKR_GENERAL_ERROR, SoftHSM too).
-                Failure::Token(Error::Pkcs11(
+            .await;
+        let seed = match decrypted {
+            Ok(seed) => seed,
+            // OAEP decoding failed, or the token could not run the decryption at all:
+            // tpm2-pkcs11 reports both a blob the TPM refuses and a TPM it cannot reach as
+            // CKR_GENERAL_ERROR. A round trip with a probe of our own tells them apart, so
+            // that a TPM outage is retried instead of the blob being remembered as forged.
+            Err(Failure::Token(
+                e @ Error::Pkcs11(
                     RvError::GeneralError
                     | RvError::EncryptedDataInvalid
                     | RvError::EncryptedDataLenRange
                     | RvError::DataInvalid
                     | RvError::DataLenRange,
                     _,
-                )) => RootError::bare(ErrorKind::NotAuthentic),
-                // The blob names an OAEP hash other than the configured one (which the
-                // start-up self-test proved) and the token refuses it: anyone can write that
-                // byte, so it says nothing about the root's health.
-                Failure::Token(Error::Pkcs11(
-                    RvError::ArgumentsBad
-                    | RvError::MechanismInvalid
-                    | RvError::MechanismParamInvalid,
-                    _,
-                )) if hash != rsa.shape.hash => RootError::bare(ErrorKind::NotAuthentic),
-                other => self.rsa_failure(other, "unwrap"),
-            })?;
+                ),
+            )) => {
+                let shape = rsa.shape;
+                let probe = self
+                    .run(move |session, keys| probe_round_trip(session, keys, shape))
+                    .await;
+                return Err(match probe {
+                    Ok(true) => RootError::bare(ErrorKind::NotAuthentic),
+                    Ok(false) => RootError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "unwrap on {}: {}, and the token decrypted a probe wrongly",
+                            self.inner.token.name(),
+                            describe(&e)
+                        ),
+                    ),
+                    Err(f) => {
+                        let why = self.rsa_failure(f, "unwrap probe");
+                        RootError::new(
+                            ErrorKind::Unavailable,
+                            format!(
+                                "unwrap on {}: {}; {}",
+                                self.inner.token.name(),
+                                describe(&e),
+                                why.detail()
+                            ),
+                        )
+                    }
+                });
+            }
+            // The blob names an OAEP hash other than the configured one (which the
+            // start-up self-test proved) and the token refuses it: anyone can write that
+            // byte, so it says nothing about the root's health.
+            Err(Failure::Token(Error::Pkcs11(
+                RvError::ArgumentsBad | RvError::MechanismInvalid | RvError::MechanismParamInvalid,
+                _,
+            ))) if hash != rsa.shape.hash => return Err(RootError::bare(ErrorKind::NotAuthentic)),
+            Err(other) => return Err(self.rsa_failure(other, "unwrap")),
+        };
         if seed.len() != SEED_LEN {
             return Err(RootError::bare(ErrorKind::NotAuthentic));
         }
@@ -273,6 +304,15 @@ impl Pkcs11Root {
 
 const SHA1_HINT: &str =
     " (tokens such as SoftHSM2 2.6 do OAEP only with SHA-1: set oaep_hash = \"sha1\")";
+
+/// Encrypts random bytes with the public key and decrypts them with the private key:
+/// whether the token's decryption works right now.
+fn probe_round_trip(session: &Session, keys: Keys, shape: RsaShape) -> Result<bool, Error> {
+    let probe = Key256::generate();
+    let encrypted = session.encrypt(&oaep(shape.hash), keys.wrap, probe.expose_secret())?;
+    let decrypted = Zeroizing::new(session.decrypt(&oaep(shape.hash), keys.unwrap, &encrypted)?);
+    Ok(decrypted.as_slice() == probe.expose_secret())
+}
 
 /// RSA key objects of `class` with the configured label (and CKA_ID).
 fn find(
