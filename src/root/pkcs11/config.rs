@@ -19,9 +19,9 @@ pub struct Fields {
     /// Slot number of the token (or give `token_label`).
     #[serde(default)]
     pub slot: Option<u64>,
-    /// CKA_LABEL of the AES key.
+    /// CKA_LABEL of the AES key (rsa-oaep: of both halves of the RSA key pair).
     pub key_label: String,
-    /// CKA_ID of the AES key, in hex, to tell apart keys sharing a label.
+    /// CKA_ID of the key (or pair), in hex, to tell apart keys sharing a label.
     #[serde(default)]
     pub key_id_hex: Option<String>,
     /// File holding the user PIN (a trailing newline is ignored).
