@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need from the package
-# registries (SoftHSM2, OpenSC, the PKCS#11 header, grpc-go from Debian; moto and grpcio from
+# registries (SoftHSM2, OpenSC, the PKCS#11 header, a software TPM (swtpm, tpm2-abrmd,
+# tpm2-pkcs11), grpc-go from Debian; moto and grpcio from
 # PyPI, into target/venv where the system Python refuses; cargo-deny and cargo-fuzz from
 # crates.io), then checks formatting, lints and dependencies, fuzzes every parser of untrusted
 # input briefly, and runs every test and doctest within a time limit.
@@ -10,7 +11,9 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 debs=(softhsm2 opensc libp11-kit-dev python3-pip python3-venv golang-go golang-google-grpc-dev golang-google-protobuf-dev
-      golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc protobuf-compiler)
+      golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc protobuf-compiler
+      swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-swtpm0 libtss2-tcti-tabrmd0 libtpm2-pkcs11-1
+      libtpm2-pkcs11-tools dbus-daemon)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
