@@ -97,4 +97,5 @@ run_tests() { # cargo test ARGS, within what is left of the deadline
 }
 run_tests --all-targets --no-fail-fast
 run_tests --doc --no-fail-fast
+timeout --kill-after=30 1800 bash tests/e2e/kube-apiserver.sh || failed=1 # real kube-apiserver + etcd; see README
 exit "$failed"
