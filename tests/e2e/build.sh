@@ -55,21 +55,27 @@ if [ ! -x "$kube" ]; then
   grep -q "k8s.io/api => k8s.io/api $staging_version" "$kube_dir/mod/go.mod" ||
     { log "no staging replaces found in $gomod"; exit 1; }
   (cd "$kube_dir/mod" && go get "k8s.io/kubernetes/cmd/kube-apiserver@v$KUBE_VERSION" >&2)
+  # The version the binary reports (/version, --version); without it: v0.0.0-master.
+  minor=${KUBE_VERSION#1.}; minor=${minor%%.*}
+  ldflags="$ldflags -X k8s.io/component-base/version.gitVersion=v$KUBE_VERSION"
+  ldflags="$ldflags -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
+  ldflags="$ldflags -X k8s.io/component-base/version.gitTreeState=clean"
   go_build "$kube_dir/mod" "$kube" k8s.io/kubernetes/cmd/kube-apiserver
+  ldflags='-s -w'
 fi
 
 etcd_dir=$cache/etcd-$ETCD_VERSION
 etcd=$etcd_dir/etcd etcdctl=$etcd_dir/etcdctl
 if [ ! -x "$etcd" ] || [ ! -x "$etcdctl" ]; then
   for m in server etcdctl; do
-    mkdir -p "$etcd_dir/$m"
-    if [ ! -f "$etcd_dir/$m/go.mod" ]; then
-      (cd "$etcd_dir/$m" && printf 'module kms-plugin-e2e/%s\n\ngo 1.26\n' "$m" >go.mod &&
+    mkdir -p "$etcd_dir/mod-$m"
+    if [ ! -f "$etcd_dir/mod-$m/go.mod" ]; then
+      (cd "$etcd_dir/mod-$m" && printf 'module kms-plugin-e2e/%s\n\ngo 1.26\n' "$m" >go.mod &&
        go get "go.etcd.io/etcd/$m/v3@v$ETCD_VERSION" >&2)
     fi
   done
-  [ -x "$etcd" ] || go_build "$etcd_dir/server" "$etcd" go.etcd.io/etcd/server/v3
-  [ -x "$etcdctl" ] || go_build "$etcd_dir/etcdctl" "$etcdctl" go.etcd.io/etcd/etcdctl/v3
+  [ -x "$etcd" ] || go_build "$etcd_dir/mod-server" "$etcd" go.etcd.io/etcd/server/v3
+  [ -x "$etcdctl" ] || go_build "$etcd_dir/mod-etcdctl" "$etcdctl" go.etcd.io/etcd/etcdctl/v3
 fi
 
 echo "KUBE_APISERVER=$kube"
