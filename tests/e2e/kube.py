@@ -447,9 +447,9 @@ def cmd_dry_run(a):
                 api.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts",
                             {"apiVersion": "v1", "kind": "ServiceAccount",
                              "metadata": {"name": "default"}})
-                url = f"{disc}/namespaces/{ns}/{r['name']}?dryRun=All"
+                url = f"{disc}/namespaces/{ns}/{r['name']}?dryRun=All&fieldValidation=Strict"
             else:
-                url = f"{disc}/{r['name']}?dryRun=All"
+                url = f"{disc}/{r['name']}?dryRun=All&fieldValidation=Strict"
             st, res = api.request("POST", url, doc, content_type="application/yaml")
             report(st in (200, 201), f"server-side dry run of {path} ({kind})", "HTTP 201",
                    f"HTTP {st}: {str(res)[:500]}")
