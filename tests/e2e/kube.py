@@ -144,7 +144,8 @@ def cmd_expect_health(a):
     kms check shown accordingly) or the time is up."""
     api = Api(a.server, a.token, timeout=10)
     want_ok = a.state == "ok"
-    deadline = time.time() + a.timeout
+    start = time.time()
+    deadline = start + a.timeout
     while True:
         seen = {}
         for ep in ("readyz", "healthz"):
@@ -158,7 +159,8 @@ def cmd_expect_health(a):
         time.sleep(1)
     exp = "200 and [+]kms-providers ok" if want_ok else "500 and [-]kms-providers failed"
     for ep, (st, line) in seen.items():
-        report(good, f"{a.what}: /{ep} {st} {line!r}", exp, f"{st} {line!r}")
+        report(good, f"{a.what}: /{ep} {st} {line!r} (after {time.time() - start:.0f} s)", exp,
+               f"{st} {line!r}")
     # The KMS check is left out of /livez on purpose: a plugin outage must not get the
     # apiserver restarted by its liveness probe.
     st, body = api.request("GET", "/livez?verbose")
