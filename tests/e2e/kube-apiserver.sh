@@ -239,7 +239,7 @@ EOF
   done
   fail "$4: new writes through $api stored under $want within 120 s; last write under $found"
 }
-export REPO=$repo ETCDCTL KMS_PREFIX
+export REPO=$repo ETCDCTL KMS_PREFIX PYTHONDONTWRITEBYTECODE=1 # no __pycache__ in the repository
 
 
 step "versions: $("$KUBE_APISERVER" --version), etcd $("$ETCD" --version | head -1 | awk '{print $3}'), $("$PLUGIN" --version)"
