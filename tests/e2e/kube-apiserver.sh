@@ -475,7 +475,9 @@ esac
 expect "check 4: kms-plugin status healthz while degraded (README: degraded is not a failed healthz)" \
   "healthz: ok" "$("$PLUGIN" status --socket "$work/pa/kms.sock" | grep '^healthz:' | tr -s ' ')"
 expect "check 4: plugin's own /readyz while degraded (README: 200 while an Encrypt would succeed)" \
-  200 "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${METRICS_PORT[pa]}/readyz")"
+  200 "$(python3 -c 'import sys, urllib.request as u
+try: print(u.urlopen(sys.argv[1], timeout=5).status)
+except Exception as e: print(getattr(e, "code", e))' "http://127.0.0.1:${METRICS_PORT[pa]}/readyz")"
 kube aa create --prefix aws4 --count 5 --marker "$MARKER_AWS"
 kube aa verify --marker "$MARKER_AWS" --min 30 --what "check 4, root stopped: reads and writes"
 sleep 25 # past the apiserver's 20 s cache of a good KMS check: the next /readyz asks Status again
