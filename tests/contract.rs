@@ -316,7 +316,7 @@ async fn forged_copies_cost_few_root_calls_and_evict_nothing<B: Backend>(backend
         let mut request = support::decrypt_request(&good[0].0);
         let (name, len) = (name.clone(), copy.len());
         workers.push(tokio::spawn(async move {
-            let (mut refused, mut throttled) = (Vec::new(), 0u32);
+            let (mut refused, mut throttled, mut slow) = (Vec::new(), 0u32, 0u64);
             for _ in 0..25 {
                 let forged: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
                 request.annotations.insert(name.clone(), forged);
@@ -327,17 +327,21 @@ async fn forged_copies_cost_few_root_calls_and_evict_nothing<B: Backend>(backend
                 match err.code() {
                     Code::InvalidArgument => refused.push(request.clone()),
                     Code::ResourceExhausted => throttled += 1,
+                    // A remote root (moto on a loaded machine) may not answer within the
+                    // call's deadline: the call made counts, the copy is not yet refused.
+                    Code::Unavailable | Code::DeadlineExceeded => slow += 1,
                     other => panic!("forged copy: {other:?} {}", err.message()),
                 }
             }
-            (refused, throttled)
+            (refused, throttled, slow)
         }));
     }
-    let (mut refused, mut throttled) = (Vec::new(), 0);
+    let (mut refused, mut throttled, mut slow) = (Vec::new(), 0, 0);
     for worker in workers {
-        let (r, t) = worker.await.expect("worker");
+        let (r, t, s) = worker.await.expect("worker");
         refused.extend(r);
         throttled += t;
+        slow += s;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let calls = unwraps(&support::info(&plugin).await) - before;
@@ -346,10 +350,11 @@ async fn forged_copies_cost_few_root_calls_and_evict_nothing<B: Backend>(backend
         calls <= bound,
         "{calls} root unwraps for 2,000 forged Decrypts in {elapsed:.1} s (bound {bound})"
     );
-    assert_eq!(
-        calls,
-        refused.len() as u64,
-        "one root call per refused copy"
+    let refused_calls = refused.len() as u64;
+    assert!(
+        (refused_calls..=refused_calls + slow).contains(&calls),
+        "{calls} root calls for {refused_calls} refused copies and {slow} unanswered in time: \
+         one root call per copy that reached the root"
     );
     assert!(throttled > 0, "the budget never ran out in {elapsed:.1} s");
 

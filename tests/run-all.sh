@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need from the package
-# registries (SoftHSM2, OpenSC, the PKCS#11 header, grpc-go from Debian; moto and grpcio from
+# registries (SoftHSM2, OpenSC, the PKCS#11 header, a software TPM (swtpm, tpm2-abrmd,
+# tpm2-pkcs11), grpc-go from Debian; moto and grpcio from
 # PyPI, into target/venv where the system Python refuses; cargo-deny and cargo-fuzz from
 # crates.io), then checks formatting, lints and dependencies, fuzzes every parser of untrusted
 # input briefly, and runs every test and doctest within a time limit.
@@ -11,6 +12,8 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 debs=(softhsm2 opensc libp11-kit-dev python3-pip python3-venv golang-go golang-google-grpc-dev golang-google-protobuf-dev
       golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc protobuf-compiler
+      swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-swtpm0 libtss2-tcti-tabrmd0 libtpm2-pkcs11-1
+      libtpm2-pkcs11-tools dbus-daemon openssl
       systemd)  # systemd: systemd-analyze (unit check below), systemd-socket-activate (tests/operations/systemd.rs)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -36,6 +39,12 @@ if ! pydeps_ok; then
   fi
   pydeps_ok || { echo "$(command -v python3) still lacks moto, grpcio, pyyaml or moto_server"; exit 1; }
 fi
+
+# kube-apiserver, etcd and etcdctl for the end-to-end test build (niced) while the Rust steps
+# run: cold, they take about 17 CPU-minutes; cached outside the repository afterwards.
+e2e_build_log=$(mktemp)
+bash tests/e2e/build.sh >/dev/null 2>"$e2e_build_log" &
+e2e_build=$!
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -115,4 +124,11 @@ run_tests() { # cargo test ARGS, within what is left of the deadline
 }
 run_tests --all-targets --no-fail-fast
 run_tests --doc --no-fail-fast
+echo "== end to end: real kube-apiserver + etcd (see README)"
+if ! wait "$e2e_build"; then
+  cat "$e2e_build_log"
+  echo "building kube-apiserver/etcd for the end-to-end test failed (log above)"
+  exit 1
+fi
+timeout --kill-after=30 1800 bash tests/e2e/kube-apiserver.sh || failed=1
 exit "$failed"

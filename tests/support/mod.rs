@@ -1,6 +1,6 @@
 //! The harness every integration test binary shares (`mod support;`): the real binary
 //! ([`Plugin`], CLI runs), gRPC calls to it, config files, its log, and root key backends
-//! (file keys, SoftHSM2 tokens with the FIPS-like shim, a moto KMS emulator).
+//! (file keys, SoftHSM2 tokens with the FIPS-like shim, a software TPM, a moto KMS emulator).
 
 // Shared by several test binaries, each of which uses only part of it.
 #![allow(dead_code)]
@@ -13,6 +13,7 @@ mod log;
 pub mod moto;
 mod plugin;
 pub mod softhsm;
+pub mod swtpm;
 
 pub use config::*;
 pub use grpc::*;

@@ -73,6 +73,12 @@ impl SoftHsm {
 
     /// Initialises a new token labelled `label` with [`PIN`].
     pub fn init_token(&self, label: &str) {
+        // Two `--init-token --free` at once in one token directory can pick the same free
+        // slot ("Could not get info about the token in slot 0"): one at a time per process.
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = INIT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let out = Command::new("softhsm2-util")
             .args([
                 "--init-token",

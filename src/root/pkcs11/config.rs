@@ -19,9 +19,9 @@ pub struct Fields {
     /// Slot number of the token (or give `token_label`).
     #[serde(default)]
     pub slot: Option<u64>,
-    /// CKA_LABEL of the AES key.
+    /// CKA_LABEL of the AES key (rsa-oaep: of both halves of the RSA key pair).
     pub key_label: String,
-    /// CKA_ID of the AES key, in hex, to tell apart keys sharing a label.
+    /// CKA_ID of the key (or pair), in hex, to tell apart keys sharing a label.
     #[serde(default)]
     pub key_id_hex: Option<String>,
     /// File holding the user PIN (a trailing newline is ignored).
@@ -37,10 +37,47 @@ pub struct Fields {
     /// a hung token then fails the call as unavailable instead of holding it forever.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// How local KEKs are wrapped: with an AES-256 key (`aes-gcm`), or with an RSA key pair
+    /// (`rsa-oaep`: a TPM's tpm2-pkcs11, smart-card HSMs), see `root::pkcs11::rsa_oaep`.
+    #[serde(default)]
+    pub mechanism: Mechanism,
+    /// rsa-oaep: the OAEP hash (and MGF1 hash) used for new wraps.
+    #[serde(default)]
+    pub oaep_hash: OaepHash,
+    /// rsa-oaep: modulus size `kms-plugin keygen` generates (2048 to 4096).
+    #[serde(default = "default_rsa_bits")]
+    pub rsa_bits: u32,
+}
+
+/// `mechanism` of a pkcs11 key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mechanism {
+    /// CKM_AES_GCM with an AES-256 secret key.
+    #[default]
+    AesGcm,
+    /// CKM_RSA_PKCS_OAEP with an RSA private key (2048 bits or more).
+    RsaOaep,
+}
+
+/// `oaep_hash` of an rsa-oaep key. SHA-1 only for tokens that cannot do better (SoftHSM2
+/// 2.6): OAEP's security does not rest on the hash's collision resistance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OaepHash {
+    /// SHA-256 for OAEP and MGF1.
+    #[default]
+    Sha256,
+    /// SHA-1 for OAEP and MGF1.
+    Sha1,
 }
 
 fn default_timeout_ms() -> u64 {
     2500
+}
+
+fn default_rsa_bits() -> u32 {
+    3072
 }
 
 /// A validated `provider = "pkcs11"` entry: exactly one token selector, exactly one PIN
@@ -70,6 +107,12 @@ impl Check for Fields {
             return Err(format!(
                 "timeout_ms = {} is out of range: give 1 to 59999 milliseconds (default 2500)",
                 self.timeout_ms
+            ));
+        }
+        if !(2048..=4096).contains(&self.rsa_bits) {
+            return Err(format!(
+                "rsa_bits = {} is out of range: give 2048 to 4096 (default 3072)",
+                self.rsa_bits
             ));
         }
         Ok(())
@@ -120,6 +163,25 @@ mod tests {
         assert_eq!(p.token_label.as_deref(), Some("kms"));
         assert!(!p.allow_extractable);
         assert_eq!(p.timeout_ms, 2500);
+        assert_eq!(p.mechanism, super::Mechanism::AesGcm);
+        assert_eq!(p.oaep_hash, super::OaepHash::Sha256);
+        assert_eq!(p.rsa_bits, 3072);
+        let rsa = pkcs11(&PKCS11.replace(
+            "key_label",
+            "mechanism = \"rsa-oaep\"\noaep_hash = \"sha1\"\nrsa_bits = 2048\nkey_label",
+        ));
+        assert_eq!(
+            (rsa.mechanism, rsa.oaep_hash, rsa.rsa_bits),
+            (super::Mechanism::RsaOaep, super::OaepHash::Sha1, 2048)
+        );
+        assert!(
+            error_of(&PKCS11.replace("key_label", "mechanism = \"rsa\"\nkey_label"))
+                .contains("expected `aes-gcm` or `rsa-oaep`")
+        );
+        assert!(
+            error_of(&PKCS11.replace("key_label", "rsa_bits = 1024\nkey_label"))
+                .contains("rsa_bits")
+        );
         assert!(
             error_of(&PKCS11.replace("key_label", "pin = \"1234\"\nkey_label")).contains("pin")
         );

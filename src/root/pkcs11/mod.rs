@@ -9,6 +9,9 @@
 //! follows the key material, not its label: a key deleted and re-created under the same
 //! label gets a new key_id.
 //!
+//! With `mechanism = "rsa-oaep"` the root is an RSA key pair instead (a TPM, smart-card
+//! HSMs); see `rsa_oaep` for its blob and how it binds the context.
+//!
 //! Every token call has a deadline (`timeout_ms`, start-up `STARTUP_TIMEOUT`) and holds
 //! one of `MAX_SESSIONS` permits for as long as its thread is in the token, so a hung HSM
 //! ties up at most that many threads and costs callers an error, not a hang.
@@ -16,6 +19,8 @@
 pub mod config;
 #[cfg(feature = "pkcs11")]
 mod root;
+#[cfg(feature = "pkcs11")]
+mod rsa_oaep;
 #[cfg(feature = "pkcs11")]
 mod session;
 #[cfg(all(test, feature = "pkcs11"))]

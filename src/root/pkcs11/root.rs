@@ -14,8 +14,9 @@ use rand::rngs::OsRng;
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
-use super::Config;
+use super::config::Mechanism as WrapMechanism;
 use super::session::{MAX_SESSIONS, Token, describe, is_session_lost};
+use super::{Config, rsa_oaep};
 use crate::root::{BoxFuture, ErrorKind, KeyId, RootError, RootKey, WrapContext};
 use crate::secret::{KEY_LEN, Key256};
 
@@ -31,14 +32,24 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A root key in a PKCS#11 token.
 pub struct Pkcs11Root {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
     key_id: KeyId,
+    /// Set for `mechanism = "rsa-oaep"`.
+    rsa: Option<rsa_oaep::RsaKey>,
 }
 
-struct Inner {
-    token: Token,
-    /// Handle of the key object; found again after a session loss.
-    key: Mutex<ObjectHandle>,
+/// The token objects a root uses. For AES both are the one secret key; for RSA, the public
+/// key wraps and the private key unwraps.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Keys {
+    pub(super) wrap: ObjectHandle,
+    pub(super) unwrap: ObjectHandle,
+}
+
+pub(super) struct Inner {
+    pub(super) token: Token,
+    /// Handles of the key objects; found again after a session loss.
+    key: Mutex<Keys>,
     /// The check value of the key at start-up: a re-found key must match it.
     check: Vec<u8>,
     /// Bounds concurrent token calls to the session pool size. A call holds its permit
@@ -49,7 +60,7 @@ struct Inner {
 }
 
 /// How a token call failed.
-enum Failure {
+pub(super) enum Failure {
     /// Already classified (session could not be recovered, key replaced, ...).
     Root(RootError),
     /// The operation itself failed; the caller decides what that means.
@@ -63,23 +74,22 @@ impl Pkcs11Root {
         let timeout = Duration::from_millis(config.timeout_ms);
         let name = config.token_name();
         let config = config.clone();
-        let (token, key, check) = blocking(&name, "opening the key", move || {
+        let (token, key, check, rsa) = blocking(&name, "opening the key", move || {
             let token = Token::new(&config)?;
             let session = token.open_session()?;
-            let key = find_key(&session, &token)?;
-            check_attributes(&session, key, &token)?;
-            let check = check_value(&session, key).map_err(|why| {
-                RootError::new(
-                    ErrorKind::Misconfigured,
-                    format!(
-                        "the key labelled \"{}\" on {} cannot give a check value: {why}",
-                        token.config().key_label,
-                        token.name(),
-                    ),
-                )
-            })?;
+            let (key, check, rsa) = match config.mechanism {
+                WrapMechanism::AesGcm => {
+                    let (key, check) = locate_aes(&session, &token)?;
+                    (key, check, None)
+                }
+                WrapMechanism::RsaOaep => {
+                    let (keys, identity, shape) = rsa_oaep::locate(&session, &token)?;
+                    let rsa = rsa_oaep::open(&session, &token, keys, shape)?;
+                    (keys, identity, Some(rsa))
+                }
+            };
             token.put(session);
-            Ok((token, key, check))
+            Ok((token, key, check, rsa))
         })
         .await?;
         let key_id = KeyId::derive("pkcs11", &check);
@@ -92,12 +102,16 @@ impl Pkcs11Root {
                 timeout,
             }),
             key_id,
+            rsa,
         })
     }
 
     /// Generates the key in the token if there is none with its label (and CKA_ID).
     /// Returns whether it created one.
     pub async fn create(config: &Config) -> Result<bool, RootError> {
+        if config.mechanism == WrapMechanism::RsaOaep {
+            return rsa_oaep::create(config).await;
+        }
         let name = config.token_name();
         let config = config.clone();
         blocking(&name, "generating the key", move || {
@@ -144,10 +158,10 @@ impl Pkcs11Root {
     /// Runs `op` on a pooled session, off the async threads, within `timeout_ms`. After a
     /// lost session or a stale key handle it opens a fresh session, finds the key again and
     /// retries once.
-    async fn run<T, F>(&self, op: F) -> Result<T, Failure>
+    pub(super) async fn run<T, F>(&self, op: F) -> Result<T, Failure>
     where
         T: Send + 'static,
-        F: Fn(&Session, ObjectHandle) -> Result<T, Error> + Send + 'static,
+        F: Fn(&Session, Keys) -> Result<T, Error> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
         let call = async move {
@@ -197,7 +211,7 @@ impl Pkcs11Root {
 impl Inner {
     fn run_blocking<T>(
         &self,
-        op: impl Fn(&Session, ObjectHandle) -> Result<T, Error>,
+        op: impl Fn(&Session, Keys) -> Result<T, Error>,
     ) -> Result<T, Failure> {
         let key = *self.key.lock().unwrap_or_else(PoisonError::into_inner);
         let first = match self.token.take() {
@@ -207,10 +221,9 @@ impl Inner {
                     return Ok(value);
                 }
                 Err(e) if is_session_lost(&e) => describe(&e),
-                Err(e) => {
-                    self.token.put(session);
-                    return Err(Failure::Token(e));
-                }
+                // The session is dropped, not pooled: tpm2-pkcs11 1.9 leaves the operation
+                // active after a failed C_Decrypt (CKR_OPERATION_ACTIVE on the next call).
+                Err(e) => return Err(Failure::Token(e)),
             },
             Err(e) => e.to_string(),
         };
@@ -235,22 +248,36 @@ impl Inner {
                 Ok(value)
             }
             Err(e) if is_session_lost(&e) => Err(unavailable(describe(&e))),
-            Err(e) => {
-                self.token.put(session);
-                Err(Failure::Token(e))
-            }
+            // Dropped, not pooled: see above.
+            Err(e) => Err(Failure::Token(e)),
         }
     }
 
     /// Finds the key again on a fresh session and checks it is still the same key material.
-    fn refind_key(&self, session: &Session) -> Result<ObjectHandle, Failure> {
-        let key = find_key(session, &self.token).map_err(Failure::Root)?;
-        let check = check_value(session, key).map_err(|why| {
-            Failure::Root(RootError::new(
-                ErrorKind::Unavailable,
-                format!("{} is unavailable: {why}", self.token.name()),
-            ))
-        })?;
+    fn refind_key(&self, session: &Session) -> Result<Keys, Failure> {
+        let (key, check) = match self.token.config().mechanism {
+            WrapMechanism::AesGcm => {
+                let key = find_key(session, &self.token).map_err(Failure::Root)?;
+                let check = check_value(session, key).map_err(|why| {
+                    Failure::Root(RootError::new(
+                        ErrorKind::Unavailable,
+                        format!("{} is unavailable: {why}", self.token.name()),
+                    ))
+                })?;
+                (
+                    Keys {
+                        wrap: key,
+                        unwrap: key,
+                    },
+                    check,
+                )
+            }
+            WrapMechanism::RsaOaep => {
+                let (keys, identity, _) =
+                    rsa_oaep::locate(session, &self.token).map_err(Failure::Root)?;
+                (keys, identity)
+            }
+        };
         if check != self.check {
             return Err(Failure::Root(RootError::new(
                 ErrorKind::KeyDisabled,
@@ -282,17 +309,20 @@ impl RootKey for Pkcs11Root {
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Vec<u8>, RootError>> {
         Box::pin(async move {
+            if let Some(rsa) = &self.rsa {
+                return self.wrap_rsa(rsa, kek, ctx).await;
+            }
             let aad = ctx.aad();
             let plain = Zeroizing::new(*kek.expose_secret());
             let (iv, body) = self
-                .run(move |session, key| {
+                .run(move |session, keys| {
                     let mut iv = [0u8; IV_LEN];
                     OsRng.fill_bytes(&mut iv);
                     let body = {
                         // GcmParams points at `iv` itself; a FIPS token ignores our IV and
                         // writes the one it generated there, so read it after the call.
                         let params = GcmParams::new(&mut iv, &aad, ((TAG_LEN * 8) as u64).into())?;
-                        session.encrypt(&Mechanism::AesGcm(params), key, plain.as_slice())?
+                        session.encrypt(&Mechanism::AesGcm(params), keys.wrap, plain.as_slice())?
                     };
                     Ok((iv, body))
                 })
@@ -322,6 +352,9 @@ impl RootKey for Pkcs11Root {
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Key256, RootError>> {
         Box::pin(async move {
+            if let Some(rsa) = &self.rsa {
+                return self.unwrap_rsa(rsa, wrapped, ctx).await;
+            }
             if wrapped.len() != WRAPPED_LEN {
                 return Err(RootError::bare(ErrorKind::NotAuthentic));
             }
@@ -330,11 +363,11 @@ impl RootKey for Pkcs11Root {
             let body = wrapped[IV_LEN..].to_vec();
             let aad = ctx.aad();
             let plain = self
-                .run(move |session, key| {
+                .run(move |session, keys| {
                     let mut iv = iv;
                     let params = GcmParams::new(&mut iv, &aad, ((TAG_LEN * 8) as u64).into())?;
                     session
-                        .decrypt(&Mechanism::AesGcm(params), key, &body)
+                        .decrypt(&Mechanism::AesGcm(params), keys.unwrap, &body)
                         .map(Zeroizing::new)
                 })
                 .await
@@ -357,7 +390,7 @@ impl RootKey for Pkcs11Root {
 }
 
 impl Pkcs11Root {
-    fn failure(&self, failure: Failure, what: &str) -> RootError {
+    pub(super) fn failure(&self, failure: Failure, what: &str) -> RootError {
         match failure {
             Failure::Root(e) => e,
             Failure::Token(e) => {
@@ -384,7 +417,7 @@ impl Pkcs11Root {
 
 /// Runs start-up work on `token` off the async threads, within [`STARTUP_TIMEOUT`]. A
 /// thread stuck in a hung token is left behind; the caller gets an error.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     token: &str,
     what: &str,
     work: impl FnOnce() -> Result<T, RootError> + Send + 'static,
@@ -405,6 +438,29 @@ async fn blocking<T: Send + 'static>(
             ),
         )),
     }
+}
+
+/// Finds the AES key, checks its attributes, and computes its check value.
+fn locate_aes(session: &Session, token: &Token) -> Result<(Keys, Vec<u8>), RootError> {
+    let key = find_key(session, token)?;
+    check_attributes(session, key, token)?;
+    let check = check_value(session, key).map_err(|why| {
+        RootError::new(
+            ErrorKind::Misconfigured,
+            format!(
+                "the key labelled \"{}\" on {} cannot give a check value: {why}",
+                token.config().key_label,
+                token.name(),
+            ),
+        )
+    })?;
+    Ok((
+        Keys {
+            wrap: key,
+            unwrap: key,
+        },
+        check,
+    ))
 }
 
 fn key_cka_id(config: &Config) -> Option<Vec<u8>> {

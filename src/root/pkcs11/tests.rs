@@ -21,6 +21,8 @@ use super::*;
 use crate::root::{ErrorKind, RootError, RootKey, WrapContext};
 use crate::secret::{KEY_LEN, Key256};
 
+mod rsa;
+
 const TOKEN: &str = "kms";
 const PIN: &str = "5678";
 const PIN_ENV: &str = "KMS_PLUGIN_UNIT_TEST_PIN";
@@ -130,6 +132,9 @@ fn config(key_label: &str) -> Config {
         pin_env: None,
         allow_extractable: false,
         timeout_ms: 2500,
+        mechanism: Default::default(),
+        oaep_hash: Default::default(),
+        rsa_bits: 3072,
     })
 }
 

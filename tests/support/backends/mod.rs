@@ -9,6 +9,7 @@ use std::path::Path;
 pub mod aws;
 pub mod file;
 pub mod pkcs11;
+pub mod tpm;
 
 /// How to give the plugin a root key of one provider.
 pub trait Backend: Sync {
@@ -33,6 +34,11 @@ macro_rules! for_each_provider {
     ($suite:ident) => {
         $suite!(file, $crate::support::backends::file::FileBackend);
         $suite!(pkcs11, $crate::support::backends::pkcs11::SoftHsmBackend);
+        $suite!(
+            pkcs11_rsa_oaep,
+            $crate::support::backends::pkcs11::SoftHsmRsaBackend
+        );
+        $suite!(tpm, $crate::support::backends::tpm::TpmBackend::start());
         #[cfg(feature = "aws-kms")]
         $suite!(aws, $crate::support::backends::aws::AwsBackend::start());
     };

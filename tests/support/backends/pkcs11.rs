@@ -24,16 +24,7 @@ fn tokens() -> &'static Mutex<HashMap<(PathBuf, String), String>> {
 
 impl Backend for SoftHsmBackend {
     async fn new_key(&self, dir: &Path, name: &str) -> String {
-        let token = hsm().new_token();
-        let pin_file = hsm().pin_file(dir, softhsm::PIN);
-        let body = softhsm::key_body(&token, name, &pin_file);
-        let config = support::write_config(dir, "unused", name, &[(name, body.clone())], "");
-        support::keygen(&config, name, &hsm().env());
-        tokens()
-            .lock()
-            .expect("tokens")
-            .insert((dir.to_path_buf(), name.to_string()), token);
-        body
+        new_key(dir, name, "").await
     }
 
     fn env(&self) -> Vec<(String, String)> {
@@ -41,23 +32,65 @@ impl Backend for SoftHsmBackend {
     }
 
     async fn lose_key(&self, dir: &Path, name: &str) {
-        let token = tokens()
-            .lock()
-            .expect("tokens")
-            .get(&(dir.to_path_buf(), name.to_string()))
-            .cloned()
-            .expect("key made by this backend");
-        let out = std::process::Command::new("pkcs11-tool")
-            .args(["--module", &softhsm::module().to_string_lossy()])
-            .args(["--token-label", &token, "--login", "--pin", softhsm::PIN])
-            .args(["--delete-object", "--type", "secrkey", "--label", name])
-            .envs(hsm().env())
-            .output()
-            .expect("run pkcs11-tool (apt-get install opensc)");
-        assert!(
-            out.status.success(),
-            "delete key: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        delete(dir, name, "secrkey");
     }
+}
+
+/// `mechanism = "rsa-oaep"` on SoftHSM2, whose OAEP is SHA-1 only.
+pub struct SoftHsmRsaBackend;
+
+impl Backend for SoftHsmRsaBackend {
+    async fn new_key(&self, dir: &Path, name: &str) -> String {
+        new_key(
+            dir,
+            name,
+            "\nmechanism = \"rsa-oaep\"\noaep_hash = \"sha1\"\nrsa_bits = 2048",
+        )
+        .await
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        hsm().env()
+    }
+
+    async fn lose_key(&self, dir: &Path, name: &str) {
+        delete(dir, name, "privkey");
+        delete(dir, name, "pubkey");
+    }
+}
+
+/// A key on a new token, made by `kms-plugin keygen`; `extra` ends its TOML body.
+async fn new_key(dir: &Path, name: &str, extra: &str) -> String {
+    let token = hsm().new_token();
+    let pin_file = hsm().pin_file(dir, softhsm::PIN);
+    let body = softhsm::key_body(&token, name, &pin_file) + extra;
+    let config = support::write_config(dir, "unused", name, &[(name, body.clone())], "");
+    support::keygen(&config, name, &hsm().env());
+    tokens()
+        .lock()
+        .expect("tokens")
+        .insert((dir.to_path_buf(), name.to_string()), token);
+    body
+}
+
+/// Deletes the objects of type `kind` (pkcs11-tool's name) labelled `name`.
+fn delete(dir: &Path, name: &str, kind: &str) {
+    let token = tokens()
+        .lock()
+        .expect("tokens")
+        .get(&(dir.to_path_buf(), name.to_string()))
+        .cloned()
+        .expect("key made by this backend");
+    let out = std::process::Command::new("pkcs11-tool")
+        .args(["--module", &softhsm::module().to_string_lossy()])
+        .args(["--token-label", &token, "--login", "--pin", softhsm::PIN])
+        .args(["--delete-object", "--type", kind, "--label", name])
+        .envs(hsm().env())
+        .output()
+        .expect("run pkcs11-tool (apt-get install opensc)");
+    assert!(
+        out.status.success(),
+        "delete {kind}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
