@@ -109,6 +109,8 @@ pub enum KeyConfig {
     AwsKms(AwsKmsKeyConfig),
     /// An AES-256 key inside a PKCS#11 token (HSM, SoftHSM2).
     Pkcs11(Pkcs11KeyConfig),
+    /// A HashiCorp Vault / OpenBao Transit key.
+    VaultTransit(crate::root::vault_transit::config::VaultTransitKeyConfig),
 }
 
 impl KeyConfig {
@@ -118,6 +120,7 @@ impl KeyConfig {
             KeyConfig::File(_) => "file",
             KeyConfig::AwsKms(_) => "aws-kms",
             KeyConfig::Pkcs11(_) => "pkcs11",
+            KeyConfig::VaultTransit(_) => "vault-transit",
         }
     }
 }
@@ -549,6 +552,9 @@ impl Config {
             match key {
                 KeyConfig::AwsKms(aws) => aws.validate(name)?,
                 KeyConfig::Pkcs11(p) => p.validate().map_err(|e| format!("[keys.{name}]: {e}"))?,
+                KeyConfig::VaultTransit(v) => {
+                    v.settings().map_err(|e| format!("[keys.{name}]: {e}"))?;
+                }
                 KeyConfig::File(_) => {}
             }
         }

@@ -7,6 +7,14 @@ pub mod aws_kms;
 pub mod file;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+#[cfg(feature = "vault-transit")]
+pub mod vault_transit;
+/// Without the feature, the config type still parses (and the key is refused as not built).
+#[cfg(not(feature = "vault-transit"))]
+pub mod vault_transit {
+    #[path = "config.rs"]
+    pub mod config;
+}
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,7 +31,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A root key as the rest of the plugin sees it. Calls are rare (one wrap per local KEK,
 /// one unwrap per distinct local KEK after a start), so they may be slow and remote.
 pub trait RootKey: Send + Sync {
-    /// The provider name, as in the config file (`file`, `pkcs11`, `aws-kms`).
+    /// The provider name, as in the config file (`file`, `pkcs11`, `aws-kms`,
+    /// `vault-transit`).
     fn provider(&self) -> &'static str;
 
     /// The stable, public identity of this root: the Status key_id while it is active.
@@ -158,6 +167,10 @@ pub async fn open(name: &str, config: &KeyConfig) -> Result<Arc<dyn RootKey>, Ro
         KeyConfig::Pkcs11(c) => Arc::new(pkcs11::Pkcs11Root::open(c).await?),
         #[cfg(not(feature = "pkcs11"))]
         KeyConfig::Pkcs11(_) => return Err(not_built("pkcs11")),
+        #[cfg(feature = "vault-transit")]
+        KeyConfig::VaultTransit(c) => Arc::new(vault_transit::VaultTransitRoot::open(c).await?),
+        #[cfg(not(feature = "vault-transit"))]
+        KeyConfig::VaultTransit(_) => return Err(not_built("vault-transit")),
     };
     tracing::debug!(key = name, provider = opened.provider(), key_id = %opened.key_id(), "opened root key");
     Ok(opened)
@@ -176,6 +189,10 @@ pub async fn create(config: &KeyConfig) -> Result<bool, RootError> {
         KeyConfig::Pkcs11(c) => pkcs11::Pkcs11Root::create(c).await,
         #[cfg(not(feature = "pkcs11"))]
         KeyConfig::Pkcs11(_) => Err(not_built("pkcs11")),
+        #[cfg(feature = "vault-transit")]
+        KeyConfig::VaultTransit(c) => vault_transit::VaultTransitRoot::create(c).await,
+        #[cfg(not(feature = "vault-transit"))]
+        KeyConfig::VaultTransit(_) => Err(not_built("vault-transit")),
     }
 }
 
