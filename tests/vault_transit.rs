@@ -417,3 +417,39 @@ async fn also_wrap_file_key_survives_losing_vault() {
     }
     assert_eq!(common::status(&mut client).await.healthz, "ok");
 }
+
+/// TLS certificate auth against `bao server -dev-tls`: the plugin trusts the server through
+/// ca_file and logs in with its client certificate.
+#[tokio::test]
+async fn cert_auth_login_works_over_tls() {
+    let bao = OpenBao::start_tls();
+    let dir = tempfile::tempdir().expect("tempdir");
+    bao.create_key("main", "aes256-gcm96");
+    let (cert, key) = bao.cert_auth("main");
+    let body = format!(
+        "provider = \"vault-transit\"\naddress = \"{}\"\nkey = \"main\"\nca_file = \"{}\"\nauth = \"cert\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\ncert_role = \"kms-main\"",
+        bao.address(),
+        bao.ca_file().display(),
+        cert.display(),
+        key.display()
+    );
+    let socket = common::socket_in(dir.path());
+    let config = common::write_config(dir.path(), &socket, "main", &[("main", body.clone())], "");
+    let config = config.to_string_lossy().into_owned();
+    let plugin = common::Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
+    let _ = round_trip(&plugin).await;
+    assert_eq!(bao.audited(&bao.audit_log(), "auth/cert/login"), 1);
+    drop(plugin);
+
+    // Without ca_file the system roots do not know the dev server's CA: a clear error.
+    let untrusting: String = body
+        .lines()
+        .filter(|l| !l.starts_with("ca_file"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    common::write_config(dir.path(), &socket, "main", &[("main", untrusting)], "");
+    let mut plugin = common::Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
+    assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
+    let output = plugin.output();
+    assert!(output.contains("certificate"), "{output}");
+}

