@@ -145,16 +145,18 @@ impl OpenBao {
 
     /// Runs the `bao` CLI against this server as root.
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new("bao")
+        let mut command = Command::new("bao");
+        command
             .args(args)
             .current_dir(self.home.path())
             .env("HOME", self.home.path())
             .env("BAO_ADDR", self.address())
             .env("BAO_TOKEN", ROOT_TOKEN)
-            .env("BAO_CACERT", self.ca_file())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run bao")
+            .stdin(Stdio::null());
+        if self.tls {
+            command.env("BAO_CACERT", self.ca_file());
+        }
+        command.output().expect("run bao")
     }
 
     /// Runs the CLI, which must succeed; returns its stdout, trimmed.
