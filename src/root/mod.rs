@@ -7,14 +7,7 @@ pub mod aws_kms;
 pub mod file;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
-#[cfg(feature = "vault-transit")]
 pub mod vault_transit;
-/// Without the feature, the config type still parses (and the key is refused as not built).
-#[cfg(not(feature = "vault-transit"))]
-pub mod vault_transit {
-    #[path = "config.rs"]
-    pub mod config;
-}
 
 use std::future::Future;
 use std::pin::Pin;

@@ -14,16 +14,17 @@
 //! secret_id_file = "/etc/kms-plugin/vault-secret-id"
 //! ```
 
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-/// `[keys.NAME]` with `provider = "vault-transit"`. Holds where the credentials are,
-/// never a token or secret_id itself.
+/// `[keys.NAME]` with `provider = "vault-transit"` as written. Holds where the credentials
+/// are, never a token or secret_id itself. Parsed into [`Config`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct VaultTransitKeyConfig {
+pub struct Fields {
     /// Base URL of Vault, e.g. `https://vault.example.com:8200`. https unless `allow_http`.
     pub address: String,
     /// Accept a plain `http://` address (a dev server on loopback; never a real Vault: the
@@ -147,9 +148,38 @@ pub struct VaultSettings {
     pub timeout: Duration,
 }
 
-impl VaultTransitKeyConfig {
+/// A validated `provider = "vault-transit"` entry: only made by [`Config::new`], which
+/// parsing goes through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "Fields")]
+pub struct Config(VaultSettings);
+
+impl Config {
+    /// Checks `fields`; the error names the field and how to fix it.
+    pub fn new(fields: Fields) -> Result<Self, String> {
+        fields.settings().map(Self)
+    }
+}
+
+impl TryFrom<Fields> for Config {
+    type Error = String;
+
+    fn try_from(fields: Fields) -> Result<Self, String> {
+        Self::new(fields)
+    }
+}
+
+impl Deref for Config {
+    type Target = VaultSettings;
+
+    fn deref(&self) -> &VaultSettings {
+        &self.0
+    }
+}
+
+impl Fields {
     /// Checks every field and returns the settings; errors name the field and the fix.
-    pub fn settings(&self) -> Result<VaultSettings, String> {
+    fn settings(&self) -> Result<VaultSettings, String> {
         let address = self.address.trim_end_matches('/');
         let (scheme, rest) = address
             .split_once("://")
@@ -318,8 +348,8 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<VaultSettings, String> {
-        let config: VaultTransitKeyConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        config.settings()
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        Ok(config.0)
     }
 
     const BASE: &str = "address = \"https://vault.example:8200/\"\nkey = \"kms\"\n";

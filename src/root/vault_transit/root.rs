@@ -1,0 +1,311 @@
+//! The root key: opening reads the Transit key's metadata (type, versions). The key_id
+//! stands for one version of one key, named by namespace, mount, key name, version and that
+//! version's creation time (so a deleted and re-created key gets a new key_id), never by the
+//! address, which may differ between the instances of one HA cluster. Calls are rare (one
+//! wrap per local KEK, one unwrap per distinct local KEK after a start): the steady state
+//! makes none.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::auth::Auth;
+use super::client::{Kind, VaultClient, VaultError};
+use super::config::{Config, VaultSettings};
+use super::session::Session;
+use super::transit::{self, KeyMeta};
+use crate::envelope::annotations::MAX_WRAPPED_LEN;
+use crate::root::{BoxFuture, KeyId, RootError, RootKey, WrapContext};
+use crate::secret::Key256;
+
+/// How often the renewer looks again when no renewal is scheduled (a token file, a token
+/// that never expires): no Vault call is made then.
+const IDLE_RECHECK: Duration = Duration::from_secs(60);
+/// Wait before a failed renewal is tried again.
+const RENEW_RETRY: Duration = Duration::from_secs(10);
+
+impl From<VaultError> for RootError {
+    fn from(e: VaultError) -> Self {
+        match e.kind {
+            Kind::Unavailable | Kind::RateLimited => RootError::Unavailable(e.detail),
+            Kind::Denied | Kind::KeyDisabled | Kind::CredentialsRejected => {
+                RootError::Rejected(e.detail)
+            }
+            Kind::Misconfigured => RootError::Config(e.detail),
+            Kind::NotAuthentic => RootError::Authentication,
+        }
+    }
+}
+
+/// A root key held in Vault Transit.
+pub struct VaultTransitRoot {
+    inner: Arc<Inner>,
+    key_id: KeyId,
+    /// The version new local KEKs are wrapped under.
+    version: u32,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+struct Inner {
+    session: Session,
+    settings: VaultSettings,
+    /// The key's versions Vault decrypts, with their key_ids and creation identities.
+    versions: RwLock<BTreeMap<u32, Version>>,
+}
+
+#[derive(Clone)]
+struct Version {
+    key_id: KeyId,
+    created: String,
+}
+
+impl VaultTransitRoot {
+    /// Validates the settings, reads the key's metadata (the token is checked on the way)
+    /// and refuses a key that cannot bind associated data.
+    pub async fn open(config: &Config) -> Result<Self, RootError> {
+        let settings: VaultSettings = (**config).clone();
+        let client = VaultClient::new(&settings)?;
+        let session = Session {
+            client,
+            auth: Auth::new(settings.auth.clone()),
+            budget: settings.timeout,
+        };
+        let inner = Arc::new(Inner {
+            session,
+            settings,
+            versions: RwLock::new(BTreeMap::new()),
+        });
+        let meta = inner.read_meta().await?;
+        let version = meta.latest_version;
+        inner.remember(&meta);
+        let key_id = inner
+            .version(version)
+            .map(|v| v.key_id)
+            .ok_or_else(|| RootError::Unavailable("Vault lists no latest key version".into()))?;
+        let renewer = tokio::spawn(renew_loop(Arc::downgrade(&inner)));
+        Ok(Self {
+            inner,
+            key_id,
+            version,
+            renewer,
+        })
+    }
+
+    /// `kms-plugin keygen`: Transit keys are created in Vault (`bao write -f
+    /// transit/keys/NAME`), not by the plugin. Checks that the configured key exists and is
+    /// usable, and returns `Ok(false)`.
+    pub async fn create(config: &Config) -> Result<bool, RootError> {
+        Self::open(config).await.map_err(|e| match e {
+            RootError::Rejected(m) if m.contains("404") => RootError::Config(format!(
+                "{m}; Transit keys are created in Vault (vault write -f {}/keys/{}), not by kms-plugin keygen",
+                config.mount, config.key
+            )),
+            other => other,
+        })?;
+        Ok(false)
+    }
+}
+
+impl Inner {
+    /// "Transit key \"k\" at mount \"transit\" (namespace \"ns\")", for messages.
+    fn label(&self) -> String {
+        let s = &self.settings;
+        match &s.namespace {
+            Some(ns) => format!(
+                "Transit key \"{}\" at mount \"{}\" in namespace \"{ns}\"",
+                s.key, s.mount
+            ),
+            None => format!("Transit key \"{}\" at mount \"{}\"", s.key, s.mount),
+        }
+    }
+
+    async fn read_meta(&self) -> Result<KeyMeta, VaultError> {
+        let s = &self.settings;
+        let meta = transit::read_key(&self.session, &s.mount, &s.key)
+            .await
+            .map_err(|e| {
+                let label = self.label();
+                match e.kind {
+                    Kind::KeyDisabled => VaultError::new(
+                        Kind::KeyDisabled,
+                        format!(
+                            "{label} does not exist on {} ({})",
+                            self.session.client.address(),
+                            e.detail
+                        ),
+                    ),
+                    _ => e.context(&format!(
+                        "reading {label} on {}",
+                        self.session.client.address()
+                    )),
+                }
+            })?;
+        meta.check_usable(&s.key)?;
+        Ok(meta)
+    }
+
+    /// Records every version Vault still decrypts.
+    fn remember(&self, meta: &KeyMeta) {
+        let mut versions = self
+            .versions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        versions.clear();
+        for v in meta.decryptable() {
+            if let Some(created) = meta.created(v) {
+                let key_id = self.key_id_for(v, &created);
+                versions.insert(v, Version { key_id, created });
+            }
+        }
+    }
+
+    fn version(&self, v: u32) -> Option<Version> {
+        self.versions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&v)
+            .cloned()
+    }
+
+    fn key_id_for(&self, version: u32, created: &str) -> KeyId {
+        let s = &self.settings;
+        let identity = [
+            s.namespace.as_deref().unwrap_or(""),
+            &s.mount,
+            &s.key,
+            &version.to_string(),
+            created,
+        ]
+        .join("\0");
+        KeyId::derive("vault", identity.as_bytes())
+    }
+}
+
+/// Keeps a login token alive: renews it at two thirds of its TTL, logs in again when it
+/// cannot be renewed. Ends when the root is dropped.
+async fn renew_loop(inner: Weak<Inner>) {
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        let due = {
+            let Some(inner) = inner.upgrade() else { return };
+            inner.session.auth.renew_at().await
+        };
+        let wake = match (due, retry_at) {
+            (Some(due), Some(retry)) => due.max(retry),
+            (Some(due), None) => due,
+            (None, _) => Instant::now() + IDLE_RECHECK,
+        };
+        tokio::time::sleep_until(wake).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner
+            .session
+            .auth
+            .renew_at()
+            .await
+            .is_none_or(|at| Instant::now() < at)
+        {
+            continue;
+        }
+        let deadline = Instant::now() + inner.session.budget;
+        match inner
+            .session
+            .auth
+            .token(&inner.session.client, deadline)
+            .await
+        {
+            Ok(_) => retry_at = None,
+            Err(e) => {
+                tracing::warn!(key = %inner.label(), error = %e, "cannot renew the Vault token; retrying");
+                retry_at = Some(Instant::now() + RENEW_RETRY);
+            }
+        }
+    }
+}
+
+impl Drop for VaultTransitRoot {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
+}
+
+impl RootKey for VaultTransitRoot {
+    fn provider(&self) -> &'static str {
+        "vault-transit"
+    }
+
+    fn key_id(&self) -> &KeyId {
+        &self.key_id
+    }
+
+    fn wrap<'a>(
+        &'a self,
+        kek: &'a Key256,
+        ctx: &'a WrapContext,
+    ) -> BoxFuture<'a, Result<Vec<u8>, RootError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            // Wraps are rare: check first that the key is still the one the key_id names
+            // (encrypt on a deleted key would silently re-create it with upsert rights).
+            let meta = inner.read_meta().await?;
+            let ours = inner.version(self.version).map(|v| v.created);
+            if meta.created(self.version) != ours {
+                return Err(RootError::Rejected(format!(
+                    "{} was deleted and re-created since the plugin opened it; it is not the \
+                     key key_id {} names (reload the plugin to use the new key)",
+                    inner.label(),
+                    self.key_id
+                )));
+            }
+            let s = &inner.settings;
+            let ciphertext = transit::encrypt(
+                &inner.session,
+                &s.mount,
+                &s.key,
+                self.version,
+                kek,
+                &ctx.aad(),
+            )
+            .await
+            .map_err(|e| e.context(&format!("encrypting with {}", inner.label())))?;
+            if ciphertext.len() > MAX_WRAPPED_LEN {
+                return Err(RootError::Config(format!(
+                    "Vault returned a {}-byte ciphertext, more than the {MAX_WRAPPED_LEN} an annotation may hold",
+                    ciphertext.len()
+                )));
+            }
+            Ok(ciphertext.into_bytes())
+        })
+    }
+
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a [u8],
+        ctx: &'a WrapContext,
+    ) -> BoxFuture<'a, Result<Key256, RootError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let Some(ciphertext) = std::str::from_utf8(wrapped).ok() else {
+                return Err(RootError::Authentication);
+            };
+            // The copy must be under the version its key_id stands for; Vault picks the
+            // version from the ciphertext, so this pins it.
+            let Some(version) = transit::version_of(ciphertext) else {
+                return Err(RootError::Authentication);
+            };
+            if inner.version(version).map(|v| v.key_id).as_ref() != Some(&self.key_id) {
+                return Err(RootError::Authentication);
+            }
+            let s = &inner.settings;
+            transit::decrypt(&inner.session, &s.mount, &s.key, ciphertext, &ctx.aad())
+                .await
+                .map_err(|e| match e.kind {
+                    Kind::NotAuthentic => RootError::Authentication,
+                    _ => e
+                        .context(&format!("decrypting with {}", inner.label()))
+                        .into(),
+                })
+        })
+    }
+}
