@@ -925,10 +925,16 @@ mod tests {
             panic!("not vault-transit")
         };
         assert_eq!(c.keys["vault"].provider(), "vault-transit");
-        assert_eq!((v.mount.as_str(), v.key.as_str()), ("transit", "kms-plugin"));
+        assert_eq!(
+            (v.mount.as_str(), v.key.as_str()),
+            ("transit", "kms-plugin")
+        );
         let bad = text.replace("https://vault.example", "http://vault.example");
         let err = Config::parse(&bad).expect_err("plain http").to_string();
-        assert!(err.contains("keys.vault") && err.contains("allow_http"), "{err}");
+        assert!(
+            err.contains("keys.vault") && err.contains("allow_http"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -372,6 +372,49 @@ async fn stopped_vault_keeps_cached_keys_serving() {
     }
 }
 
+/// A sealed Vault (503) makes the root degraded with Vault's reason while cached local
+/// KEKs keep serving; unsealing heals it without a restart.
+#[tokio::test]
+async fn sealed_vault_is_unavailable_not_rejected() {
+    let bao = OpenBao::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    bao.create_key("main", "aes256-gcm96");
+    let token = openbao::secret_file(dir.path(), "token", &bao.plugin_token("main", "1h"));
+    let extra = "[health]\nroot_check_interval_seconds = 1\nretry_interval_seconds = 1\n";
+    let plugin = start_plugin(&bao, dir.path(), "main", &token, extra).await;
+    let (sealed, seed) = round_trip(&plugin).await;
+    bao.seal(true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = common::info(&plugin).await;
+        let root = common::root_info(&info, "main");
+        if root.state != "ok" {
+            assert_eq!(root.state, "degraded", "{root:?}");
+            assert!(root.last_error.contains("Vault is sealed"), "{root:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "sealing not noticed: {root:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut client = plugin.client().await;
+    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+    assert_eq!(common::status(&mut client).await.healthz, "ok");
+    bao.seal(false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = common::info(&plugin).await;
+        if common::root_info(&info, "main").state == "ok" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after unseal:\n{}",
+            plugin.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Vault active with a file key in also_wrap: Vault is lost for good (the server killed,
 /// its keys gone); a restart with the file key active still decrypts everything.
 #[tokio::test]

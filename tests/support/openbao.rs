@@ -366,6 +366,20 @@ impl OpenBao {
         }
     }
 
+    /// `bao operator seal`, and unsealing again with the dev server's unseal key.
+    pub fn seal(&self, sealed: bool) {
+        if sealed {
+            self.bao(&["operator", "seal"]);
+            return;
+        }
+        let log = self.log();
+        let key = log
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Unseal Key: "))
+            .expect("unseal key in the dev server's output");
+        self.bao(&["operator", "unseal", key.trim()]);
+    }
+
     /// Kills the server (its in-memory keys are gone).
     pub fn kill(&mut self) {
         self.freeze(false);

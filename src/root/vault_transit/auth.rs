@@ -70,6 +70,20 @@ impl Auth {
         }
     }
 
+    /// Where the credentials come from, for messages (paths only, never contents).
+    pub fn describe(&self) -> String {
+        match &self.settings {
+            AuthSettings::Token { token_file } => {
+                format!("auth = \"token\", token_file {}", token_file.display())
+            }
+            AuthSettings::AppRole { role_id_file, .. } => format!(
+                "auth = \"approle\", role_id_file {}",
+                role_id_file.display()
+            ),
+            AuthSettings::Cert { mount, .. } => format!("auth = \"cert\" at auth/{mount}"),
+        }
+    }
+
     /// A token to send now: the cached one unless the token file changed or the login
     /// token is due for renewal (then renewed, or a new login when it cannot be).
     pub async fn token(

@@ -100,8 +100,8 @@ impl Session {
                 VaultError::new(
                     Kind::CredentialsRejected,
                     format!(
-                        "Vault refused the plugin's token (invalid, expired or revoked; auth = \"{}\"): {}",
-                        self.auth.method(),
+                        "Vault refused the plugin's token (invalid, expired or revoked; {}): {}",
+                        self.auth.describe(),
                         error.detail
                     ),
                 )
