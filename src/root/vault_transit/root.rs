@@ -45,20 +45,16 @@ pub struct VaultTransitRoot {
     key_id: KeyId,
     /// The version new local KEKs are wrapped under.
     version: u32,
+    /// That version's creation time when opened: tells a re-created key apart.
+    created: String,
     renewer: tokio::task::JoinHandle<()>,
 }
 
 struct Inner {
     session: Session,
     settings: VaultSettings,
-    /// The key's versions Vault decrypts, with their key_ids and creation identities.
-    versions: RwLock<BTreeMap<u32, Version>>,
-}
-
-#[derive(Clone)]
-struct Version {
-    key_id: KeyId,
-    created: String,
+    /// The key's versions Vault lists, with their key_ids.
+    versions: RwLock<BTreeMap<u32, KeyId>>,
 }
 
 impl VaultTransitRoot {
@@ -79,16 +75,17 @@ impl VaultTransitRoot {
         });
         let meta = inner.read_meta().await?;
         let version = meta.latest_version;
+        let created = meta.created(version).unwrap_or_default();
         inner.remember(&meta);
         let key_id = inner
             .version(version)
-            .map(|v| v.key_id)
             .ok_or_else(|| RootError::Unavailable("Vault lists no latest key version".into()))?;
         let renewer = tokio::spawn(renew_loop(Arc::downgrade(&inner)));
         Ok(Self {
             inner,
             key_id,
             version,
+            created,
             renewer,
         })
     }
@@ -105,6 +102,35 @@ impl VaultTransitRoot {
             other => other,
         })?;
         Ok(false)
+    }
+}
+
+impl VaultTransitRoot {
+    /// Reads the key's metadata again (the keyring's periodic root check): learns new
+    /// versions and forgets trimmed ones. True when this root no longer stands for the
+    /// key's latest version (rotated, or deleted and re-created): the keyring then opens it
+    /// again, under the new version's key_id.
+    pub async fn refresh_versions(&self) -> Result<bool, RootError> {
+        let inner = &self.inner;
+        let meta = inner.read_meta().await?;
+        inner.remember(&meta);
+        let changed = meta.latest_version != self.version
+            || meta.created(self.version).as_ref() != Some(&self.created);
+        if changed {
+            tracing::info!(key = %inner.label(), version = meta.latest_version, "Transit key rotated or re-created; the root will be opened again under its latest version");
+        }
+        Ok(changed)
+    }
+
+    /// True for the key_id of any version of this key Vault lists: copies wrapped before
+    /// a Transit rotation still open.
+    pub fn answers_to_version(&self, key_id: &KeyId) -> bool {
+        self.inner
+            .versions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .any(|v| v == key_id)
     }
 }
 
@@ -146,22 +172,22 @@ impl Inner {
         Ok(meta)
     }
 
-    /// Records every version Vault still decrypts.
+    /// Records every version Vault lists, with its key_id.
     fn remember(&self, meta: &KeyMeta) {
         let mut versions = self
             .versions
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         versions.clear();
-        for v in meta.decryptable() {
+        for v in meta.listed() {
             if let Some(created) = meta.created(v) {
                 let key_id = self.key_id_for(v, &created);
-                versions.insert(v, Version { key_id, created });
+                versions.insert(v, key_id);
             }
         }
     }
 
-    fn version(&self, v: u32) -> Option<Version> {
+    fn version(&self, v: u32) -> Option<KeyId> {
         self.versions
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -249,8 +275,7 @@ impl RootKey for VaultTransitRoot {
             // Wraps are rare: check first that the key is still the one the key_id names
             // (encrypt on a deleted key would silently re-create it with upsert rights).
             let meta = inner.read_meta().await?;
-            let ours = inner.version(self.version).map(|v| v.created);
-            if meta.created(self.version) != ours {
+            if meta.created(self.version).as_ref() != Some(&self.created) {
                 return Err(RootError::Rejected(format!(
                     "{} was deleted and re-created since the plugin opened it; it is not the \
                      key key_id {} names (reload the plugin to use the new key)",
@@ -294,7 +319,7 @@ impl RootKey for VaultTransitRoot {
             let Some(version) = transit::version_of(ciphertext) else {
                 return Err(RootError::Authentication);
             };
-            if inner.version(version).map(|v| v.key_id).as_ref() != Some(&self.key_id) {
+            if inner.version(version).as_ref() != Some(&self.key_id) {
                 return Err(RootError::Authentication);
             }
             let s = &inner.settings;

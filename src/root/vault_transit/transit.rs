@@ -65,10 +65,12 @@ impl KeyMeta {
         })
     }
 
-    /// The versions Vault still decrypts, oldest first.
-    pub fn decryptable(&self) -> impl Iterator<Item = u32> + '_ {
-        (self.min_decryption_version.max(1)..=self.latest_version)
-            .filter(|v| self.created(*v).is_some())
+    /// The versions Vault lists (not trimmed), oldest first. Those below
+    /// `min_decryption_version` are kept too, so that Vault's refusal names the key.
+    pub fn listed(&self) -> Vec<u32> {
+        let mut versions: Vec<u32> = self.keys.keys().filter_map(|v| v.parse().ok()).collect();
+        versions.sort_unstable();
+        versions
     }
 
     /// Refuses a key the plugin cannot use safely; the message names the key and why.
@@ -243,7 +245,7 @@ mod tests {
             "keys": {"1": 1700000000, "2": 1700000100}
         });
         meta(good.clone()).check_usable("k").expect("usable");
-        assert_eq!(meta(good.clone()).decryptable().collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(meta(good.clone()).listed(), [1, 2]);
         let with = |field: &str, value: serde_json::Value| {
             let mut m = good.clone();
             m[field] = value;
