@@ -1,6 +1,7 @@
 //! Cost of the `:authority` rewriter per request header block, for a
 //! grpc-go style KMS request: valid authority (verbatim passthrough) versus
 //! a socket-path authority (decode, rewrite, re-encode).
+#![allow(missing_docs)] // criterion_group! defines an undocumented pub fn
 
 use criterion::{BatchSize, Criterion, Throughput, black_box, criterion_group, criterion_main};
 use kms_plugin::h2authority::Rewriter;
@@ -80,7 +81,7 @@ fn bench(c: &mut Criterion) {
                 out.clear();
                 r.feed(black_box(&steady), &mut out).expect("valid block");
                 black_box(out.len())
-            })
+            });
         });
         let first = headers_frame(&first_block(authority));
         g.bench_function(format!("first_request_new_connection/{name}"), |b| {
@@ -96,7 +97,7 @@ fn bench(c: &mut Criterion) {
                     out.len()
                 },
                 BatchSize::SmallInput,
-            )
+            );
         });
     }
     g.finish();

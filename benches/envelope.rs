@@ -2,6 +2,7 @@
 //! in-process through the keyring, and end to end through the gRPC server on a Unix socket.
 //!
 //! Run: `cargo bench --bench envelope`
+#![allow(missing_docs)] // criterion_group! defines an undocumented pub fn
 
 use std::sync::Arc;
 
@@ -53,7 +54,7 @@ fn keyring(c: &mut Criterion) {
     let mut group = c.benchmark_group("keyring");
     group.throughput(Throughput::Elements(1));
     group.bench_function("encrypt_32B", |b| {
-        b.iter(|| keyring.encrypt(&seed).expect("encrypt"))
+        b.iter(|| keyring.encrypt(&seed).expect("encrypt"));
     });
     let sealed = keyring.encrypt(&seed).expect("encrypt");
     let key_id = sealed.key_id.clone();
@@ -63,7 +64,7 @@ fn keyring(c: &mut Criterion) {
                 .decrypt(&key_id, &sealed.ciphertext, &sealed.annotations)
                 .await
                 .expect("decrypt")
-        })
+        });
     });
     group.finish();
 }
@@ -141,7 +142,7 @@ fn grpc_over_socket(c: &mut Criterion) {
                 let mut client = client.clone();
                 let request = request.clone();
                 async move { client.encrypt(request).await.expect("encrypt") }
-            })
+            });
         });
         let sealed = rt
             .block_on(client.encrypt(request.clone()))
@@ -158,7 +159,7 @@ fn grpc_over_socket(c: &mut Criterion) {
                 let mut client = client.clone();
                 let request = decrypt.clone();
                 async move { client.decrypt(request).await.expect("decrypt") }
-            })
+            });
         });
         group.finish();
         let _ = stop.send(());

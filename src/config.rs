@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::envelope::annotations;
+use crate::root;
 
 /// Where the socket lives when neither the config file nor `--socket` names one.
 pub const DEFAULT_SOCKET: &str = "/run/kms-plugin/kms.sock";
@@ -73,6 +74,7 @@ pub struct Config {
     /// Which root keys do what.
     pub kek: KekConfig,
     /// The root keys, by name.
+    #[serde(deserialize_with = "keys_by_name")]
     pub keys: BTreeMap<String, KeyConfig>,
     /// Lifetime of a local KEK.
     #[serde(default)]
@@ -99,231 +101,39 @@ pub struct KekConfig {
     pub also_wrap: Vec<String>,
 }
 
-/// `[keys.NAME]`: one root key, by provider.
+/// `[keys.NAME]`: one root key, by provider. Each variant is the provider's own config
+/// type (in `src/root/<provider>/config.rs`); this file knows none of their fields.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "provider", rename_all = "kebab-case")]
 pub enum KeyConfig {
     /// A 32-byte key in a file (mode 0600).
-    File(FileKeyConfig),
+    File(root::file::Config),
     /// A symmetric AWS KMS key, by ARN.
-    AwsKms(AwsKmsKeyConfig),
+    AwsKms(root::aws_kms::Config),
     /// An AES-256 key inside a PKCS#11 token (HSM, SoftHSM2).
-    Pkcs11(Pkcs11KeyConfig),
+    Pkcs11(root::pkcs11::Config),
     /// A HashiCorp Vault / OpenBao Transit key.
-    VaultTransit(crate::root::vault_transit::Config),
+    VaultTransit(root::vault_transit::Config),
 }
 
 impl KeyConfig {
     /// The provider name as written in the config file.
     pub fn provider(&self) -> &'static str {
-        match self {
-            KeyConfig::File(_) => "file",
-            KeyConfig::AwsKms(_) => "aws-kms",
-            KeyConfig::Pkcs11(_) => "pkcs11",
-            KeyConfig::VaultTransit(_) => "vault-transit",
-        }
+        root::provider(self).name()
     }
 }
 
-/// `provider = "file"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileKeyConfig {
-    /// Path of the 32-byte raw key file.
-    pub path: PathBuf,
-}
-
-/// `provider = "aws-kms"`. Credentials come only from the standard AWS chain (environment,
-/// profile, web identity / IRSA, instance metadata), never from this file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AwsKmsKeyConfig {
-    /// The full key ARN (`arn:aws:kms:REGION:ACCOUNT:key/ID`). Aliases are refused: an
-    /// alias can be repointed, which would silently change the key behind a key_id.
-    pub key_id: String,
-    /// The AWS region of the key.
-    pub region: String,
-    /// Endpoint URL override (VPC or FIPS endpoint, an emulator). Must be https:// unless
-    /// `allow_http` is set.
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    /// Accept a plain `http://` endpoint (an emulator on loopback; never a real KMS: the
-    /// wrapped keys and credentials would cross the network in clear).
-    #[serde(default)]
-    pub allow_http: bool,
-    /// Extra EncryptionContext pairs sent with every call, on top of the plugin's own.
-    #[serde(default)]
-    pub encryption_context: BTreeMap<String, String>,
-    /// Total time budget of one KMS operation, retries included, in milliseconds. Kept
-    /// below kube-apiserver's default 3 s deadline.
-    #[serde(default = "default_aws_timeout_ms")]
-    pub timeout_ms: u64,
-    /// Time limit of a single attempt (connect + request), in milliseconds.
-    #[serde(default = "default_aws_attempt_timeout_ms")]
-    pub attempt_timeout_ms: u64,
-}
-
-/// Encryption-context keys with this prefix belong to the plugin.
-pub const RESERVED_CONTEXT_PREFIX: &str = "kms-plugin/";
-
-fn default_aws_timeout_ms() -> u64 {
-    2500
-}
-
-fn default_aws_attempt_timeout_ms() -> u64 {
-    1000
-}
-
-impl AwsKmsKeyConfig {
-    fn validate(&self, name: &str) -> Result<(), String> {
-        let at = format!("[keys.{name}]");
-        let arn = &self.key_id;
-        // arn:PARTITION:kms:REGION:ACCOUNT:key/ID
-        let parts: Vec<&str> = arn.splitn(6, ':').collect();
-        let is_key_arn = parts.len() == 6
-            && parts[0] == "arn"
-            && !parts[1].is_empty()
-            && parts[2] == "kms"
-            && !parts[4].is_empty()
-            && parts[5]
-                .strip_prefix("key/")
-                .is_some_and(|id| !id.is_empty() && !id.contains('/'));
-        if !is_key_arn {
-            let hint = if arn.contains("alias/") {
-                "aliases are not accepted because they can be repointed to another key; "
-            } else {
-                ""
-            };
-            return Err(format!(
-                "{at} key_id must be a full key ARN like arn:aws:kms:REGION:ACCOUNT:key/ID, not \"{arn}\" \
-                 ({hint}find it with `aws kms describe-key --key-id ... --query KeyMetadata.Arn`)"
-            ));
-        }
-        if self.region.is_empty() {
-            return Err(format!("{at} region must not be empty"));
-        }
-        if parts[3] != self.region {
-            return Err(format!(
-                "{at} region \"{}\" differs from the region in the key ARN (\"{}\")",
-                self.region, parts[3]
-            ));
-        }
-        if let Some(endpoint) = &self.endpoint {
-            let scheme = endpoint
-                .split_once("://")
-                .map(|(s, _)| s.to_ascii_lowercase());
-            match scheme.as_deref() {
-                Some("https") => {}
-                Some("http") if self.allow_http => {}
-                Some("http") => {
-                    return Err(format!(
-                        "{at} endpoint \"{endpoint}\" is plain http: wrapped keys and request \
-                         signatures would cross the network unencrypted; use https://, or set \
-                         allow_http = true (only for an emulator on loopback)"
-                    ));
-                }
-                _ => {
-                    return Err(format!(
-                        "{at} endpoint must be an https:// URL, not \"{endpoint}\""
-                    ));
-                }
-            }
-        }
-        for key in self.encryption_context.keys() {
-            if key.is_empty() {
-                return Err(format!("{at} encryption_context keys must not be empty"));
-            }
-            if key.starts_with(RESERVED_CONTEXT_PREFIX) {
-                return Err(format!(
-                    "{at} encryption_context key \"{key}\" is reserved: keys starting with \"{RESERVED_CONTEXT_PREFIX}\" are the plugin's own"
-                ));
-            }
-        }
-        if !(100..=60_000).contains(&self.timeout_ms) {
-            return Err(format!("{at} timeout_ms must be 100 to 60000"));
-        }
-        if self.attempt_timeout_ms < 50 || self.attempt_timeout_ms > self.timeout_ms {
-            return Err(format!(
-                "{at} attempt_timeout_ms must be at least 50 and at most timeout_ms"
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// `provider = "pkcs11"`. Holds where the PIN is, never the PIN itself.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Pkcs11KeyConfig {
-    /// Path of the PKCS#11 module (shared library), e.g. `/usr/lib/softhsm/libsofthsm2.so`.
-    pub module: PathBuf,
-    /// Label of the token holding the key (or give `slot`).
-    #[serde(default)]
-    pub token_label: Option<String>,
-    /// Slot number of the token (or give `token_label`).
-    #[serde(default)]
-    pub slot: Option<u64>,
-    /// CKA_LABEL of the AES key.
-    pub key_label: String,
-    /// CKA_ID of the AES key, in hex, to tell apart keys sharing a label.
-    #[serde(default)]
-    pub key_id_hex: Option<String>,
-    /// File holding the user PIN (a trailing newline is ignored).
-    #[serde(default)]
-    pub pin_file: Option<PathBuf>,
-    /// Name of the environment variable holding the user PIN.
-    #[serde(default)]
-    pub pin_env: Option<String>,
-    /// Accept a key that is extractable or not sensitive (not recommended).
-    #[serde(default)]
-    pub allow_extractable: bool,
-    /// Most milliseconds one wrap or unwrap may take, waiting for a free session included;
-    /// a hung token then fails the call as unavailable instead of holding it forever.
-    #[serde(default = "default_pkcs11_timeout_ms")]
-    pub timeout_ms: u64,
-}
-
-fn default_pkcs11_timeout_ms() -> u64 {
-    2500
-}
-
-impl Pkcs11KeyConfig {
-    /// Checks the choices that must be exactly one of two.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.token_label.is_some() == self.slot.is_some() {
-            return Err("a pkcs11 key needs exactly one of token_label and slot".into());
-        }
-        if self.pin_file.is_some() == self.pin_env.is_some() {
-            return Err(
-                "a pkcs11 key needs exactly one of pin_file and pin_env (never a PIN literal)"
-                    .into(),
-            );
-        }
-        if self.key_label.is_empty() {
-            return Err("a pkcs11 key needs a non-empty key_label".into());
-        }
-        if let Some(id) = &self.key_id_hex
-            && (id.is_empty() || hex::decode(id).is_err())
-        {
-            return Err(format!("key_id_hex \"{id}\" is not a non-empty hex string"));
-        }
-        if !(1..60_000).contains(&self.timeout_ms) {
-            return Err(format!(
-                "timeout_ms = {} is out of range: give 1 to 59999 milliseconds (default 2500)",
-                self.timeout_ms
-            ));
-        }
-        Ok(())
-    }
-
-    /// The token as named in messages.
-    pub fn token_name(&self) -> String {
-        match (&self.token_label, self.slot) {
-            (Some(label), _) => format!("token \"{label}\""),
-            (None, Some(slot)) => format!("the token in slot {slot}"),
-            (None, None) => "the token".into(),
-        }
-    }
+/// Parses `[keys]` entry by entry, so that a provider's error names the entry it is about.
+fn keys_by_name<'de, D: serde::Deserializer<'de>>(
+    de: D,
+) -> Result<BTreeMap<String, KeyConfig>, D::Error> {
+    let raw = BTreeMap::<String, toml::Value>::deserialize(de)?;
+    raw.into_iter()
+        .map(|(name, value)| match KeyConfig::deserialize(value) {
+            Ok(key) => Ok((name, key)),
+            Err(e) => Err(serde::de::Error::custom(format!("[keys.{name}]: {e}"))),
+        })
+        .collect()
 }
 
 /// `[local_kek]`: when a local KEK is replaced.
@@ -498,7 +308,7 @@ impl Config {
         let mut keys = BTreeMap::new();
         keys.insert(
             DEFAULT_KEY_NAME.to_string(),
-            KeyConfig::File(FileKeyConfig {
+            KeyConfig::File(root::file::Config {
                 path: state_dir.join(DEFAULT_ROOT_KEY_FILE),
             }),
         );
@@ -546,13 +356,6 @@ impl Config {
             }
             if !seen.insert(name) {
                 return Err(format!("[kek] names key \"{name}\" more than once"));
-            }
-        }
-        for (name, key) in &self.keys {
-            match key {
-                KeyConfig::AwsKms(aws) => aws.validate(name)?,
-                KeyConfig::Pkcs11(p) => p.validate().map_err(|e| format!("[keys.{name}]: {e}"))?,
-                KeyConfig::File(_) | KeyConfig::VaultTransit(_) => {}
             }
         }
         // Each wrapping root adds one annotation of at most MAX_WRAPPED_LEN bytes plus a
@@ -774,8 +577,31 @@ fn octal_mode<'de, D: serde::Deserializer<'de>>(de: D) -> Result<u32, D::Error> 
     })
 }
 
+/// Parse helpers for the config tests here and in each provider's `config.rs`.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::Config;
+
+    /// Parses `text`, which must be valid.
+    pub(crate) fn parse(text: &str) -> Config {
+        match Config::parse(text) {
+            Ok(c) => c,
+            Err(e) => panic!("refused: {e}\n{text}"),
+        }
+    }
+
+    /// The error `text` is refused with.
+    pub(crate) fn error_of(text: &str) -> String {
+        match Config::parse(text) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_support::error_of;
     use super::*;
 
     const MINIMAL: &str = r#"
@@ -807,13 +633,6 @@ mod tests {
         let c = Config::parse(&text).expect("valid");
         assert_eq!(c.socket_mode, 0o660);
         assert_eq!(c.api_version, ApiVersion::V2Beta1);
-    }
-
-    fn error_of(text: &str) -> String {
-        match Config::parse(text) {
-            Ok(_) => panic!("accepted: {text}"),
-            Err(e) => e.to_string(),
-        }
     }
 
     #[test]
@@ -900,110 +719,6 @@ mod tests {
         );
     }
 
-    const AWS: &str = r#"
-        [kek]
-        active = "aws"
-        [keys.aws]
-        provider = "aws-kms"
-        key_id = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-        region = "eu-west-1"
-    "#;
-
-    #[test]
-    fn vault_transit_parses_and_names_the_key_when_invalid() {
-        let text = r#"
-        [kek]
-        active = "vault"
-        [keys.vault]
-        provider = "vault-transit"
-        address = "https://vault.example:8200"
-        key = "kms-plugin"
-        token_file = "/run/vault/token"
-    "#;
-        let c = Config::parse(text).expect("valid");
-        let KeyConfig::VaultTransit(v) = &c.keys["vault"] else {
-            panic!("not vault-transit")
-        };
-        assert_eq!(c.keys["vault"].provider(), "vault-transit");
-        assert_eq!(
-            (v.mount.as_str(), v.key.as_str()),
-            ("transit", "kms-plugin")
-        );
-        let bad = text.replace("https://vault.example", "http://vault.example");
-        let err = Config::parse(&bad).expect_err("plain http").to_string();
-        assert!(
-            err.contains("keys.vault") && err.contains("allow_http"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn aws_kms_parses_with_defaults_and_options() {
-        let c = Config::parse(AWS).expect("valid");
-        let KeyConfig::AwsKms(k) = &c.keys["aws"] else {
-            panic!("not aws-kms")
-        };
-        assert_eq!(c.keys["aws"].provider(), "aws-kms");
-        assert_eq!(k.region, "eu-west-1");
-        assert_eq!((k.timeout_ms, k.attempt_timeout_ms), (2500, 1000));
-        assert!(k.endpoint.is_none() && k.encryption_context.is_empty());
-
-        let text = format!(
-            "{AWS}\nendpoint = \"https://kms-fips.eu-west-1.amazonaws.com\"\ntimeout_ms = 2000\n\
-             [keys.aws.encryption_context]\ncluster = \"prod\"\n"
-        );
-        let c = Config::parse(&text).expect("valid");
-        let KeyConfig::AwsKms(k) = &c.keys["aws"] else {
-            panic!("not aws-kms")
-        };
-        assert_eq!(k.encryption_context["cluster"], "prod");
-        assert_eq!(k.timeout_ms, 2000);
-    }
-
-    #[test]
-    fn aws_kms_bad_settings_are_rejected() {
-        let arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
-        let alias = AWS.replace(arn, "arn:aws:kms:eu-west-1:111122223333:alias/k8s");
-        assert!(error_of(&alias).contains("aliases are not accepted"));
-        assert!(error_of(&AWS.replace(arn, "alias/k8s")).contains("full key ARN"));
-        assert!(
-            error_of(&AWS.replace(arn, "1234abcd-12ab-34cd-56ef-1234567890ab"))
-                .contains("full key ARN")
-        );
-        assert!(
-            error_of(&AWS.replace("region = \"eu-west-1\"", "region = \"us-east-1\""))
-                .contains("differs")
-        );
-        assert!(error_of(&format!("{AWS}\nendpoint = \"kms.local\"")).contains("endpoint"));
-        assert!(error_of(&format!("{AWS}\ntimeout_ms = 10")).contains("timeout_ms"));
-        assert!(
-            error_of(&format!("{AWS}\nattempt_timeout_ms = 5000")).contains("attempt_timeout_ms")
-        );
-        assert!(error_of(&format!("{AWS}\naccess_key_id = \"AKIA\"")).contains("access_key_id"));
-        let clash =
-            format!("{AWS}\n[keys.aws.encryption_context]\n\"kms-plugin/purpose\" = \"x\"\n");
-        assert!(error_of(&clash).contains("reserved"));
-    }
-
-    #[test]
-    fn aws_endpoint_must_be_https_unless_http_is_allowed() {
-        let https = format!("{AWS}\nendpoint = \"https://kms.internal:8443\"");
-        assert!(Config::parse(&https).is_ok());
-        let http = format!("{AWS}\nendpoint = \"http://127.0.0.1:5000\"");
-        let err = error_of(&http);
-        assert!(
-            err.contains("[keys.aws]") && err.contains("plain http") && err.contains("allow_http"),
-            "{err}"
-        );
-        assert!(error_of(&http.replace("http://", "HTTP://")).contains("allow_http"));
-        let allowed = format!("{http}\nallow_http = true");
-        let c = Config::parse(&allowed).expect("valid");
-        assert!(matches!(&c.keys["aws"], KeyConfig::AwsKms(k) if k.allow_http));
-        // allow_http does not make other schemes acceptable.
-        let ftp = format!("{AWS}\nendpoint = \"ftp://x\"\nallow_http = true");
-        assert!(error_of(&ftp).contains("must be an https:// URL"));
-    }
-
     /// Each numeric setting, with the first value out of range on each side.
     #[test]
     fn numbers_out_of_range_are_rejected_with_field_and_range() {
@@ -1078,55 +793,6 @@ mod tests {
             ));
         }
         assert!(error_of(&keys).contains("at most 64"));
-    }
-
-    const PKCS11: &str = r#"
-        [kek]
-        active = "hsm"
-        [keys.hsm]
-        provider = "pkcs11"
-        module = "/usr/lib/softhsm/libsofthsm2.so"
-        token_label = "kms"
-        key_label = "root"
-        pin_file = "/etc/kms-plugin/pin"
-    "#;
-
-    #[test]
-    fn pkcs11_config_parses_and_validates() {
-        let c = Config::parse(PKCS11).expect("valid");
-        let KeyConfig::Pkcs11(p) = &c.keys["hsm"] else {
-            panic!("not pkcs11")
-        };
-        assert_eq!(p.token_label.as_deref(), Some("kms"));
-        assert!(!p.allow_extractable);
-        assert_eq!(p.timeout_ms, 2500);
-        assert_eq!(c.keys["hsm"].provider(), "pkcs11");
-        assert!(
-            error_of(&PKCS11.replace("key_label", "pin = \"1234\"\nkey_label")).contains("pin")
-        );
-        assert!(
-            error_of(&PKCS11.replace("token_label = \"kms\"", "token_label = \"kms\"\nslot = 1"))
-                .contains("exactly one of token_label")
-        );
-        assert!(
-            error_of(&PKCS11.replace("pin_file", "pin_env = \"PIN\"\npin_file"))
-                .contains("exactly one of pin_file")
-        );
-        assert!(
-            error_of(&PKCS11.replace("key_label", "key_id_hex = \"zz\"\nkey_label"))
-                .contains("hex")
-        );
-        let with_timeout =
-            |ms: &str| PKCS11.replace("key_label", &format!("timeout_ms = {ms}\nkey_label"));
-        let c = Config::parse(&with_timeout("800")).expect("timeout_ms = 800");
-        assert!(matches!(&c.keys["hsm"], KeyConfig::Pkcs11(p) if p.timeout_ms == 800));
-        for bad in ["0", "60000"] {
-            let e = error_of(&with_timeout(bad));
-            assert!(
-                e.contains("[keys.hsm]: timeout_ms") && e.contains("1 to 59999"),
-                "{e}"
-            );
-        }
     }
 
     #[test]

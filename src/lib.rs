@@ -4,18 +4,22 @@
 //! AES-256-GCM under a *local KEK*, and the local KEK travels, wrapped by one or more *root
 //! keys* (a file, an HSM over PKCS#11, AWS KMS), in the response annotations.
 //!
-//! Layers, outside in:
-//! - [`server`]: Unix socket, tonic server, signals;
+//! Layers, outside in (each calls only those below it; README "Architecture" has the map of
+//! which concern lives where):
+//! - [`server`]: Unix socket, accept loop and peer credentials, tonic server, signals;
 //! - [`h2authority`]: rewrites the invalid `:authority` older apiservers send, so h2 accepts it;
 //! - [`service`]: the gRPC handlers and the one error-to-status mapping;
 //! - [`plugin`]: the keyring in force, reloads;
-//! - [`keyring`]: local KEKs, their rotation, the unwrap cache, the roots' roles;
-//! - [`envelope`]: the ciphertext format and annotations;
-//! - [`root`]: root key providers behind one trait;
-//! - [`config`], [`secret`], [`metrics`], [`systemd`], [`proto`], [`client`], [`cli`].
+//! - [`keyring`]: local KEKs, their rotation, the unwrap cache, the roots' roles, health;
+//! - [`root`]: root key providers (one folder each) behind one trait, typed errors;
+//! - [`envelope`]: the ciphertext format and annotations.
+//!
+//! Beside them: [`cmd`] (one module per subcommand; `main.rs` only parses and calls it),
+//! [`config`] (composition of the config file), [`secret`], [`metrics`], [`systemd`],
+//! [`process`], [`secure_path`], [`proto`], [`client`].
 
-pub mod cli;
 pub mod client;
+pub mod cmd;
 pub mod config;
 pub mod envelope;
 pub mod h2authority;
@@ -25,7 +29,6 @@ pub mod plugin;
 pub mod process;
 pub mod proto;
 pub mod root;
-pub mod rotate;
 pub mod secret;
 pub mod secure_path;
 pub mod server;

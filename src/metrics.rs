@@ -127,8 +127,8 @@ impl Metrics {
         let _ = writeln!(
             out,
             "kms_plugin_healthy{{key_id=\"{}\"}} {}",
-            health.key_id,
-            u8::from(health.healthz == "ok")
+            keyring.key_id(),
+            u8::from(health.is_ready())
         );
 
         let (roots, local) = keyring.info();

@@ -173,7 +173,7 @@ impl Plugin {
                 loaded.config = config.clone();
             }
             Err(e) => {
-                tracing::error!(config = %path.display(), error = %e, "reload refused; the previous configuration keeps serving")
+                tracing::error!(config = %path.display(), error = %e, "reload refused; the previous configuration keeps serving");
             }
         }
         crate::systemd::reloaded(&self.keyring());
@@ -196,7 +196,7 @@ impl Plugin {
         let dropped: Vec<String> = current
             .key_ids()
             .filter(|id| !kept.contains(id))
-            .map(|id| id.to_string())
+            .map(std::string::ToString::to_string)
             .collect();
         if !dropped.is_empty() {
             if !force {
@@ -256,4 +256,94 @@ fn hash_file(path: &std::path::Path) -> Option<[u8; 32]> {
     std::fs::read(path)
         .ok()
         .map(|text| fingerprint(b"kms-plugin config", &[&text]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::root;
+
+    /// A config file with file roots `a` and `b` in `dir`, `active` active, `retired`
+    /// retired, plus `extra` top-level lines.
+    fn config_text(dir: &std::path::Path, active: &str, retired: &[&str], extra: &str) -> String {
+        let list: Vec<String> = retired.iter().map(|r| format!("\"{r}\"")).collect();
+        let mut text = format!(
+            "{extra}\n[kek]\nactive = \"{active}\"\nretired = [{}]\n",
+            list.join(",")
+        );
+        for name in std::iter::once(&active).chain(retired) {
+            text.push_str(&format!(
+                "[keys.{name}]\nprovider = \"file\"\npath = \"{}\"\n",
+                dir.join(format!("{name}.key")).display()
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn start_up_settings_are_kept_and_reported_the_rest_applies() {
+        let dir = Path::new("/nonexistent");
+        let old = Config::parse(&config_text(dir, "a", &[], "")).expect("old");
+        let mut new = Config::parse(&config_text(
+            dir,
+            "b",
+            &["a"],
+            "socket_mode = \"0660\"\nadmin_uids = [0]\n[local_kek]\nmax_age_seconds = 3600",
+        ))
+        .expect("new");
+        let changed = keep_start_up_settings(&old, &mut new);
+        assert_eq!(changed, ["socket_mode", "admin_uids"]);
+        assert_eq!((new.socket_mode, new.admin_uids), (0o600, None));
+        assert_eq!(new.kek.active, "b", "roles apply");
+        assert_eq!(new.kek.retired, ["a"]);
+        assert_eq!(new.local_kek.max_age_seconds, 3600, "lifetimes apply");
+    }
+
+    use std::path::Path;
+
+    #[tokio::test]
+    async fn a_reload_applies_role_changes_and_refuses_to_drop_keys_unless_forced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kms.toml");
+        let write = |text: String| std::fs::write(&path, text).expect("write config");
+        write(config_text(dir.path(), "a", &["b"], ""));
+        let config = Config::load(&path).expect("config");
+        for key in config.keys.values() {
+            root::create(key).await.expect("create key");
+        }
+        let b_id = root::open("b", &config.keys["b"])
+            .await
+            .expect("b")
+            .key_id()
+            .clone();
+        let plugin = Plugin::start(&config, Source::File(path.clone()))
+            .await
+            .expect("start");
+        let a_id = plugin.keyring().key_id().clone();
+
+        write(config_text(
+            dir.path(),
+            "b",
+            &["a"],
+            "socket_mode = \"0660\"",
+        ));
+        let reloaded = plugin.reload(false).await.expect("reload");
+        assert_eq!(reloaded.key_id, b_id);
+        assert_eq!(reloaded.needs_restart, ["socket_mode"]);
+        assert_eq!(plugin.keyring().key_id(), &b_id);
+
+        write(config_text(dir.path(), "b", &[], ""));
+        match plugin.reload(false).await {
+            Err(ReloadError::WouldDrop(ids)) => assert_eq!(ids, a_id.to_string()),
+            other => panic!("dropped a key without --force: {other:?}"),
+        }
+        assert_eq!(
+            plugin.keyring().key_ids().count(),
+            2,
+            "old keyring still serves"
+        );
+        plugin.reload(true).await.expect("forced reload");
+        assert_eq!(plugin.keyring().key_ids().count(), 1);
+        plugin.stop();
+    }
 }

@@ -9,6 +9,7 @@
 use std::io;
 
 /// Makes the process non-dumpable and sets its core size limit to 0.
+#[allow(unsafe_code)] // setrlimit(2) and prctl(2), see SAFETY
 pub fn harden() -> io::Result<()> {
     let no_core = libc::rlimit {
         rlim_cur: 0,
@@ -26,6 +27,7 @@ pub fn harden() -> io::Result<()> {
 }
 
 /// Whether the process is dumpable (PR_GET_DUMPABLE).
+#[allow(unsafe_code)] // prctl(2), see SAFETY
 pub fn is_dumpable() -> bool {
     // SAFETY: PR_GET_DUMPABLE takes no pointer arguments.
     unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 }
@@ -36,6 +38,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(unsafe_code)] // getrlimit(2), see SAFETY
     fn harden_disables_dumps_and_cores() {
         // Runs in the test process; being non-dumpable harms no other test.
         harden().expect("harden");

@@ -3,11 +3,13 @@
 use std::fmt;
 
 /// The KMS v2 API exactly as kube-apiserver speaks it (`package v2`).
+#[allow(missing_docs)] // generated; the .proto file documents it
 pub mod v2 {
     tonic::include_proto!("v2");
 }
 
 /// The operator API served beside it (`kms-plugin status`, `kms-plugin rotate`).
+#[allow(missing_docs)] // generated; the .proto file documents it
 pub mod admin {
     tonic::include_proto!("kmsplugin.admin.v1");
 }

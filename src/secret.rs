@@ -1,44 +1,50 @@
-//! Key material types. They zeroize on drop and never print their bytes.
+//! Key material types. They zeroize on drop, never print their bytes and cannot be
+//! cloned; PINs and tokens use [`secrecy::SecretString`] directly.
 
 use std::fmt;
 
 use rand::RngCore;
 use rand::rngs::OsRng;
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use secrecy::{ExposeSecret, SecretBox};
+use zeroize::ZeroizeOnDrop;
 
 /// Length of every symmetric key this plugin handles (AES-256).
 pub const KEY_LEN: usize = 32;
 
 /// A 256-bit symmetric key: a local KEK or a file-held root key.
 ///
-/// Boxed so moves copy a pointer, not the key; zeroized on drop.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct Key256(Box<[u8; KEY_LEN]>);
+/// On [`secrecy::SecretBox`]: boxed so moves copy a pointer, not the key; zeroized on drop;
+/// no `Clone`; Debug never prints the bytes; reading them takes an explicit
+/// [`Key256::expose_secret`].
+pub struct Key256(SecretBox<[u8; KEY_LEN]>);
 
 impl Key256 {
     /// A fresh key from the operating system's CSPRNG.
     pub fn generate() -> Self {
-        let mut key = Self(Box::new([0u8; KEY_LEN]));
-        OsRng.fill_bytes(key.0.as_mut_slice());
-        key
+        Self(SecretBox::init_with_mut(|key: &mut [u8; KEY_LEN]| {
+            OsRng.fill_bytes(key);
+        }))
     }
 
     /// Copies a key out of `bytes`; `None` unless it is exactly 32 bytes long.
     /// The caller stays responsible for zeroizing its own buffer.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        let mut key = Self(Box::new([0u8; KEY_LEN]));
         if bytes.len() != KEY_LEN {
             return None;
         }
-        key.0.copy_from_slice(bytes);
-        Some(key)
+        Some(Self(SecretBox::init_with_mut(|key: &mut [u8; KEY_LEN]| {
+            key.copy_from_slice(bytes);
+        })))
     }
 
     /// The raw key bytes, for handing to a cipher.
-    pub fn expose(&self) -> &[u8; KEY_LEN] {
-        &self.0
+    pub fn expose_secret(&self) -> &[u8; KEY_LEN] {
+        self.0.expose_secret()
     }
 }
+
+/// The inner [`SecretBox`] zeroizes the key when dropped.
+impl ZeroizeOnDrop for Key256 {}
 
 impl fmt::Debug for Key256 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -66,14 +72,10 @@ mod tests {
     }
 
     #[test]
-    fn zeroize_clears_the_bytes() {
-        let mut key = Key256::from_slice(&[7; KEY_LEN]).expect("32 bytes");
-        key.zeroize();
-        assert_eq!(key.expose(), &[0u8; KEY_LEN]);
-    }
-
-    #[test]
     fn generated_keys_differ() {
-        assert_ne!(Key256::generate().expose(), Key256::generate().expose());
+        assert_ne!(
+            Key256::generate().expose_secret(),
+            Key256::generate().expose_secret()
+        );
     }
 }

@@ -16,6 +16,7 @@ const STICKY: u32 = 0o1000;
 static SERVICE_USER: OnceLock<u32> = OnceLock::new();
 
 /// The plugin's effective uid.
+#[allow(unsafe_code)] // geteuid(2), see SAFETY
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }

@@ -8,15 +8,18 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroize;
 
-use crate::keyring::KeyringError;
+use crate::keyring::{KeyringError, RootReport};
 use crate::metrics::Op;
 use crate::plugin::Plugin;
 use crate::proto::admin::admin_server::Admin;
-use crate::proto::admin::{InfoRequest, InfoResponse, ReloadRequest, ReloadResponse};
+use crate::proto::admin::{
+    InfoRequest, InfoResponse, LocalKekInfo, ReloadRequest, ReloadResponse, RootInfo,
+};
 use crate::proto::v2::key_management_service_server::KeyManagementService;
 use crate::proto::v2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
+use crate::root::ErrorKind;
 
 /// Decrypt waits at most this long for a root when the client sent no deadline.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(3);
@@ -57,7 +60,7 @@ impl Service {
         match result {
             Ok(_) => tracing::info!(op, uid = %uid, key_id = %key_id, outcome = "ok", micros),
             Err(e) => {
-                tracing::warn!(op, uid = %uid, key_id = %key_id, outcome = "error", error = %e, micros)
+                tracing::warn!(op, uid = %uid, key_id = %key_id, outcome = "error", error = %e, micros);
             }
         }
     }
@@ -69,15 +72,15 @@ impl KeyManagementService for Service {
         let started = std::time::Instant::now();
         let keyring = self.plugin.keyring();
         let health = keyring.health();
-        tracing::debug!(op = "status", key_id = %health.key_id, healthz = %health.healthz);
-        let healthy = health.healthz == "ok";
+        let key_id = keyring.key_id().to_string();
+        tracing::debug!(op = "status", key_id = %key_id, healthz = %health.healthz());
         self.plugin
             .metrics()
-            .observe(Op::Status, healthy, started.elapsed());
+            .observe(Op::Status, health.is_ready(), started.elapsed());
         Ok(Response::new(StatusResponse {
             version: keyring.api_version().as_str().to_string(),
-            healthz: health.healthz,
-            key_id: health.key_id,
+            healthz: health.healthz().to_string(),
+            key_id,
         }))
     }
 
@@ -144,15 +147,19 @@ impl KeyManagementService for Service {
 impl Admin for Service {
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         let keyring = self.plugin.keyring();
-        let health = keyring.health();
         let (roots, local_kek) = keyring.info();
         let cache = keyring.cache();
         Ok(Response::new(InfoResponse {
             version: keyring.api_version().as_str().to_string(),
-            healthz: health.healthz,
-            key_id: health.key_id,
-            roots,
-            local_kek: Some(local_kek),
+            healthz: keyring.health().healthz().to_string(),
+            key_id: keyring.key_id().to_string(),
+            roots: roots.into_iter().map(root_info).collect(),
+            local_kek: Some(LocalKekInfo {
+                encryptions: local_kek.encryptions,
+                max_encryptions: local_kek.max_encryptions,
+                age_seconds: local_kek.age_seconds,
+                max_age_seconds: local_kek.max_age_seconds,
+            }),
             cache_entries: cache.len() as u64,
             cache_capacity: cache.capacity() as u64,
             config_source: self.plugin.source().to_string(),
@@ -172,7 +179,7 @@ impl Admin for Service {
                 needs_restart: reloaded
                     .needs_restart
                     .iter()
-                    .map(|f| f.to_string())
+                    .map(std::string::ToString::to_string)
                     .collect(),
             })),
             // The operator's own configuration problem: tell them all of it.
@@ -189,13 +196,36 @@ pub fn to_status(error: &KeyringError) -> Status {
         KeyringError::InvalidRequest(_) | KeyringError::Envelope(_) => {
             Status::invalid_argument(message)
         }
-        KeyringError::UnknownKeyId | KeyringError::RootRejected { .. } => {
-            Status::failed_precondition(message)
-        }
-        KeyringError::RootUnavailable { .. } | KeyringError::NotReady(_) => {
-            Status::unavailable(message)
-        }
-        KeyringError::Throttled { .. } => Status::resource_exhausted(message),
+        KeyringError::UnknownKeyId => Status::failed_precondition(message),
+        KeyringError::NotReady(_) => Status::unavailable(message),
+        // The one mapping from root failure kinds to gRPC codes.
+        KeyringError::Root { kind, .. } => match kind {
+            ErrorKind::Unavailable | ErrorKind::RateLimited => Status::unavailable(message),
+            ErrorKind::Throttled => Status::resource_exhausted(message),
+            ErrorKind::Denied
+            | ErrorKind::KeyDisabled
+            | ErrorKind::CredentialsRejected
+            | ErrorKind::Misconfigured => Status::failed_precondition(message),
+            ErrorKind::NotAuthentic => Status::invalid_argument(message),
+        },
+    }
+}
+
+/// A root as the Admin protocol shows it.
+fn root_info(root: RootReport) -> RootInfo {
+    RootInfo {
+        name: root.name,
+        provider: root.provider.to_string(),
+        key_id: root.key_id,
+        role: root.role.to_string(),
+        state: root.state.to_string(),
+        last_error: root.last_error,
+        last_decrypt_unix: root.last_decrypt_unix,
+        wrap_calls: root.wrap_calls,
+        unwrap_calls: root.unwrap_calls,
+        failed_calls: root.failed_calls,
+        decrypts: root.decrypts,
+        throttled_unwraps: root.throttled_unwraps,
     }
 }
 
@@ -243,16 +273,25 @@ mod tests {
             ),
             (KeyringError::UnknownKeyId, Code::FailedPrecondition),
             (
-                KeyringError::RootRejected { name: "a".into() },
+                KeyringError::Root {
+                    name: "a".into(),
+                    kind: ErrorKind::Denied,
+                },
                 Code::FailedPrecondition,
             ),
             (
-                KeyringError::RootUnavailable { name: "a".into() },
+                KeyringError::Root {
+                    name: "a".into(),
+                    kind: ErrorKind::Unavailable,
+                },
                 Code::Unavailable,
             ),
             (KeyringError::NotReady("x".into()), Code::Unavailable),
             (
-                KeyringError::Throttled { name: "a".into() },
+                KeyringError::Root {
+                    name: "a".into(),
+                    kind: ErrorKind::Throttled,
+                },
                 Code::ResourceExhausted,
             ),
         ];

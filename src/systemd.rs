@@ -19,8 +19,11 @@ fn send(states: &[NotifyState]) {
 
 /// The STATUS= text: what `systemctl status kms-plugin` shows.
 fn status_line(keyring: &Keyring) -> String {
-    let health = keyring.health();
-    format!("key_id {}; healthz {}", health.key_id, health.healthz)
+    format!(
+        "key_id {}; healthz {}",
+        keyring.key_id(),
+        keyring.health().healthz()
+    )
 }
 
 /// Start-up is complete: the socket accepts calls.

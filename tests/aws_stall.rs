@@ -1,7 +1,7 @@
 //! A hung AWS KMS: moto is SIGSTOPped, so connections are accepted (by the kernel) and
 //! requests are never answered, as with a KMS endpoint that stalls. Nothing that does not
 //! need KMS may wait on it, and what needs it must fail within the plugin's KMS budget.
-
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
 #![cfg(feature = "aws-kms")]
 
 mod common;

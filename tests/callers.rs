@@ -1,6 +1,7 @@
 //! Connection floods against the real binary on a loopback Unix socket: the connection cap,
 //! the accept loop's back-off when the process is out of file descriptors, and the
 //! preface timeout. A well-behaved client that is already connected keeps being served.
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! permission checks of the state directory, key and PIN files; reload reporting settings
 //! that need a restart; no core dumps or ptrace; signals during a slow start-up; a stopping
 //! plugin leaving a newer instance's socket alone.
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
 
 mod common;
 

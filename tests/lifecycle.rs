@@ -1,4 +1,5 @@
 //! Start-up, shutdown and socket hygiene of the real binary on its embedded default.
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
 
 mod common;
 

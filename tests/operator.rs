@@ -1,6 +1,7 @@
 //! What an operator following the README trips over (issue 17), through the real binary:
 //! `--state-dir` with `--config`, a closed stdout, errors printed once, a refused uid told
 //! why, what the log shows at the default level.
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
 
 mod common;
 

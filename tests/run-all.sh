@@ -42,6 +42,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 echo "== cargo deny: advisories (offline snapshot), licenses, duplicate crates, sources"
 # 0.20.2 needs rustc >= 1.88 (as does the plugin). Building it takes about 5 CPU-minutes
 # (about 3 minutes on 2 idle cores; 14 on 2 cores shared with other builds).

@@ -64,6 +64,7 @@ pub enum EnvelopeError {
 pub struct KekCipher(ManuallyDrop<Aes256Gcm>);
 
 impl Drop for KekCipher {
+    #[allow(unsafe_code)] // zeroizes the AES key schedule in place, see SAFETY
     fn drop(&mut self) {
         let size = std::mem::size_of::<Aes256Gcm>();
         let storage = std::ptr::from_mut::<Aes256Gcm>(&mut self.0).cast::<u8>();
@@ -79,7 +80,9 @@ impl Drop for KekCipher {
 impl KekCipher {
     /// Expands `kek`; the caller may drop its copy afterwards.
     pub fn new(kek: &Key256) -> Self {
-        Self(ManuallyDrop::new(Aes256Gcm::new(kek.expose().into())))
+        Self(ManuallyDrop::new(Aes256Gcm::new(
+            kek.expose_secret().into(),
+        )))
     }
 
     /// Seals `plaintext` with a fresh random nonce. The caller enforces [`MAX_PLAINTEXT_LEN`].

@@ -75,7 +75,7 @@ async fn handle(
         parts
             .uri
             .authority()
-            .map(|a| a.to_string())
+            .map(std::string::ToString::to_string)
             .unwrap_or_default(),
         parts.uri.path().to_owned(),
         data,
@@ -131,10 +131,10 @@ async fn client<T: AsyncRead + AsyncWrite + Unpin>(io: T) -> Vec<(u32, Option<u3
         rd.read_exact(&mut payload).await.unwrap();
         match h.kind {
             SETTINGS if h.flags & 0x1 == 0 => {
-                wr.write_all(&frame(SETTINGS, 0x1, 0, &[])).await.unwrap()
+                wr.write_all(&frame(SETTINGS, 0x1, 0, &[])).await.unwrap();
             }
             HEADERS if !outcome.iter().any(|(id, _)| *id == h.stream_id) => {
-                outcome.push((h.stream_id, None))
+                outcome.push((h.stream_id, None));
             }
             RST_STREAM if !outcome.iter().any(|(id, _)| *id == h.stream_id) => {
                 let code = u32::from_be_bytes(payload[..4].try_into().unwrap());

@@ -7,12 +7,18 @@ pub const HEADER_LEN: usize = 9;
 /// Smallest legal SETTINGS_MAX_FRAME_SIZE: safe for any peer.
 pub const MAX_PAYLOAD: usize = 16_384;
 
+/// Frame type HEADERS.
 pub const TYPE_HEADERS: u8 = 0x1;
+/// Frame type CONTINUATION.
 pub const TYPE_CONTINUATION: u8 = 0x9;
 
+/// Flag END_STREAM.
 pub const FLAG_END_STREAM: u8 = 0x1;
+/// Flag END_HEADERS: the header block ends with this frame.
 pub const FLAG_END_HEADERS: u8 = 0x4;
+/// Flag PADDED: a pad length byte and padding surround the payload.
 pub const FLAG_PADDED: u8 = 0x8;
+/// Flag PRIORITY: the HEADERS payload starts with the priority fields.
 pub const FLAG_PRIORITY: u8 = 0x20;
 
 /// Length of the PRIORITY fields in a HEADERS frame.
@@ -21,14 +27,18 @@ pub const PRIORITY_LEN: usize = 5;
 /// A parsed frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
+    /// Payload length.
     pub length: usize,
+    /// Frame type.
     pub kind: u8,
+    /// Flags.
     pub flags: u8,
     /// Stream id with the reserved bit cleared.
     pub stream_id: u32,
 }
 
 impl FrameHeader {
+    /// Reads a frame header from its 9 bytes.
     pub fn parse(b: &[u8; HEADER_LEN]) -> Self {
         Self {
             length: (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]),

@@ -68,6 +68,7 @@ pub struct AuthorityFix<S> {
 }
 
 impl<S> AuthorityFix<S> {
+    /// Wraps the accepted connection `inner`.
     pub fn new(inner: S) -> Self {
         Self {
             inner,
@@ -78,14 +79,17 @@ impl<S> AuthorityFix<S> {
         }
     }
 
+    /// The wrapped connection.
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
+    /// The wrapped connection, mutably.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
+    /// The wrapped connection, unwrapped.
     pub fn into_inner(self) -> S {
         self.inner
     }

@@ -81,6 +81,7 @@ impl Default for Rewriter {
 }
 
 impl Rewriter {
+    /// A rewriter at the start of a connection, expecting the client preface.
     pub fn new() -> Self {
         Self {
             state: State::Preface { matched: 0 },

@@ -20,7 +20,7 @@ use lru::LruCache;
 use tokio::sync::OnceCell;
 
 use crate::envelope::{KekCipher, fingerprint};
-use crate::root::RootError;
+use crate::root::{ErrorKind, RootError};
 
 /// Identifies one wrapped local KEK under one root.
 pub type CacheId = [u8; 32];
@@ -95,7 +95,7 @@ impl KekCache {
                 return Ok(cipher.clone());
             }
             if inner.failed.get(&id).is_some() {
-                return Err(RootError::Authentication);
+                return Err(RootError::bare(ErrorKind::NotAuthentic));
             }
             inner
                 .pending
@@ -107,7 +107,7 @@ impl KekCache {
             .get_or_try_init(|| async {
                 // A waiter that runs after the leader failed: its verdict may be in.
                 if self.lock().failed.get(&id).is_some() {
-                    return Err(RootError::Authentication);
+                    return Err(RootError::bare(ErrorKind::NotAuthentic));
                 }
                 unwrap().await.map(Arc::new)
             })
@@ -125,7 +125,7 @@ impl KekCache {
             Ok(cipher) => {
                 inner.ready.put(id, cipher.clone());
             }
-            Err(RootError::Authentication) => {
+            Err(e) if e.kind() == ErrorKind::NotAuthentic => {
                 inner.failed.put(id, ());
             }
             Err(_) => {}
@@ -172,7 +172,7 @@ mod tests {
     }
 
     fn down() -> RootError {
-        RootError::Unavailable("down".into())
+        RootError::new(ErrorKind::Unavailable, "down")
     }
 
     #[tokio::test]
@@ -242,10 +242,10 @@ mod tests {
             let got = cache
                 .get_or_unwrap(id, || async {
                     calls.fetch_add(1, Ordering::SeqCst);
-                    Err(RootError::Authentication)
+                    Err(RootError::bare(ErrorKind::NotAuthentic))
                 })
                 .await;
-            assert!(matches!(got, Err(RootError::Authentication)));
+            assert!(matches!(got, Err(e) if e.kind() == ErrorKind::NotAuthentic));
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert_eq!(cache.failed_len(), 1);
@@ -261,7 +261,7 @@ mod tests {
         for i in 0u32..10_000 {
             let junk = KekCache::id("file-a", &i.to_be_bytes());
             let error = if i % 2 == 0 {
-                RootError::Authentication
+                RootError::bare(ErrorKind::NotAuthentic)
             } else {
                 down()
             };
@@ -304,6 +304,7 @@ mod tests {
     /// What the cache holds is a `KekCipher`: dropping one must wipe its key schedule and
     /// GHASH key, not just satisfy a trait bound. Drops one in place and reads what is left.
     #[test]
+    #[allow(unsafe_code)] // reads the bytes a dropped cipher leaves, see SAFETY
     fn a_dropped_cipher_leaves_no_key_material() {
         let key = Key256::from_slice(&[0x5a; 32]).expect("32 bytes");
         let mut slot = std::mem::MaybeUninit::<KekCipher>::uninit();

@@ -27,14 +27,15 @@ use zeroize::Zeroizing;
 use crate::config::{ApiVersion, Config, LocalKekConfig, Role};
 use crate::envelope::annotations::{self, MAX_TOTAL_LEN, wrapped_kek_key};
 use crate::envelope::{EnvelopeError, KekCipher, MAX_PLAINTEXT_LEN, associated_data, check_format};
-use crate::proto::admin;
-use crate::root::{self, KeyId, RootError};
+use crate::root::{self, ErrorKind, KeyId, RootError};
 use crate::secret::Key256;
 use cache::KekCache;
 use roots::{Root, RootHealth, RootStats, UnwrapRate};
 
 /// kube-apiserver rejects longer key_ids; anything longer cannot be one of ours.
 const MAX_KEY_ID_LEN: usize = 1024;
+/// The Status `healthz` of a healthy plugin (the KMS v2 contract).
+pub const HEALTHZ_OK: &str = "ok";
 /// Status strings are shown on the apiserver's health endpoints: keep them short.
 const MAX_HEALTHZ_LEN: usize = 400;
 
@@ -50,27 +51,35 @@ pub enum KeyringError {
     /// No configured root key matches the request's key_id or annotations.
     #[error("key_id is not one this plugin has configured")]
     UnknownKeyId,
-    /// A root key could not be reached; retrying later may work.
-    #[error("root key \"{name}\" is unavailable")]
-    RootUnavailable {
+    /// A root key call failed (or was not made: [`ErrorKind::Throttled`]); the kind
+    /// decides the gRPC code.
+    #[error("{}", root_failure(name, *kind))]
+    Root {
         /// The `[keys.NAME]` entry.
         name: String,
-    },
-    /// A root key refused (access denied, disabled, deleted).
-    #[error("root key \"{name}\" rejected the request")]
-    RootRejected {
-        /// The `[keys.NAME]` entry.
-        name: String,
-    },
-    /// The root's unwrap budget for Decrypt is spent (many uncached wrapped keys at once).
-    #[error("too many uncached keys to unwrap under root key \"{name}\"; retry shortly")]
-    Throttled {
-        /// The `[keys.NAME]` entry.
-        name: String,
+        /// Why.
+        kind: ErrorKind,
     },
     /// No local KEK can be used for Encrypt right now; the text says why.
     #[error("cannot encrypt now: {0}")]
     NotReady(String),
+}
+
+/// The caller's message for a failed root call: which key, and whether to retry.
+fn root_failure(name: &str, kind: ErrorKind) -> String {
+    match kind {
+        ErrorKind::Throttled => {
+            format!("too many uncached keys to unwrap under root key \"{name}\"; retry shortly")
+        }
+        ErrorKind::Unavailable | ErrorKind::RateLimited => {
+            format!("root key \"{name}\" is unavailable")
+        }
+        ErrorKind::Denied
+        | ErrorKind::KeyDisabled
+        | ErrorKind::CredentialsRejected
+        | ErrorKind::Misconfigured
+        | ErrorKind::NotAuthentic => format!("root key \"{name}\" rejected the request"),
+    }
 }
 
 /// What to do with a retired root key that cannot be opened.
@@ -92,12 +101,83 @@ pub struct Encrypted {
     pub annotations: HashMap<String, Vec<u8>>,
 }
 
-/// What Status returns.
-pub struct Health {
-    /// "ok", or a short reason.
-    pub healthz: String,
-    /// The active key_id.
+/// The keyring's health, as Status, `/readyz`, systemd and metrics report it
+/// (../shared/KMSV2.md §8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Encrypt works and every wrapping root answered its last call.
+    Ok,
+    /// Encrypt works, but a wrapping root is unreachable for now: logged and shown by
+    /// `kms-plugin status`; Status stays "ok" while the current local KEK lasts.
+    Degraded {
+        /// Which root, and its last error.
+        reason: String,
+    },
+    /// Encrypt fails now, or a wrapping root refuses and needs an operator.
+    Unhealthy {
+        /// Why, short enough for the apiserver's health endpoints.
+        reason: String,
+    },
+}
+
+impl Health {
+    /// The Status `healthz` string: "ok", or why not.
+    pub fn healthz(&self) -> &str {
+        match self {
+            Health::Ok | Health::Degraded { .. } => HEALTHZ_OK,
+            Health::Unhealthy { reason } => reason,
+        }
+    }
+
+    /// True when `/readyz` answers 200 (Status reports "ok"), false for 503.
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Health::Ok | Health::Degraded { .. } => true,
+            Health::Unhealthy { .. } => false,
+        }
+    }
+}
+
+/// One root key as `kms-plugin status` and metrics show it (the admin layer turns it into
+/// the protocol's `RootInfo`).
+#[derive(Debug, Clone, Default)]
+pub struct RootReport {
+    /// The `[keys.NAME]` entry.
+    pub name: String,
+    /// Its provider.
+    pub provider: &'static str,
+    /// Its key_id; empty when it could not be opened.
     pub key_id: String,
+    /// What it is used for: "active", "also-wrap" or "retired".
+    pub role: &'static str,
+    /// "ok", "degraded", "rejected", or "unavailable" when it could not be opened.
+    pub state: &'static str,
+    /// The last error, empty when healthy.
+    pub last_error: String,
+    /// Unix time of the last Decrypt under its key_id; 0 if none since start.
+    pub last_decrypt_unix: i64,
+    /// Wrap calls made to it.
+    pub wrap_calls: u64,
+    /// Unwrap calls made to it.
+    pub unwrap_calls: u64,
+    /// Calls that failed.
+    pub failed_calls: u64,
+    /// Decrypt RPCs served under its key_id.
+    pub decrypts: u64,
+    /// Decrypt unwraps refused because its unwrap budget was spent.
+    pub throttled_unwraps: u64,
+}
+
+/// The current local KEK's use against its limits.
+pub struct LocalKekReport {
+    /// Seals made.
+    pub encryptions: u64,
+    /// `[local_kek] max_encryptions`.
+    pub max_encryptions: u64,
+    /// Seconds since it took over.
+    pub age_seconds: u64,
+    /// `[local_kek] max_age_seconds`.
+    pub max_age_seconds: u64,
 }
 
 /// A local KEK in use for Encrypt.
@@ -135,7 +215,7 @@ pub struct Keyring {
     /// Every configured root in role order (active, also-wrap, retired).
     roots: Vec<Arc<Root>>,
     /// Retired roots that could not be opened at start-up, as `status` shows them.
-    unopened: Vec<admin::RootInfo>,
+    unopened: Vec<RootReport>,
     limits: LocalKekConfig,
     probe_interval: Option<Duration>,
     retry_interval: Duration,
@@ -167,7 +247,10 @@ impl Keyring {
         let rate = UnwrapRate::from(&config.cache);
         for (name, role) in config.roles() {
             let Some(key_config) = config.keys.get(name) else {
-                return Err(RootError::Config(format!("no [keys.{name}] entry")));
+                return Err(RootError::new(
+                    ErrorKind::Misconfigured,
+                    format!("no [keys.{name}] entry"),
+                ));
             };
             let key = match root::open(name, key_config).await {
                 Ok(key) => key,
@@ -177,23 +260,26 @@ impl Keyring {
                         return Err(e);
                     }
                     tracing::error!(key = name, error = %e, "retired root key cannot be opened; data under it stays unreadable until it is fixed and the config reloaded");
-                    unopened.push(admin::RootInfo {
+                    unopened.push(RootReport {
                         name: name.to_string(),
-                        provider: key_config.provider().to_string(),
-                        role: role.as_str().to_string(),
-                        state: "unavailable".to_string(),
+                        provider: key_config.provider(),
+                        role: role.as_str(),
+                        state: "unavailable",
                         last_error: e.to_string(),
-                        ..Default::default()
+                        ..RootReport::default()
                     });
                     continue;
                 }
             };
             if let Some(twin) = roots.iter().find(|r| r.key_id() == key.key_id()) {
-                return Err(RootError::Config(format!(
-                    "keys \"{}\" and \"{name}\" are the same root key (key_id {})",
-                    twin.name,
-                    key.key_id()
-                )));
+                return Err(RootError::new(
+                    ErrorKind::Misconfigured,
+                    format!(
+                        "keys \"{}\" and \"{name}\" are the same root key (key_id {})",
+                        twin.name,
+                        key.key_id()
+                    ),
+                ));
             }
             let stats = stats.get(key.key_id()).cloned().unwrap_or_default();
             roots.push(Arc::new(Root::new(name, role, key, stats, rate)));
@@ -205,13 +291,13 @@ impl Keyring {
     fn assemble(
         config: &Config,
         roots: Vec<Arc<Root>>,
-        unopened: Vec<admin::RootInfo>,
+        unopened: Vec<RootReport>,
         cache: Arc<KekCache>,
     ) -> Result<Self, RootError> {
         let active = roots
             .first()
             .cloned()
-            .ok_or_else(|| RootError::Config("no active root key".into()))?;
+            .ok_or_else(|| RootError::new(ErrorKind::Misconfigured, "no active root key"))?;
         let wrappers = roots
             .iter()
             .filter(|r| r.role != Role::Retired)
@@ -404,7 +490,7 @@ impl Keyring {
                 .get_or_unwrap(id, || async {
                     match root.unwrap_for_decrypt(wrapped).await {
                         Some(key) => key.map(|k| KekCipher::new(&k)),
-                        None => Err(RootError::Throttled),
+                        None => Err(RootError::bare(ErrorKind::Throttled)),
                     }
                 })
                 .await;
@@ -414,18 +500,13 @@ impl Keyring {
                     // Root health changes are logged by the root itself; a forged or
                     // throttled copy is the caller's doing and must not flood the log.
                     tracing::debug!(root = %root.name, key_id = %root.key_id(), error = %e, "cannot unwrap local KEK");
-                    failure = Some(match e {
-                        RootError::Authentication => {
+                    failure = Some(match e.kind() {
+                        ErrorKind::NotAuthentic => {
                             KeyringError::Envelope(EnvelopeError::Authentication)
                         }
-                        RootError::Throttled => KeyringError::Throttled {
+                        kind => KeyringError::Root {
                             name: root.name.clone(),
-                        },
-                        RootError::Unavailable(_) => KeyringError::RootUnavailable {
-                            name: root.name.clone(),
-                        },
-                        _ => KeyringError::RootRejected {
-                            name: root.name.clone(),
+                            kind,
                         },
                     });
                 }
@@ -436,33 +517,42 @@ impl Keyring {
 
     /// What Status reports. In-memory only: never calls a root.
     pub fn health(&self) -> Health {
-        let mut healthz = self.unhealthy_reason().unwrap_or_else(|| "ok".to_string());
-        if healthz.len() > MAX_HEALTHZ_LEN {
-            let mut cut = MAX_HEALTHZ_LEN;
-            while !healthz.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            healthz.truncate(cut);
+        if let Some(reason) = self.unhealthy_reason() {
+            return Health::Unhealthy {
+                reason: short(reason),
+            };
         }
-        Health {
-            healthz,
-            key_id: self.key_id().to_string(),
+        let degraded = self.wrappers.iter().find_map(|root| {
+            let (health, error) = root.stats.health();
+            (health != RootHealth::Ok).then(|| {
+                format!(
+                    "{} root key \"{}\" degraded: {error}",
+                    root.role.as_str(),
+                    root.name
+                )
+            })
+        });
+        match degraded {
+            Some(reason) => Health::Degraded {
+                reason: short(reason),
+            },
+            None => Health::Ok,
         }
     }
 
-    /// Detail for `kms-plugin status`.
-    pub fn info(&self) -> (Vec<admin::RootInfo>, admin::LocalKekInfo) {
+    /// Detail for `kms-plugin status`: every configured root, then the local KEK.
+    pub fn info(&self) -> (Vec<RootReport>, LocalKekReport) {
         let roots = self
             .roots
             .iter()
             .map(|r| {
                 let (health, last_error) = r.stats.health();
-                admin::RootInfo {
+                RootReport {
                     name: r.name.clone(),
-                    provider: r.provider().to_string(),
+                    provider: r.provider(),
                     key_id: r.key_id().to_string(),
-                    role: r.role.as_str().to_string(),
-                    state: health.as_str().to_string(),
+                    role: r.role.as_str(),
+                    state: health.as_str(),
                     last_error,
                     last_decrypt_unix: r.stats.last_decrypt_unix.load(Ordering::Relaxed),
                     wrap_calls: r.stats.wraps.load(Ordering::Relaxed),
@@ -475,7 +565,7 @@ impl Keyring {
             .chain(self.unopened.iter().cloned())
             .collect();
         let current = self.current();
-        let local = admin::LocalKekInfo {
+        let local = LocalKekReport {
             encryptions: current
                 .as_ref()
                 .map_or(0, |k| k.encryptions.load(Ordering::Relaxed)),
@@ -583,8 +673,9 @@ impl Keyring {
             annotations.insert(wrapped_kek_key(root.key_id().as_str()), wrapped);
         }
         if annotations::total_len(&annotations) > MAX_TOTAL_LEN {
-            return Err(RootError::Config(
-                "wrapped keys exceed kube-apiserver's 32 KiB annotation limit: fewer also_wrap roots".into(),
+            return Err(RootError::new(
+                ErrorKind::Misconfigured,
+                "wrapped keys exceed kube-apiserver's 32 KiB annotation limit: fewer also_wrap roots",
             ));
         }
         let cipher = Arc::new(KekCipher::new(&kek));
@@ -712,17 +803,24 @@ impl Keyring {
     }
 }
 
-/// Prefixes a root error with the key's name so operators know which key failed.
-fn name_error(name: &str, provider: &str, e: RootError) -> RootError {
-    let label = format!("key \"{name}\" ({provider})");
-    match e {
-        RootError::Unavailable(m) => RootError::Unavailable(format!("{label}: {m}")),
-        RootError::Rejected(m) => RootError::Rejected(format!("{label}: {m}")),
-        RootError::Config(m) => RootError::Config(format!("{label}: {m}")),
-        RootError::Authentication => RootError::Authentication,
-        RootError::Throttled => RootError::Throttled,
+/// Cuts a health reason to [`MAX_HEALTHZ_LEN`] bytes, on a character boundary.
+fn short(mut reason: String) -> String {
+    if reason.len() > MAX_HEALTHZ_LEN {
+        let mut cut = MAX_HEALTHZ_LEN;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
     }
+    reason
 }
 
+/// Prefixes a root error with the key's name so operators know which key failed.
+fn name_error(name: &str, provider: &str, e: RootError) -> RootError {
+    e.context(&format!("key \"{name}\" ({provider})"))
+}
+
+#[cfg(test)]
+mod memory_tests;
 #[cfg(test)]
 mod tests;

@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 
 use super::limit::UnwrapBudget;
 use crate::config::{CacheConfig, Role};
-use crate::root::{KeyId, RootError, RootKey, WrapContext};
+use crate::root::{ErrorKind, HealthEffect, KeyId, RootError, RootKey, WrapContext};
 use crate::secret::Key256;
 
 /// A configured root key.
@@ -94,10 +94,12 @@ impl RootStats {
     fn record<T>(&self, name: &str, result: &Result<T, RootError>) {
         let update = match result {
             Ok(_) => (RootHealth::Ok, String::new()),
-            // A blob that fails to authenticate says nothing about the root's health.
-            Err(RootError::Authentication) => return,
-            Err(e @ RootError::Unavailable(_)) => (RootHealth::Degraded, e.to_string()),
-            Err(e) => (RootHealth::Rejected, e.to_string()),
+            Err(e) => match e.kind().health_effect() {
+                // A blob that fails to authenticate says nothing about the root's health.
+                HealthEffect::None => return,
+                HealthEffect::Degraded => (RootHealth::Degraded, e.to_string()),
+                HealthEffect::Rejected => (RootHealth::Rejected, e.to_string()),
+            },
         };
         if result.is_err() {
             self.failures.fetch_add(1, Ordering::Relaxed);
@@ -117,10 +119,10 @@ impl RootStats {
         if guard.broken != why {
             match &why {
                 Some(why) => {
-                    tracing::error!(root = name, error = %why, "root key is broken: no local KEK it wraps will be used")
+                    tracing::error!(root = name, error = %why, "root key is broken: no local KEK it wraps will be used");
                 }
                 None if guard.broken.is_some() => {
-                    tracing::info!(root = name, "root key round trip works again")
+                    tracing::info!(root = name, "root key round trip works again");
                 }
                 None => {}
             }
@@ -228,12 +230,14 @@ impl Root {
     pub async fn wrap_checked(&self, kek: &Key256) -> Result<Vec<u8>, RootError> {
         let wrapped = self.wrap(kek).await?;
         let why = match self.unwrap(&wrapped).await {
-            Ok(back) if bool::from(back.expose().ct_eq(kek.expose())) => {
+            Ok(back) if bool::from(back.expose_secret().ct_eq(kek.expose_secret())) => {
                 self.stats.set_broken(&self.name, None);
                 return Ok(wrapped);
             }
             Ok(_) => "unwraps to a different key",
-            Err(RootError::Authentication) => "does not unwrap (authentication failed)",
+            Err(e) if e.kind() == ErrorKind::NotAuthentic => {
+                "does not unwrap (authentication failed)"
+            }
             Err(e) => return Err(e),
         };
         let why = format!(
@@ -241,7 +245,7 @@ impl Root {
              (for PKCS#11: does the token replace the GCM IV or lack the mechanism?)"
         );
         self.stats.set_broken(&self.name, Some(why.clone()));
-        Err(RootError::Rejected(why))
+        Err(RootError::new(ErrorKind::Misconfigured, why))
     }
 
     /// A checked wrap + unwrap round trip of a throwaway key: proves the root works end to

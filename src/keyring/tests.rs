@@ -1,124 +1,33 @@
-//! The keyring over real file root keys, some behind a fault injector that plays a broken
+//! The keyring over in-memory roots (the file root's AES-GCM) whose switches play a broken
 //! root: a token that hands back copies that do not unwrap, a KMS that refuses or is down.
-
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use rand::RngCore;
 
+use super::memory_tests::keyring;
 use super::*;
-use crate::root::file::FileRoot;
-use crate::root::{BoxFuture, RootKey, WrapContext};
-
-/// What a [`Faulty`] root does on its next calls.
-const HEALTHY: u8 = 0;
-/// Wraps return a copy with one bit flipped (as with a token that replaced the IV).
-const CORRUPT_WRAPS: u8 = 1;
-/// Every call is refused (access denied).
-const REFUSE: u8 = 2;
-/// Every call fails as if the root were unreachable.
-const DOWN: u8 = 3;
-
-/// A real file root behind a switch that makes it misbehave.
-struct Faulty {
-    inner: FileRoot,
-    mode: AtomicU8,
-}
-
-impl Faulty {
-    fn set(&self, mode: u8) {
-        self.mode.store(mode, Ordering::SeqCst);
-    }
-
-    fn failure(&self) -> Option<RootError> {
-        match self.mode.load(Ordering::SeqCst) {
-            REFUSE => Some(RootError::Rejected("access denied (injected)".into())),
-            DOWN => Some(RootError::Unavailable("unreachable (injected)".into())),
-            _ => None,
-        }
-    }
-}
-
-impl RootKey for Faulty {
-    fn provider(&self) -> &'static str {
-        "file"
-    }
-
-    fn key_id(&self) -> &KeyId {
-        self.inner.key_id()
-    }
-
-    fn wrap<'a>(
-        &'a self,
-        kek: &'a Key256,
-        ctx: &'a WrapContext,
-    ) -> BoxFuture<'a, Result<Vec<u8>, RootError>> {
-        Box::pin(async move {
-            if let Some(e) = self.failure() {
-                return Err(e);
-            }
-            let mut wrapped = self.inner.wrap(kek, ctx).await?;
-            if self.mode.load(Ordering::SeqCst) == CORRUPT_WRAPS
-                && let Some(first) = wrapped.first_mut()
-            {
-                *first ^= 1;
-            }
-            Ok(wrapped)
-        })
-    }
-
-    fn unwrap<'a>(
-        &'a self,
-        wrapped: &'a [u8],
-        ctx: &'a WrapContext,
-    ) -> BoxFuture<'a, Result<Key256, RootError>> {
-        Box::pin(async move {
-            if let Some(e) = self.failure() {
-                return Err(e);
-            }
-            self.inner.unwrap(wrapped, ctx).await
-        })
-    }
-}
+use crate::root::memory::MemoryRoot;
 
 struct Fixture {
-    _dir: tempfile::TempDir,
     keyring: Arc<Keyring>,
-    roots: Vec<Arc<Faulty>>,
+    roots: Vec<Arc<MemoryRoot>>,
 }
 
-/// A keyring whose roots are fresh file keys named `names` (first active, the rest
-/// `also_wrap`), each behind a [`Faulty`] switch.
+/// A keyring whose roots are fresh in-memory keys named `names` (first active, the rest
+/// `also_wrap`), each with its failure switches.
 async fn fixture(names: &[&str], adjust: impl FnOnce(&mut Config)) -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::embedded(dir.path());
-    adjust(&mut config);
-    let mut roots = Vec::new();
-    let mut faulty = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let path = dir.path().join(format!("{name}.key"));
-        FileRoot::create(&path).await.expect("create key");
-        let key = Arc::new(Faulty {
-            inner: FileRoot::open(&path).await.expect("open key"),
-            mode: AtomicU8::new(HEALTHY),
-        });
-        let role = if i == 0 { Role::Active } else { Role::AlsoWrap };
-        let rate = UnwrapRate::from(&config.cache);
-        let root: Arc<dyn RootKey> = key.clone();
-        roots.push(Arc::new(Root::new(
-            name,
-            role,
-            root,
-            Default::default(),
-            rate,
-        )));
-        faulty.push(key);
-    }
-    let cache = Arc::new(KekCache::new(config.cache.capacity));
-    let keyring = Keyring::assemble(&config, roots, Vec::new(), cache).expect("keyring");
+    let roots: Vec<Arc<MemoryRoot>> = names.iter().map(|_| Arc::default()).collect();
+    let spec: Vec<_> = names
+        .iter()
+        .zip(&roots)
+        .enumerate()
+        .map(|(i, (name, root))| {
+            let role = if i == 0 { Role::Active } else { Role::AlsoWrap };
+            (*name, role, root)
+        })
+        .collect();
     Fixture {
-        _dir: dir,
-        keyring: Arc::new(keyring),
-        roots: faulty,
+        keyring: keyring(&spec, adjust),
+        roots,
     }
 }
 
@@ -134,13 +43,17 @@ fn unwraps(keyring: &Keyring, name: &str) -> u64 {
 #[tokio::test]
 async fn a_copy_that_does_not_unwrap_is_never_used() {
     let f = fixture(&["main"], |_| {}).await;
-    f.roots[0].set(CORRUPT_WRAPS);
+    f.roots[0].corrupt_wraps(true);
     let error = f.keyring.start().await.expect_err("start must refuse");
     assert!(!error.is_transient(), "{error}");
     assert!(error.to_string().contains("key \"main\""), "{error}");
     let health = f.keyring.health();
-    assert_ne!(health.healthz, "ok");
-    assert!(health.healthz.contains("\"main\""), "{}", health.healthz);
+    assert_ne!(health.healthz(), "ok");
+    assert!(
+        health.healthz().contains("\"main\""),
+        "{}",
+        health.healthz()
+    );
     assert!(matches!(
         f.keyring.encrypt(b"seed"),
         Err(KeyringError::NotReady(_))
@@ -155,25 +68,25 @@ async fn a_broken_also_wrap_root_fails_health_but_the_proven_kek_keeps_serving()
     let f = fixture(&["main", "backup"], |_| {}).await;
     f.keyring.start().await.expect("start");
     let before = f.keyring.encrypt(b"seed").expect("encrypt");
-    f.roots[1].set(CORRUPT_WRAPS);
+    f.roots[1].corrupt_wraps(true);
     assert!(
         f.keyring.rotate().await.is_err(),
         "successor must be refused"
     );
     let health = f.keyring.health();
     assert!(
-        health.healthz.contains("also-wrap root key \"backup\""),
+        health.healthz().contains("also-wrap root key \"backup\""),
         "{}",
-        health.healthz
+        health.healthz()
     );
     // Encrypt goes on under the current, proven local KEK (same wrapped copies).
     let after = f.keyring.encrypt(b"seed").expect("encrypt");
     assert_eq!(after.annotations, before.annotations);
     assert!(!f.keyring.has_prepared(), "an unproven successor was kept");
     // Once the root round-trips again, the successor is made and health recovers.
-    f.roots[1].set(HEALTHY);
+    f.roots[1].corrupt_wraps(false);
     f.keyring.rotate().await.expect("rotate");
-    assert_eq!(f.keyring.health().healthz, "ok");
+    assert_eq!(f.keyring.health().healthz(), "ok");
     assert!(f.keyring.has_prepared());
 }
 
@@ -181,20 +94,26 @@ async fn a_broken_also_wrap_root_fails_health_but_the_proven_kek_keeps_serving()
 async fn probes_report_refusals_as_unhealthy_and_outages_as_degraded() {
     let f = fixture(&["main"], |_| {}).await;
     f.keyring.start().await.expect("start");
-    f.roots[0].set(DOWN);
+    f.roots[0].fail_with(Some(ErrorKind::Unavailable));
     f.keyring.probe_wrappers().await;
-    assert_eq!(f.keyring.health().healthz, "ok", "unreachable is degraded");
+    assert_eq!(
+        f.keyring.health().healthz(),
+        "ok",
+        "unreachable is degraded"
+    );
     assert_eq!(f.keyring.info().0[0].state, "degraded");
-    f.roots[0].set(REFUSE);
+    f.roots[0].fail_with(Some(ErrorKind::Denied));
     f.keyring.probe_wrappers().await;
-    let healthz = f.keyring.health().healthz;
+    let health = f.keyring.health();
+    let healthz = health.healthz();
     assert!(
-        healthz.contains("active root key \"main\" rejected") && healthz.contains("access denied"),
+        healthz.contains("active root key \"main\" rejected")
+            && healthz.contains("denied (injected)"),
         "{healthz}"
     );
-    f.roots[0].set(HEALTHY);
+    f.roots[0].fail_with(None);
     f.keyring.probe_wrappers().await;
-    assert_eq!(f.keyring.health().healthz, "ok");
+    assert_eq!(f.keyring.health().healthz(), "ok");
 }
 
 #[tokio::test]
@@ -229,9 +148,15 @@ async fn forged_copies_cost_a_bounded_number_of_unwraps_and_evict_nothing() {
     for task in tasks {
         match task.await.expect("join") {
             (Err(KeyringError::Envelope(EnvelopeError::Authentication)), annotations) => {
-                refused.push(annotations)
+                refused.push(annotations);
             }
-            (Err(KeyringError::Throttled { .. }), _) => throttled += 1,
+            (
+                Err(KeyringError::Root {
+                    kind: ErrorKind::Throttled,
+                    ..
+                }),
+                _,
+            ) => throttled += 1,
             (other, _) => panic!("forged copy: {:?}", other.err()),
         }
     }
@@ -261,7 +186,7 @@ async fn forged_copies_cost_a_bounded_number_of_unwraps_and_evict_nothing() {
         assert!(matches!(again, Err(KeyringError::Envelope(_))));
     }
     assert_eq!(unwraps(&f.keyring, "main") - before, calls);
-    assert_eq!(f.keyring.health().healthz, "ok");
+    assert_eq!(f.keyring.health().healthz(), "ok");
 }
 
 #[tokio::test]

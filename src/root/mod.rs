@@ -1,17 +1,28 @@
 //! Root keys: the key-encryption keys that live outside the plugin (a file, an HSM, a
-//! cloud KMS) and wrap the plugin's local KEKs. One module per provider; everything else
-//! sees only the [`RootKey`] trait.
+//! cloud KMS) and wrap the plugin's local KEKs. Everything else sees only the [`RootKey`]
+//! trait, [`RootError`] and its [`ErrorKind`].
+//!
+//! One folder per provider (`file/`, `pkcs11/`, `aws_kms/`, `vault_transit/`), each with its `config.rs`
+//! (the `[keys.NAME]` fields, parsed into a validated `Config`), its root type and the
+//! classification of its own errors. Each `Config` implements [`Provider`]; [`provider`]
+//! is the one place that lists them. Adding a provider: a folder, a variant of
+//! [`KeyConfig`], and a line in [`provider`]. A provider whose Cargo feature is left out
+//! still parses, and fails to open with "not in this build".
 
-#[cfg(feature = "aws-kms")]
 pub mod aws_kms;
+pub mod error;
 pub mod file;
-#[cfg(feature = "pkcs11")]
+#[cfg(test)]
+pub mod memory;
 pub mod pkcs11;
+pub mod validated;
 pub mod vault_transit;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+
+pub use error::{ErrorKind, HealthEffect, RootError};
 
 use crate::config::KeyConfig;
 use crate::envelope::annotations::is_label;
@@ -116,55 +127,69 @@ impl std::fmt::Display for KeyId {
     }
 }
 
-/// Why a root key call failed. Messages name the problem for operators and logs; none
-/// carries key material.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum RootError {
-    /// The root cannot be reached right now (network, throttling, token absent); retrying
-    /// later may work.
-    #[error("root key unavailable: {0}")]
-    Unavailable(String),
-    /// The root refused: access denied, key disabled or deleted. Needs an operator.
-    #[error("root key rejected the request: {0}")]
-    Rejected(String),
-    /// The wrapped key does not authenticate under this root and context: tampered, or
-    /// wrapped by another key.
-    #[error("wrapped key does not authenticate under this root key")]
-    Authentication,
-    /// The root key is misconfigured (file mode, length, missing object, wrong PIN).
-    #[error("{0}")]
-    Config(String),
-    /// Not a root's answer: the plugin made no call because this root's unwrap budget for
-    /// Decrypt is spent (`[cache] unwraps_per_second`).
-    #[error("unwrap budget of this root key is spent; retry shortly")]
-    Throttled,
+/// What every provider's config offers: its name and how to open or create its root.
+pub trait Provider: Send + Sync {
+    /// The provider name, as in `provider = "..."`.
+    fn name(&self) -> &'static str;
+
+    /// Opens the root key. Fails with a message naming what is wrong (missing,
+    /// unreadable, wrong permissions, rejected, not in this build).
+    fn open(&self) -> BoxFuture<'_, Result<Arc<dyn RootKey>, RootError>>;
+
+    /// Creates the key if it does not exist yet (`kms-plugin keygen`); returns whether it
+    /// created one.
+    fn create(&self) -> BoxFuture<'_, Result<bool, RootError>>;
 }
 
-impl RootError {
-    /// True when the same call may succeed later without operator action.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, RootError::Unavailable(_) | RootError::Throttled)
+/// Implements [`Provider`] for the `Config` of a provider behind a Cargo feature: its
+/// root type's `open(&Config)` and `create(&Config)` when the feature is in the build, a
+/// "not in this build" error when it is not (the config still parses).
+macro_rules! feature_gated_provider {
+    ($config:ty, $name:literal, $feature:literal, $root:ident) => {
+        impl $crate::root::Provider for $config {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn open(
+                &self,
+            ) -> $crate::root::BoxFuture<
+                '_,
+                Result<std::sync::Arc<dyn $crate::root::RootKey>, $crate::root::RootError>,
+            > {
+                #[cfg(feature = $feature)]
+                return Box::pin(async move {
+                    let root = $root::open(self).await?;
+                    Ok(std::sync::Arc::new(root) as std::sync::Arc<dyn $crate::root::RootKey>)
+                });
+                #[cfg(not(feature = $feature))]
+                Box::pin(async move { Err($crate::root::not_built($name)) })
+            }
+
+            fn create(&self) -> $crate::root::BoxFuture<'_, Result<bool, $crate::root::RootError>> {
+                #[cfg(feature = $feature)]
+                return Box::pin($root::create(self));
+                #[cfg(not(feature = $feature))]
+                Box::pin(async move { Err($crate::root::not_built($name)) })
+            }
+        }
+    };
+}
+use feature_gated_provider;
+
+/// The provider behind a `[keys.NAME]` entry: the one dispatch over [`KeyConfig`].
+pub fn provider(config: &KeyConfig) -> &dyn Provider {
+    match config {
+        KeyConfig::File(c) => c,
+        KeyConfig::Pkcs11(c) => c,
+        KeyConfig::AwsKms(c) => c,
+        KeyConfig::VaultTransit(c) => c,
     }
 }
 
-/// Opens the root key a `[keys.NAME]` entry describes. Fails with a message naming the
-/// key when it cannot be used (missing, unreadable, wrong permissions, rejected).
+/// Opens the root key a `[keys.NAME]` entry describes.
 pub async fn open(name: &str, config: &KeyConfig) -> Result<Arc<dyn RootKey>, RootError> {
-    let opened: Arc<dyn RootKey> = match config {
-        KeyConfig::File(c) => Arc::new(file::FileRoot::open(&c.path).await?),
-        #[cfg(feature = "aws-kms")]
-        KeyConfig::AwsKms(c) => Arc::new(aws_kms::AwsKmsRoot::open(c).await?),
-        #[cfg(not(feature = "aws-kms"))]
-        KeyConfig::AwsKms(_) => return Err(not_built("aws-kms")),
-        #[cfg(feature = "pkcs11")]
-        KeyConfig::Pkcs11(c) => Arc::new(pkcs11::Pkcs11Root::open(c).await?),
-        #[cfg(not(feature = "pkcs11"))]
-        KeyConfig::Pkcs11(_) => return Err(not_built("pkcs11")),
-        #[cfg(feature = "vault-transit")]
-        KeyConfig::VaultTransit(c) => Arc::new(vault_transit::VaultTransitRoot::open(c).await?),
-        #[cfg(not(feature = "vault-transit"))]
-        KeyConfig::VaultTransit(_) => return Err(not_built("vault-transit")),
-    };
+    let opened = provider(config).open().await?;
     tracing::debug!(key = name, provider = opened.provider(), key_id = %opened.key_id(), "opened root key");
     Ok(opened)
 }
@@ -172,29 +197,18 @@ pub async fn open(name: &str, config: &KeyConfig) -> Result<Arc<dyn RootKey>, Ro
 /// Creates the key a `[keys.NAME]` entry describes if it does not exist yet
 /// (`kms-plugin keygen`). Returns whether it created one.
 pub async fn create(config: &KeyConfig) -> Result<bool, RootError> {
-    match config {
-        KeyConfig::File(c) => file::FileRoot::create(&c.path).await,
-        #[cfg(feature = "aws-kms")]
-        KeyConfig::AwsKms(c) => aws_kms::AwsKmsRoot::create(c).await,
-        #[cfg(not(feature = "aws-kms"))]
-        KeyConfig::AwsKms(_) => Err(not_built("aws-kms")),
-        #[cfg(feature = "pkcs11")]
-        KeyConfig::Pkcs11(c) => pkcs11::Pkcs11Root::create(c).await,
-        #[cfg(not(feature = "pkcs11"))]
-        KeyConfig::Pkcs11(_) => Err(not_built("pkcs11")),
-        #[cfg(feature = "vault-transit")]
-        KeyConfig::VaultTransit(c) => vault_transit::VaultTransitRoot::create(c).await,
-        #[cfg(not(feature = "vault-transit"))]
-        KeyConfig::VaultTransit(_) => Err(not_built("vault-transit")),
-    }
+    provider(config).create().await
 }
 
 /// The error for a provider whose Cargo feature was left out of this build.
-#[allow(dead_code)]
+#[cfg(not(all(feature = "aws-kms", feature = "pkcs11")))]
 fn not_built(provider: &str) -> RootError {
-    RootError::Config(format!(
-        "provider \"{provider}\" is not in this build of kms-plugin (rebuild with --features {provider})"
-    ))
+    RootError::new(
+        ErrorKind::Misconfigured,
+        format!(
+            "provider \"{provider}\" is not in this build of kms-plugin (rebuild with --features {provider})"
+        ),
+    )
 }
 
 #[cfg(test)]

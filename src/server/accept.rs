@@ -362,6 +362,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[allow(unsafe_code)] // getuid(2), see SAFETY
     async fn off_the_list_is_closed_unread() {
         // SAFETY: getuid(2) cannot fail and touches no memory.
         let me = unsafe { libc::getuid() };

@@ -97,7 +97,7 @@ async fn respond(
         (&Method::GET | &Method::HEAD, "/livez") => (StatusCode::OK, TEXT, "ok\n".to_string()),
         (&Method::GET | &Method::HEAD, "/readyz" | "/healthz") => {
             let health = plugin.keyring().health();
-            let status = if health.healthz == "ok" {
+            let status = if health.is_ready() {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -105,7 +105,7 @@ async fn respond(
             (
                 status,
                 TEXT,
-                format!("{}\n", health.healthz.replace('\n', " ")),
+                format!("{}\n", health.healthz().replace('\n', " ")),
             )
         }
         (&Method::GET | &Method::HEAD, _) => (

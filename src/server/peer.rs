@@ -109,6 +109,7 @@ impl AdminCheck {
     }
 }
 
+#[allow(unsafe_code)] // getuid(2), see SAFETY
 fn own_uid() -> u32 {
     // SAFETY: getuid(2) cannot fail and touches no memory.
     unsafe { libc::getuid() }

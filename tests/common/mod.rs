@@ -1,6 +1,6 @@
 //! Test harness: runs the real `kms-plugin` binary on a real Unix socket and talks to it
 //! with a real tonic client.
-
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 use std::path::{Path, PathBuf};
@@ -59,7 +59,7 @@ impl Plugin {
         let mut plugin = Plugin {
             child: None,
             socket: socket.to_string(),
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args: args.iter().map(std::string::ToString::to_string).collect(),
             env: env.to_vec(),
             log: log_dir.to_path_buf(),
             runs: 0,

@@ -360,10 +360,10 @@ impl OpenBao {
     /// nothing.
     pub fn freeze(&self, frozen: bool) {
         let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, signal);
-        }
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill({signal}) of the OpenBao server");
     }
 
     /// `bao operator seal`, and unsealing again with the dev server's unseal key.
@@ -382,6 +382,9 @@ impl OpenBao {
 
     /// Kills the server (its in-memory keys are gone).
     pub fn kill(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
         self.freeze(false);
         let _ = self.child.kill();
         let _ = self.child.wait();

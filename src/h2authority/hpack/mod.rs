@@ -13,7 +13,9 @@ pub use encode::encode_block;
 /// One decoded header field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Field {
+    /// Field name.
     pub name: Vec<u8>,
+    /// Field value.
     pub value: Vec<u8>,
     /// Sent as "literal never indexed": intermediaries must keep it that way (§6.2.3).
     pub never_indexed: bool,
@@ -42,11 +44,19 @@ pub enum HpackError {
     BadHuffman,
     /// A dynamic table size update above the cap we accept.
     #[error("dynamic table size {requested} exceeds limit {limit}")]
-    TableSizeTooLarge { requested: usize, limit: usize },
+    TableSizeTooLarge {
+        /// Size asked for.
+        requested: usize,
+        /// Our cap.
+        limit: usize,
+    },
     /// A dynamic table size update after the first field of a block (§4.2).
     #[error("dynamic table size update after a header field")]
     SizeUpdateNotAtStart,
     /// The decoded header list (name + value + 32 per field) exceeds the cap.
     #[error("decoded header list exceeds {limit} bytes")]
-    HeaderListTooLarge { limit: usize },
+    HeaderListTooLarge {
+        /// Our cap, in bytes.
+        limit: usize,
+    },
 }

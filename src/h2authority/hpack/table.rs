@@ -84,6 +84,7 @@ pub struct DynamicTable {
 }
 
 impl DynamicTable {
+    /// An empty table holding at most `max_size` bytes (RFC 7541 §4.1 sizes).
     pub fn new(max_size: usize) -> Self {
         Self {
             entries: VecDeque::new(),
@@ -92,14 +93,17 @@ impl DynamicTable {
         }
     }
 
+    /// Current size, in RFC 7541 §4.1 bytes.
     pub fn size(&self) -> usize {
         self.size
     }
 
+    /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// True when the table holds no entry.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

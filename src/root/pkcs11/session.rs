@@ -13,8 +13,8 @@ use cryptoki::slot::Slot;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
-use super::super::RootError;
-use crate::config::Pkcs11KeyConfig;
+use super::Config;
+use crate::root::{ErrorKind, RootError};
 
 /// Most sessions one root key keeps open (and most token calls it runs at once).
 pub(super) const MAX_SESSIONS: usize = 4;
@@ -26,9 +26,12 @@ static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
 /// The initialised context of the module at `module`, loading it on first use.
 pub(crate) fn context(module: &Path) -> Result<Pkcs11, RootError> {
     let shown = module.display();
-    let canonical = module
-        .canonicalize()
-        .map_err(|e| RootError::Config(format!("cannot find PKCS#11 module {shown}: {e}")))?;
+    let canonical = module.canonicalize().map_err(|e| {
+        RootError::new(
+            ErrorKind::Misconfigured,
+            format!("cannot find PKCS#11 module {shown}: {e}"),
+        )
+    })?;
     let mut modules = MODULES
         .get_or_init(Default::default)
         .lock()
@@ -36,16 +39,20 @@ pub(crate) fn context(module: &Path) -> Result<Pkcs11, RootError> {
     if let Some(ctx) = modules.get(&canonical) {
         return Ok(ctx.clone());
     }
-    let ctx = Pkcs11::new(&canonical)
-        .map_err(|e| RootError::Config(format!("cannot load PKCS#11 module {shown}: {e}")))?;
+    let ctx = Pkcs11::new(&canonical).map_err(|e| {
+        RootError::new(
+            ErrorKind::Misconfigured,
+            format!("cannot load PKCS#11 module {shown}: {e}"),
+        )
+    })?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         // Someone else in this process (another library) initialised it first: share it.
         Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => {
-            return Err(RootError::Config(format!(
-                "cannot initialise PKCS#11 module {shown}: {}",
-                describe(&e)
-            )));
+            return Err(RootError::new(
+                ErrorKind::Misconfigured,
+                format!("cannot initialise PKCS#11 module {shown}: {}", describe(&e)),
+            ));
         }
     }
     modules.insert(canonical, ctx.clone());
@@ -53,17 +60,19 @@ pub(crate) fn context(module: &Path) -> Result<Pkcs11, RootError> {
 }
 
 /// Reads the user PIN from `pin_file` or `pin_env`. The value never appears in messages.
-pub(super) fn read_pin(config: &Pkcs11KeyConfig) -> Result<SecretString, RootError> {
+pub(super) fn read_pin(config: &Config) -> Result<SecretString, RootError> {
     let text = match (&config.pin_file, &config.pin_env) {
         (Some(path), _) => read_pin_file(path)?,
         (None, Some(var)) => Zeroizing::new(std::env::var(var).map_err(|_| {
-            RootError::Config(format!(
-                "environment variable {var} (pin_env) is not set or not UTF-8"
-            ))
+            RootError::new(
+                ErrorKind::Misconfigured,
+                format!("environment variable {var} (pin_env) is not set or not UTF-8"),
+            )
         })?),
         (None, None) => {
-            return Err(RootError::Config(
-                "a pkcs11 key needs pin_file or pin_env".into(),
+            return Err(RootError::new(
+                ErrorKind::Misconfigured,
+                "a pkcs11 key needs pin_file or pin_env",
             ));
         }
     };
@@ -71,10 +80,10 @@ pub(super) fn read_pin(config: &Pkcs11KeyConfig) -> Result<SecretString, RootErr
     let pin = text.strip_suffix('\n').unwrap_or(&text);
     let pin = pin.strip_suffix('\r').unwrap_or(pin);
     if pin.is_empty() {
-        return Err(RootError::Config(format!(
-            "the PIN for {} is empty",
-            config.token_name()
-        )));
+        return Err(RootError::new(
+            ErrorKind::Misconfigured,
+            format!("the PIN for {} is empty", config.token_name()),
+        ));
     }
     Ok(SecretString::from(pin))
 }
@@ -85,11 +94,16 @@ const MAX_PIN_FILE_LEN: u64 = 4096;
 /// Reads a PIN file that no other user can have changed (see [`crate::secure_path`]).
 fn read_pin_file(path: &Path) -> Result<Zeroizing<String>, RootError> {
     let shown = path.display();
-    let cannot =
-        |e: std::io::Error| RootError::Config(format!("cannot read PIN file {shown}: {e}"));
+    let cannot = |e: std::io::Error| {
+        RootError::new(
+            ErrorKind::Misconfigured,
+            format!("cannot read PIN file {shown}: {e}"),
+        )
+    };
     let mut file = std::fs::File::open(path).map_err(cannot)?;
     let meta = file.metadata().map_err(cannot)?;
-    crate::secure_path::check_file(path, &meta, "PIN file").map_err(RootError::Config)?;
+    crate::secure_path::check_file(path, &meta, "PIN file")
+        .map_err(|e| RootError::new(ErrorKind::Misconfigured, e))?;
     if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o044 != 0 {
         // Read at every open, reload and session recovery: say it once per file.
         static WARNED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -112,14 +126,14 @@ fn read_pin_file(path: &Path) -> Result<Zeroizing<String>, RootError> {
 /// A token: where it is, how to log in, and the idle logged-in sessions.
 pub(super) struct Token {
     ctx: Pkcs11,
-    config: Pkcs11KeyConfig,
+    config: Config,
     pin: SecretString,
     idle: Mutex<Vec<Session>>,
 }
 
 impl Token {
     /// Loads the module and finds the token; no session yet.
-    pub(super) fn new(config: &Pkcs11KeyConfig) -> Result<Self, RootError> {
+    pub(super) fn new(config: &Config) -> Result<Self, RootError> {
         let pin = read_pin(config)?;
         let ctx = context(&config.module)?;
         Ok(Self {
@@ -135,7 +149,7 @@ impl Token {
         self.config.token_name()
     }
 
-    pub(super) fn config(&self) -> &Pkcs11KeyConfig {
+    pub(super) fn config(&self) -> &Config {
         &self.config
     }
 
@@ -143,7 +157,10 @@ impl Token {
     /// re-inserted token may come back in another slot.
     fn slot(&self) -> Result<Slot, RootError> {
         let slots = self.ctx.get_slots_with_token().map_err(|e| {
-            RootError::Unavailable(format!("cannot list PKCS#11 slots: {}", describe(&e)))
+            RootError::new(
+                ErrorKind::Unavailable,
+                format!("cannot list PKCS#11 slots: {}", describe(&e)),
+            )
         })?;
         match (&self.config.token_label, self.config.slot) {
             (Some(label), _) => {
@@ -156,24 +173,31 @@ impl Token {
                         seen.push(format!("\"{}\"", info.label().trim_end()));
                     }
                 }
-                Err(RootError::Config(format!(
-                    "no token labelled \"{label}\" in PKCS#11 module {} (tokens present: {})",
-                    self.config.module.display(),
-                    if seen.is_empty() {
-                        "none".to_string()
-                    } else {
-                        seen.join(", ")
-                    }
-                )))
+                Err(RootError::new(
+                    ErrorKind::Misconfigured,
+                    format!(
+                        "no token labelled \"{label}\" in PKCS#11 module {} (tokens present: {})",
+                        self.config.module.display(),
+                        if seen.is_empty() {
+                            "none".to_string()
+                        } else {
+                            seen.join(", ")
+                        }
+                    ),
+                ))
             }
             (None, Some(id)) => slots.into_iter().find(|s| s.id() == id).ok_or_else(|| {
-                RootError::Config(format!(
-                    "no token in slot {id} of PKCS#11 module {}",
-                    self.config.module.display()
-                ))
+                RootError::new(
+                    ErrorKind::Misconfigured,
+                    format!(
+                        "no token in slot {id} of PKCS#11 module {}",
+                        self.config.module.display()
+                    ),
+                )
             }),
-            (None, None) => Err(RootError::Config(
-                "a pkcs11 key needs token_label or slot".into(),
+            (None, None) => Err(RootError::new(
+                ErrorKind::Misconfigured,
+                "a pkcs11 key needs token_label or slot",
             )),
         }
     }
@@ -183,11 +207,10 @@ impl Token {
     pub(super) fn open_session(&self) -> Result<Session, RootError> {
         let slot = self.slot()?;
         let session = self.ctx.open_rw_session(slot).map_err(|e| {
-            RootError::Unavailable(format!(
-                "cannot open a session on {}: {}",
-                self.name(),
-                describe(&e)
-            ))
+            RootError::new(
+                ErrorKind::Unavailable,
+                format!("cannot open a session on {}: {}", self.name(), describe(&e)),
+            )
         })?;
         match session.login(UserType::User, Some(&self.pin)) {
             // Login state is per application: a second session finds it logged in already.
@@ -195,29 +218,32 @@ impl Token {
             Err(Error::Pkcs11(
                 RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange,
                 _,
-            )) => Err(RootError::Config(format!(
-                "PIN rejected by {}",
-                self.name()
-            ))),
-            Err(Error::Pkcs11(RvError::PinLocked, _)) => Err(RootError::Config(format!(
-                "the user PIN of {} is locked (too many wrong attempts); the security officer must reset it",
-                self.name()
-            ))),
-            Err(Error::Pkcs11(RvError::PinExpired, _)) => Err(RootError::Config(format!(
-                "the user PIN of {} has expired; set a new one",
-                self.name()
-            ))),
-            Err(Error::Pkcs11(RvError::UserPinNotInitialized, _)) => {
-                Err(RootError::Config(format!(
+            )) => Err(RootError::new(
+                ErrorKind::CredentialsRejected,
+                format!("PIN rejected by {}", self.name()),
+            )),
+            Err(Error::Pkcs11(RvError::PinLocked, _)) => Err(RootError::new(
+                ErrorKind::CredentialsRejected,
+                format!(
+                    "the user PIN of {} is locked (too many wrong attempts); the security officer must reset it",
+                    self.name()
+                ),
+            )),
+            Err(Error::Pkcs11(RvError::PinExpired, _)) => Err(RootError::new(
+                ErrorKind::CredentialsRejected,
+                format!("the user PIN of {} has expired; set a new one", self.name()),
+            )),
+            Err(Error::Pkcs11(RvError::UserPinNotInitialized, _)) => Err(RootError::new(
+                ErrorKind::CredentialsRejected,
+                format!(
                     "{} has no user PIN set (initialise it with softhsm2-util --init-token or the HSM's tools)",
                     self.name()
-                )))
-            }
-            Err(e) => Err(RootError::Unavailable(format!(
-                "cannot log in to {}: {}",
-                self.name(),
-                describe(&e)
-            ))),
+                ),
+            )),
+            Err(e) => Err(RootError::new(
+                ErrorKind::Unavailable,
+                format!("cannot log in to {}: {}", self.name(), describe(&e)),
+            )),
         }
     }
 

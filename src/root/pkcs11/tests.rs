@@ -14,8 +14,12 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use secrecy::SecretString;
 
+use super::config::Fields;
+use super::root::*;
 use super::session::context;
 use super::*;
+use crate::root::{ErrorKind, RootError, RootKey, WrapContext};
+use crate::secret::{KEY_LEN, Key256};
 
 const TOKEN: &str = "kms";
 const PIN: &str = "5678";
@@ -53,6 +57,7 @@ pub(crate) fn softhsm_module() -> PathBuf {
     .unwrap_or_else(|| panic!("libsofthsm2.so not found: install softhsm2 (apt-get install softhsm2) or set SOFTHSM2_MODULE"))
 }
 
+#[allow(unsafe_code)] // set_var before any PKCS#11 initialisation, see SAFETY
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
@@ -108,9 +113,14 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-fn config(key_label: &str) -> Pkcs11KeyConfig {
+/// A validated config from `fields`.
+fn valid(fields: Fields) -> Config {
+    Config::new(fields).expect("valid pkcs11 config")
+}
+
+fn config(key_label: &str) -> Config {
     let f = fixture();
-    Pkcs11KeyConfig {
+    valid(Fields {
         module: f.module.clone(),
         token_label: Some(TOKEN.into()),
         slot: None,
@@ -120,7 +130,7 @@ fn config(key_label: &str) -> Pkcs11KeyConfig {
         pin_env: None,
         allow_extractable: false,
         timeout_ms: 2500,
-    }
+    })
 }
 
 /// A logged-in session of our own, to inspect and tamper with the token directly.
@@ -153,7 +163,7 @@ fn find(session: &Session, label: &str) -> Vec<ObjectHandle> {
         .expect("find")
 }
 
-async fn open_err(config: &Pkcs11KeyConfig) -> RootError {
+async fn open_err(config: &Config) -> RootError {
     match Pkcs11Root::open(config).await {
         Ok(_) => panic!("opened {config:?}"),
         Err(e) => e,
@@ -250,18 +260,21 @@ async fn wrap_round_trip_and_binding() {
         "fresh IV per wrap"
     );
     assert_eq!(
-        root.unwrap(&wrapped, &ctx).await.expect("unwrap").expose(),
-        kek.expose()
+        root.unwrap(&wrapped, &ctx)
+            .await
+            .expect("unwrap")
+            .expose_secret(),
+        kek.expose_secret()
     );
 
     let wrong_ctx = WrapContext::new(other.key_id());
     assert!(matches!(
         root.unwrap(&wrapped, &wrong_ctx).await,
-        Err(RootError::Authentication)
+        Err(e) if e.kind() == ErrorKind::NotAuthentic
     ));
     assert!(matches!(
         other.unwrap(&wrapped, &ctx).await,
-        Err(RootError::Authentication)
+        Err(e) if e.kind() == ErrorKind::NotAuthentic
     ));
     for i in [0, IV_LEN, IV_LEN + KEY_LEN, WRAPPED_LEN - 1] {
         let mut tampered = wrapped.clone();
@@ -269,26 +282,26 @@ async fn wrap_round_trip_and_binding() {
         assert!(
             matches!(
                 root.unwrap(&tampered, &ctx).await,
-                Err(RootError::Authentication)
+                Err(e) if e.kind() == ErrorKind::NotAuthentic
             ),
             "byte {i}"
         );
     }
     assert!(matches!(
         root.unwrap(&wrapped[1..], &ctx).await,
-        Err(RootError::Authentication)
+        Err(e) if e.kind() == ErrorKind::NotAuthentic
     ));
     assert!(matches!(
         root.unwrap(&[], &ctx).await,
-        Err(RootError::Authentication)
+        Err(e) if e.kind() == ErrorKind::NotAuthentic
     ));
     // The token still works after failed decryptions (no operation left active).
     assert_eq!(
         root.unwrap(&wrapped, &ctx)
             .await
             .expect("unwrap after failures")
-            .expose(),
-        kek.expose()
+            .expose_secret(),
+        kek.expose_secret()
     );
 }
 
@@ -306,8 +319,11 @@ async fn concurrent_calls_share_the_session_pool() {
             let kek = Key256::generate();
             let wrapped = root.wrap(&kek, &ctx).await.expect("wrap");
             assert_eq!(
-                root.unwrap(&wrapped, &ctx).await.expect("unwrap").expose(),
-                kek.expose()
+                root.unwrap(&wrapped, &ctx)
+                    .await
+                    .expect("unwrap")
+                    .expose_secret(),
+                kek.expose_secret()
             );
         }));
     }
@@ -337,12 +353,14 @@ async fn key_id_is_stable_and_follows_the_key_material() {
     assert_ne!(first.key_id(), recreated.key_id());
     assert!(matches!(
         recreated.unwrap(&wrapped, &ctx).await,
-        Err(RootError::Authentication)
+        Err(e) if e.kind() == ErrorKind::NotAuthentic
     ));
 
     // The running instance notices the swap instead of using the new key under the old id.
     match first.wrap(&Key256::generate(), &ctx).await {
-        Err(RootError::Rejected(why)) => assert!(why.contains("no longer the key"), "{why}"),
+        Err(e) if e.kind() == ErrorKind::KeyDisabled => {
+            assert!(e.detail().contains("no longer the key"), "{e}");
+        }
         other => panic!("expected Rejected, got {other:?}"),
     }
 }
@@ -381,12 +399,12 @@ async fn a_wrong_pin_is_named_as_such() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wrong = dir.path().join("wrong-pin");
     std::fs::write(&wrong, "0000\n").expect("write");
-    let e = open_err(&Pkcs11KeyConfig {
+    let e = open_err(&valid(Fields {
         pin_file: Some(wrong),
-        ..base.clone()
-    })
+        ..Fields::clone(&base)
+    }))
     .await;
-    assert!(matches!(e, RootError::Config(_)));
+    assert_eq!(e.kind(), ErrorKind::CredentialsRejected);
     assert!(
         e.to_string().contains("PIN rejected by token \"kms\""),
         "{e}"
@@ -407,10 +425,10 @@ async fn clear_errors_for_token_key_and_module() {
         "{e}"
     );
 
-    let e = open_err(&Pkcs11KeyConfig {
+    let e = open_err(&valid(Fields {
         token_label: Some("absent".into()),
-        ..base.clone()
-    })
+        ..Fields::clone(&base)
+    }))
     .await;
     assert!(
         e.to_string().contains("no token labelled \"absent\""),
@@ -421,10 +439,10 @@ async fn clear_errors_for_token_key_and_module() {
         "lists the tokens present: {e}"
     );
 
-    let e = open_err(&Pkcs11KeyConfig {
+    let e = open_err(&valid(Fields {
         module: "/nonexistent/libpkcs11.so".into(),
-        ..base.clone()
-    })
+        ..Fields::clone(&base)
+    }))
     .await;
     assert!(
         e.to_string()
@@ -432,35 +450,35 @@ async fn clear_errors_for_token_key_and_module() {
         "{e}"
     );
 
-    let e = open_err(&Pkcs11KeyConfig {
+    let e = open_err(&valid(Fields {
         pin_file: None,
         pin_env: Some("KMS_PLUGIN_UNSET_PIN".into()),
-        ..base.clone()
-    })
+        ..Fields::clone(&base)
+    }))
     .await;
     assert!(e.to_string().contains("KMS_PLUGIN_UNSET_PIN"), "{e}");
 
-    let e = open_err(&Pkcs11KeyConfig {
+    let e = open_err(&valid(Fields {
         key_id_hex: Some("0102".into()),
-        ..base.clone()
-    })
+        ..Fields::clone(&base)
+    }))
     .await;
     assert!(e.to_string().contains("with CKA_ID 0102"), "{e}");
 
     // pin_env works, and so does a slot number.
-    let by_env = Pkcs11KeyConfig {
+    let by_env = valid(Fields {
         pin_file: None,
         pin_env: Some(PIN_ENV.into()),
-        ..base.clone()
-    };
+        ..Fields::clone(&base)
+    });
     let root = Pkcs11Root::open(&by_env).await.expect("pin_env");
     let session = raw_session(&base.module);
     let slot = session.get_session_info().expect("info").slot_id().id();
-    let by_slot = Pkcs11KeyConfig {
+    let by_slot = valid(Fields {
         token_label: None,
         slot: Some(slot),
-        ..base.clone()
-    };
+        ..Fields::clone(&base)
+    });
     assert_eq!(
         Pkcs11Root::open(&by_slot).await.expect("slot").key_id(),
         root.key_id()
@@ -470,14 +488,14 @@ async fn clear_errors_for_token_key_and_module() {
 #[tokio::test]
 async fn key_id_hex_selects_among_keys_sharing_a_label() {
     let _g = shared().await;
-    let one = Pkcs11KeyConfig {
+    let one = valid(Fields {
         key_id_hex: Some("01".into()),
-        ..config("shared-label")
-    };
-    let two = Pkcs11KeyConfig {
+        ..Fields::clone(&config("shared-label"))
+    });
+    let two = valid(Fields {
         key_id_hex: Some("02".into()),
-        ..config("shared-label")
-    };
+        ..Fields::clone(&config("shared-label"))
+    });
     assert!(Pkcs11Root::create(&one).await.expect("create 1"));
     assert!(Pkcs11Root::create(&two).await.expect("create 2"));
     let (r1, r2) = (
@@ -523,17 +541,20 @@ async fn extractable_or_readable_keys_are_refused() {
     let e = open_err(&config("readable")).await;
     assert!(e.to_string().contains("is not sensitive"), "{e}");
 
-    let allowed = Pkcs11KeyConfig {
+    let allowed = valid(Fields {
         allow_extractable: true,
-        ..config("extractable")
-    };
+        ..Fields::clone(&config("extractable"))
+    });
     let root = Pkcs11Root::open(&allowed).await.expect("allowed");
     let ctx = WrapContext::new(root.key_id());
     let kek = Key256::generate();
     let wrapped = root.wrap(&kek, &ctx).await.expect("wrap");
     assert_eq!(
-        root.unwrap(&wrapped, &ctx).await.expect("unwrap").expose(),
-        kek.expose()
+        root.unwrap(&wrapped, &ctx)
+            .await
+            .expect("unwrap")
+            .expose_secret(),
+        kek.expose_secret()
     );
 }
 
@@ -577,8 +598,8 @@ async fn recovers_after_the_login_is_lost() {
         root.unwrap(&wrapped, &ctx)
             .await
             .expect("unwrap after logout")
-            .expose(),
-        kek.expose()
+            .expose_secret(),
+        kek.expose_secret()
     );
     root.wrap(&kek, &ctx).await.expect("wrap after logout");
 }

@@ -14,8 +14,9 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::client::{Kind, VaultClient, VaultError};
+use super::client::{VaultClient, VaultError};
 use super::config::AuthSettings;
+use crate::root::ErrorKind;
 
 /// Largest token or secret_id file read.
 const MAX_SECRET_FILE: u64 = 16 * 1024;
@@ -157,7 +158,7 @@ impl Auth {
                         Ok(renewed) => return Ok(renewed),
                         // Expired, revoked or at its max TTL: log in again below.
                         Err(e) => {
-                            tracing::info!(error = %e, "Vault token renewal failed; logging in again")
+                            tracing::info!(error = %e, "Vault token renewal failed; logging in again");
                         }
                     }
                 }
@@ -190,7 +191,7 @@ impl Auth {
             }
             AuthSettings::Token { .. } => {
                 return Err(VaultError::new(
-                    Kind::Misconfigured,
+                    ErrorKind::Misconfigured,
                     "token auth has no login",
                 ));
             }
@@ -201,8 +202,11 @@ impl Auth {
             .await
             .map_err(|e| match e.kind {
                 // A refused login is the credentials' fault, whatever the status.
-                Kind::Denied | Kind::Misconfigured | Kind::KeyDisabled | Kind::NotAuthentic => {
-                    VaultError::new(Kind::CredentialsRejected, e.detail)
+                ErrorKind::Denied
+                | ErrorKind::Misconfigured
+                | ErrorKind::KeyDisabled
+                | ErrorKind::NotAuthentic => {
+                    VaultError::new(ErrorKind::CredentialsRejected, e.detail)
                 }
                 _ => e,
             })
@@ -279,7 +283,7 @@ impl AuthData {
 pub fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], path: &str) -> Result<T, VaultError> {
     serde_json::from_slice(body).map_err(|e| {
         VaultError::new(
-            Kind::Unavailable,
+            ErrorKind::Unavailable,
             format!("unexpected answer to {path} (is the address a Vault server?): {e}"),
         )
     })
@@ -320,7 +324,7 @@ async fn read_secret_file(path: &Path, field: &str) -> Result<SecretString, Vaul
         .map_err(|e| file_error(path, field, &e))?;
     if meta.len() > MAX_SECRET_FILE {
         return Err(VaultError::new(
-            Kind::Misconfigured,
+            ErrorKind::Misconfigured,
             format!(
                 "{field} {} is {} bytes, too long for a token or id",
                 path.display(),
@@ -336,14 +340,14 @@ async fn read_secret_file(path: &Path, field: &str) -> Result<SecretString, Vaul
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| {
             VaultError::new(
-                Kind::Misconfigured,
+                ErrorKind::Misconfigured,
                 format!("{field} {} is not UTF-8 text", path.display()),
             )
         })?
         .trim();
     if text.is_empty() {
         return Err(VaultError::new(
-            Kind::CredentialsRejected,
+            ErrorKind::CredentialsRejected,
             format!("{field} {} is empty", path.display()),
         ));
     }
@@ -352,7 +356,7 @@ async fn read_secret_file(path: &Path, field: &str) -> Result<SecretString, Vaul
 
 fn file_error(path: &Path, field: &str, e: &std::io::Error) -> VaultError {
     VaultError::new(
-        Kind::Misconfigured,
+        ErrorKind::Misconfigured,
         format!("cannot read {field} {}: {e}", path.display()),
     )
 }

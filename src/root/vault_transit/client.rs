@@ -1,6 +1,6 @@
 //! HTTP to Vault: hyper's client over rustls with ring (the stack the AWS SDK already
 //! brings), JSON bodies, the namespace header, and the one place where Vault's answers are
-//! classified into [`Kind`]s.
+//! classified into [`ErrorKind`]s.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,42 +21,16 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::config::VaultSettings;
+use crate::root::ErrorKind;
 
 /// Largest response body read: Vault's answers here are a few hundred bytes.
 const MAX_BODY: usize = 64 * 1024;
 
-/// What went wrong, in the terms the plugin's health rules use. Mirrors the plugin-wide
-/// error kinds, so that mapping to them is one line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// Vault cannot be reached, is sealed, or is a standby that cannot answer.
-    Unavailable,
-    /// Vault asked us to slow down (429, or 503 with Retry-After).
-    RateLimited,
-    /// The token lacks a capability the plugin needs (policy).
-    Denied,
-    /// The Transit key is missing, deleted or refuses this version.
-    KeyDisabled,
-    /// Vault refused the plugin's credentials (bad or expired token, AppRole, cert).
-    CredentialsRejected,
-    /// The settings cannot work (mount missing, key type, TLS files).
-    Misconfigured,
-    /// The ciphertext does not authenticate under this key and context.
-    NotAuthentic,
-}
-
-impl Kind {
-    /// True when the same call may succeed shortly without operator action.
-    pub fn is_transient(self) -> bool {
-        matches!(self, Kind::Unavailable | Kind::RateLimited)
-    }
-}
-
 /// A failed Vault call. `detail` never holds a token, secret_id or key material.
 #[derive(Debug, Clone)]
 pub struct VaultError {
-    /// The class.
-    pub kind: Kind,
+    /// The class (the plugin-wide kinds: retry, health and gRPC code follow from it).
+    pub kind: ErrorKind,
     /// What happened, for operators.
     pub detail: String,
     /// Vault's Retry-After, when it sent one.
@@ -65,7 +39,7 @@ pub struct VaultError {
 
 impl VaultError {
     /// An error without Retry-After.
-    pub fn new(kind: Kind, detail: impl Into<String>) -> Self {
+    pub fn new(kind: ErrorKind, detail: impl Into<String>) -> Self {
         Self {
             kind,
             detail: detail.into(),
@@ -100,18 +74,20 @@ pub fn classify(
     };
     let has = |needle: &str| errors.iter().any(|e| e.contains(needle));
     let kind = match status.as_u16() {
-        429 => Kind::RateLimited,
-        503 if retry_after.is_some() => Kind::RateLimited,
-        403 => Kind::Denied,
-        404 if has("no handler for route") => Kind::Misconfigured,
-        404 => Kind::KeyDisabled,
-        400 if has("encryption key not found") || has("disallowed by policy") => Kind::KeyDisabled,
+        429 => ErrorKind::RateLimited,
+        503 if retry_after.is_some() => ErrorKind::RateLimited,
+        403 => ErrorKind::Denied,
+        404 if has("no handler for route") => ErrorKind::Misconfigured,
+        404 => ErrorKind::KeyDisabled,
+        400 if has("encryption key not found") || has("disallowed by policy") => {
+            ErrorKind::KeyDisabled
+        }
         400 if has("message authentication failed") || has("invalid ciphertext") => {
-            Kind::NotAuthentic
+            ErrorKind::NotAuthentic
         }
         // 412: a performance standby has not caught up yet; 5xx: sealed, standby, overload.
-        412 | 500..=599 => Kind::Unavailable,
-        _ => Kind::Misconfigured,
+        412 | 500..=599 => ErrorKind::Unavailable,
+        _ => ErrorKind::Misconfigured,
     };
     VaultError {
         kind,
@@ -163,7 +139,7 @@ impl VaultClient {
         let namespace = match &settings.namespace {
             Some(ns) => Some(HeaderValue::from_str(ns).map_err(|_| {
                 VaultError::new(
-                    Kind::Misconfigured,
+                    ErrorKind::Misconfigured,
                     format!("namespace \"{ns}\" is not a valid header value"),
                 )
             })?),
@@ -204,7 +180,7 @@ impl VaultClient {
         if let Some(token) = token {
             let mut value = HeaderValue::from_str(token.expose_secret()).map_err(|_| {
                 VaultError::new(
-                    Kind::CredentialsRejected,
+                    ErrorKind::CredentialsRejected,
                     "the Vault token holds characters not allowed in an HTTP header",
                 )
             })?;
@@ -222,7 +198,7 @@ impl VaultClient {
             .body(Full::new(SecretBuf { bytes, pos: 0 }))
             .map_err(|e| {
                 VaultError::new(
-                    Kind::Misconfigured,
+                    ErrorKind::Misconfigured,
                     format!("cannot build request to {uri}: {e}"),
                 )
             })?;
@@ -244,7 +220,7 @@ impl VaultClient {
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| {
                     VaultError::new(
-                        Kind::Unavailable,
+                        ErrorKind::Unavailable,
                         format!("reading Vault's answer from {}: {e}", self.address),
                     )
                 })?;
@@ -263,7 +239,7 @@ impl VaultClient {
         match tokio::time::timeout_at(deadline, exchange).await {
             Ok(result) => result,
             Err(_) => Err(VaultError::new(
-                Kind::Unavailable,
+                ErrorKind::Unavailable,
                 format!("no answer from Vault at {} in time", self.address),
             )),
         }
@@ -281,9 +257,9 @@ struct ErrorBody {
 fn transport_error(address: &str, e: &(dyn std::error::Error + 'static)) -> VaultError {
     let chain = error_chain(e);
     let kind = if chain.contains("certificate") || chain.contains("CertificateRequired") {
-        Kind::Misconfigured
+        ErrorKind::Misconfigured
     } else {
-        Kind::Unavailable
+        ErrorKind::Unavailable
     };
     VaultError::new(kind, format!("cannot reach Vault at {address}: {chain}"))
 }
@@ -312,7 +288,7 @@ fn tls_config(settings: &VaultSettings) -> Result<rustls::ClientConfig, VaultErr
             for cert in certs {
                 roots.add(cert).map_err(|e| {
                     VaultError::new(
-                        Kind::Misconfigured,
+                        ErrorKind::Misconfigured,
                         format!("ca_file {}: {e}", path.display()),
                     )
                 })?;
@@ -326,7 +302,7 @@ fn tls_config(settings: &VaultSettings) -> Result<rustls::ClientConfig, VaultErr
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| VaultError::new(Kind::Misconfigured, format!("TLS set-up: {e}")))?
+        .map_err(|e| VaultError::new(ErrorKind::Misconfigured, format!("TLS set-up: {e}")))?
         .with_root_certificates(roots);
     match &settings.tls.client_cert {
         Some((cert_path, key_path)) => {
@@ -334,7 +310,7 @@ fn tls_config(settings: &VaultSettings) -> Result<rustls::ClientConfig, VaultErr
             let pem = read_file(key_path, "client_key_file")?;
             let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
                 VaultError::new(
-                    Kind::Misconfigured,
+                    ErrorKind::Misconfigured,
                     format!(
                         "client_key_file {} holds no PEM private key ({e})",
                         key_path.display()
@@ -343,7 +319,7 @@ fn tls_config(settings: &VaultSettings) -> Result<rustls::ClientConfig, VaultErr
             })?;
             builder.with_client_auth_cert(certs, key).map_err(|e| {
                 VaultError::new(
-                    Kind::Misconfigured,
+                    ErrorKind::Misconfigured,
                     format!(
                         "client_cert_file {} and client_key_file {}: {e}",
                         cert_path.display(),
@@ -359,7 +335,7 @@ fn tls_config(settings: &VaultSettings) -> Result<rustls::ClientConfig, VaultErr
 fn read_file(path: &Path, field: &str) -> Result<Zeroizing<Vec<u8>>, VaultError> {
     std::fs::read(path).map(Zeroizing::new).map_err(|e| {
         VaultError::new(
-            Kind::Misconfigured,
+            ErrorKind::Misconfigured,
             format!("cannot read {field} {}: {e}", path.display()),
         )
     })
@@ -371,13 +347,13 @@ fn read_certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, 
         .collect::<Result<_, _>>()
         .map_err(|e| {
             VaultError::new(
-                Kind::Misconfigured,
+                ErrorKind::Misconfigured,
                 format!("{field} {}: {e}", path.display()),
             )
         })?;
     if certs.is_empty() {
         return Err(VaultError::new(
-            Kind::Misconfigured,
+            ErrorKind::Misconfigured,
             format!("{field} {} holds no PEM certificate", path.display()),
         ));
     }
@@ -388,8 +364,11 @@ fn read_certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, 
 mod tests {
     use super::*;
 
-    fn kind(status: u16, retry: Option<u64>, errors: &[&str]) -> Kind {
-        let errors: Vec<String> = errors.iter().map(|s| s.to_string()).collect();
+    fn kind(status: u16, retry: Option<u64>, errors: &[&str]) -> ErrorKind {
+        let errors: Vec<String> = errors
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect();
         classify(
             StatusCode::from_u16(status).expect("status"),
             retry.map(Duration::from_secs),
@@ -400,20 +379,23 @@ mod tests {
 
     #[test]
     fn vault_answers_are_classified() {
-        assert_eq!(kind(403, None, &["permission denied"]), Kind::Denied);
-        assert_eq!(kind(429, None, &[]), Kind::RateLimited);
-        assert_eq!(kind(503, Some(2), &[]), Kind::RateLimited);
-        assert_eq!(kind(503, None, &["Vault is sealed"]), Kind::Unavailable);
-        assert_eq!(kind(500, None, &["internal error"]), Kind::Unavailable);
-        assert_eq!(kind(412, None, &[]), Kind::Unavailable);
-        assert_eq!(kind(404, None, &[]), Kind::KeyDisabled);
+        assert_eq!(kind(403, None, &["permission denied"]), ErrorKind::Denied);
+        assert_eq!(kind(429, None, &[]), ErrorKind::RateLimited);
+        assert_eq!(kind(503, Some(2), &[]), ErrorKind::RateLimited);
+        assert_eq!(
+            kind(503, None, &["Vault is sealed"]),
+            ErrorKind::Unavailable
+        );
+        assert_eq!(kind(500, None, &["internal error"]), ErrorKind::Unavailable);
+        assert_eq!(kind(412, None, &[]), ErrorKind::Unavailable);
+        assert_eq!(kind(404, None, &[]), ErrorKind::KeyDisabled);
         assert_eq!(
             kind(404, None, &["no handler for route \"transit2/keys/k\""]),
-            Kind::Misconfigured
+            ErrorKind::Misconfigured
         );
         assert_eq!(
             kind(400, None, &["encryption key not found"]),
-            Kind::KeyDisabled
+            ErrorKind::KeyDisabled
         );
         assert_eq!(
             kind(
@@ -421,19 +403,22 @@ mod tests {
                 None,
                 &["ciphertext or signature version is disallowed by policy (too old)"]
             ),
-            Kind::KeyDisabled
+            ErrorKind::KeyDisabled
         );
         assert_eq!(
             kind(400, None, &["cipher: message authentication failed"]),
-            Kind::NotAuthentic
+            ErrorKind::NotAuthentic
         );
         assert_eq!(
             kind(400, None, &["invalid ciphertext: no prefix"]),
-            Kind::NotAuthentic
+            ErrorKind::NotAuthentic
         );
-        assert_eq!(kind(400, None, &["something new"]), Kind::Misconfigured);
-        assert!(Kind::Unavailable.is_transient() && Kind::RateLimited.is_transient());
-        assert!(!Kind::Denied.is_transient());
+        assert_eq!(
+            kind(400, None, &["something new"]),
+            ErrorKind::Misconfigured
+        );
+        assert!(ErrorKind::Unavailable.is_transient() && ErrorKind::RateLimited.is_transient());
+        assert!(!ErrorKind::Denied.is_transient());
     }
 
     #[test]

@@ -14,11 +14,12 @@
 //! secret_id_file = "/etc/kms-plugin/vault-secret-id"
 //! ```
 
-use std::ops::Deref;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::root::validated::{Check, Validated};
 
 /// `[keys.NAME]` with `provider = "vault-transit"` as written. Holds where the credentials
 /// are, never a token or secret_id itself. Parsed into [`Config`].
@@ -148,38 +149,20 @@ pub struct VaultSettings {
     pub timeout: Duration,
 }
 
-/// A validated `provider = "vault-transit"` entry: only made by [`Config::new`], which
-/// parsing goes through.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(try_from = "Fields")]
-pub struct Config(VaultSettings);
+/// A validated `provider = "vault-transit"` entry; [`Fields::settings`] gives the shape
+/// the provider works with.
+pub type Config = Validated<Fields>;
 
-impl Config {
-    /// Checks `fields`; the error names the field and how to fix it.
-    pub fn new(fields: Fields) -> Result<Self, String> {
-        fields.settings().map(Self)
-    }
-}
-
-impl TryFrom<Fields> for Config {
-    type Error = String;
-
-    fn try_from(fields: Fields) -> Result<Self, String> {
-        Self::new(fields)
-    }
-}
-
-impl Deref for Config {
-    type Target = VaultSettings;
-
-    fn deref(&self) -> &VaultSettings {
-        &self.0
+impl Check for Fields {
+    fn check(&self) -> Result<(), String> {
+        self.settings().map(drop)
     }
 }
 
 impl Fields {
     /// Checks every field and returns the settings; errors name the field and the fix.
-    fn settings(&self) -> Result<VaultSettings, String> {
+    /// Cannot fail for a [`Config`] (parsing ran the same checks).
+    pub fn settings(&self) -> Result<VaultSettings, String> {
         let address = self.address.trim_end_matches('/');
         let (scheme, rest) = address
             .split_once("://")
@@ -349,7 +332,7 @@ mod tests {
 
     fn parse(text: &str) -> Result<VaultSettings, String> {
         let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        Ok(config.0)
+        config.settings()
     }
 
     const BASE: &str = "address = \"https://vault.example:8200/\"\nkey = \"kms\"\n";

@@ -22,3 +22,5 @@ pub mod transit;
 pub use config::Config;
 #[cfg(feature = "vault-transit")]
 pub use root::VaultTransitRoot;
+
+super::feature_gated_provider!(Config, "vault-transit", "vault-transit", VaultTransitRoot);

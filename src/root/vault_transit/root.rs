@@ -12,11 +12,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::auth::Auth;
-use super::client::{Kind, VaultClient, VaultError};
+use super::client::{VaultClient, VaultError};
 use super::config::{Config, VaultSettings};
 use super::session::Session;
 use super::transit::{self, KeyMeta};
 use crate::envelope::annotations::MAX_WRAPPED_LEN;
+use crate::root::ErrorKind;
 use crate::root::{BoxFuture, KeyId, RootError, RootKey, WrapContext};
 use crate::secret::Key256;
 
@@ -28,14 +29,7 @@ const RENEW_RETRY: Duration = Duration::from_secs(10);
 
 impl From<VaultError> for RootError {
     fn from(e: VaultError) -> Self {
-        match e.kind {
-            Kind::Unavailable | Kind::RateLimited => RootError::Unavailable(e.detail),
-            Kind::Denied | Kind::KeyDisabled | Kind::CredentialsRejected => {
-                RootError::Rejected(e.detail)
-            }
-            Kind::Misconfigured => RootError::Config(e.detail),
-            Kind::NotAuthentic => RootError::Authentication,
-        }
+        RootError::new(e.kind, e.detail)
     }
 }
 
@@ -61,7 +55,9 @@ impl VaultTransitRoot {
     /// Validates the settings, reads the key's metadata (the token is checked on the way)
     /// and refuses a key that cannot bind associated data.
     pub async fn open(config: &Config) -> Result<Self, RootError> {
-        let settings: VaultSettings = (**config).clone();
+        let settings: VaultSettings = config
+            .settings()
+            .map_err(|e| RootError::new(ErrorKind::Misconfigured, e))?;
         let client = VaultClient::new(&settings)?;
         let session = Session {
             client,
@@ -77,9 +73,9 @@ impl VaultTransitRoot {
         let version = meta.latest_version;
         let created = meta.created(version).unwrap_or_default();
         inner.remember(&meta);
-        let key_id = inner
-            .version(version)
-            .ok_or_else(|| RootError::Unavailable("Vault lists no latest key version".into()))?;
+        let key_id = inner.version(version).ok_or_else(|| {
+            RootError::new(ErrorKind::Unavailable, "Vault lists no latest key version")
+        })?;
         let renewer = tokio::spawn(renew_loop(Arc::downgrade(&inner)));
         Ok(Self {
             inner,
@@ -94,12 +90,12 @@ impl VaultTransitRoot {
     /// transit/keys/NAME`), not by the plugin. Checks that the configured key exists and is
     /// usable, and returns `Ok(false)`.
     pub async fn create(config: &Config) -> Result<bool, RootError> {
-        Self::open(config).await.map_err(|e| match e {
-            RootError::Rejected(m) if m.contains("404") => RootError::Config(format!(
-                "{m}; Transit keys are created in Vault (vault write -f {}/keys/{}), not by kms-plugin keygen",
+        Self::open(config).await.map_err(|e| match e.kind() {
+            ErrorKind::KeyDisabled => e.context(&format!(
+                "Transit keys are created in Vault (vault write -f {}/keys/{}), not by kms-plugin keygen",
                 config.mount, config.key
             )),
-            other => other,
+            _ => e,
         })?;
         Ok(false)
     }
@@ -154,8 +150,8 @@ impl Inner {
             .map_err(|e| {
                 let label = self.label();
                 match e.kind {
-                    Kind::KeyDisabled => VaultError::new(
-                        Kind::KeyDisabled,
+                    ErrorKind::KeyDisabled => VaultError::new(
+                        ErrorKind::KeyDisabled,
                         format!(
                             "{label} does not exist on {} ({})",
                             self.session.client.address(),
@@ -276,12 +272,15 @@ impl RootKey for VaultTransitRoot {
             // (encrypt on a deleted key would silently re-create it with upsert rights).
             let meta = inner.read_meta().await?;
             if meta.created(self.version).as_ref() != Some(&self.created) {
-                return Err(RootError::Rejected(format!(
-                    "{} was deleted and re-created since the plugin opened it; it is not the \
+                return Err(RootError::new(
+                    ErrorKind::KeyDisabled,
+                    format!(
+                        "{} was deleted and re-created since the plugin opened it; it is not the \
                      key key_id {} names (reload the plugin to use the new key)",
-                    inner.label(),
-                    self.key_id
-                )));
+                        inner.label(),
+                        self.key_id
+                    ),
+                ));
             }
             let s = &inner.settings;
             let ciphertext = transit::encrypt(
@@ -295,10 +294,13 @@ impl RootKey for VaultTransitRoot {
             .await
             .map_err(|e| e.context(&format!("encrypting with {}", inner.label())))?;
             if ciphertext.len() > MAX_WRAPPED_LEN {
-                return Err(RootError::Config(format!(
-                    "Vault returned a {}-byte ciphertext, more than the {MAX_WRAPPED_LEN} an annotation may hold",
-                    ciphertext.len()
-                )));
+                return Err(RootError::new(
+                    ErrorKind::Misconfigured,
+                    format!(
+                        "Vault returned a {}-byte ciphertext, more than the {MAX_WRAPPED_LEN} an annotation may hold",
+                        ciphertext.len()
+                    ),
+                ));
             }
             Ok(ciphertext.into_bytes())
         })
@@ -312,21 +314,21 @@ impl RootKey for VaultTransitRoot {
         Box::pin(async move {
             let inner = &self.inner;
             let Some(ciphertext) = std::str::from_utf8(wrapped).ok() else {
-                return Err(RootError::Authentication);
+                return Err(RootError::bare(ErrorKind::NotAuthentic));
             };
             // The copy must be under the version its key_id stands for; Vault picks the
             // version from the ciphertext, so this pins it.
             let Some(version) = transit::version_of(ciphertext) else {
-                return Err(RootError::Authentication);
+                return Err(RootError::bare(ErrorKind::NotAuthentic));
             };
             if inner.version(version).as_ref() != Some(&self.key_id) {
-                return Err(RootError::Authentication);
+                return Err(RootError::bare(ErrorKind::NotAuthentic));
             }
             let s = &inner.settings;
             transit::decrypt(&inner.session, &s.mount, &s.key, ciphertext, &ctx.aad())
                 .await
                 .map_err(|e| match e.kind {
-                    Kind::NotAuthentic => RootError::Authentication,
+                    ErrorKind::NotAuthentic => RootError::bare(ErrorKind::NotAuthentic),
                     _ => e
                         .context(&format!("decrypting with {}", inner.label()))
                         .into(),

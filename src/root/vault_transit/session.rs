@@ -10,7 +10,8 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::auth::{Auth, json_body};
-use super::client::{Kind, VaultClient, VaultError};
+use super::client::{VaultClient, VaultError};
+use crate::root::ErrorKind;
 
 const BASE_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_millis(800);
@@ -51,13 +52,13 @@ impl Session {
                 Err(e) => e,
             };
             match error.kind {
-                Kind::Denied if !reauthenticated => {
+                ErrorKind::Denied if !reauthenticated => {
                     // The token may have expired or been revoked: get a new one, once.
                     reauthenticated = true;
                     self.auth.invalidate().await;
                     continue;
                 }
-                Kind::Denied => return Err(self.explain_denial(error, deadline).await),
+                ErrorKind::Denied => return Err(self.explain_denial(error, deadline).await),
                 kind if kind.is_transient() => {
                     let delay = error.retry_after.unwrap_or_else(|| backoff(attempts));
                     if Instant::now() + delay >= deadline {
@@ -96,9 +97,9 @@ impl Session {
             Err(e) => Err(e),
         };
         match lookup {
-            Err(e) if e.kind == Kind::Denied || e.kind == Kind::CredentialsRejected => {
+            Err(e) if e.kind == ErrorKind::Denied || e.kind == ErrorKind::CredentialsRejected => {
                 VaultError::new(
-                    Kind::CredentialsRejected,
+                    ErrorKind::CredentialsRejected,
                     format!(
                         "Vault refused the plugin's token (invalid, expired or revoked; {}): {}",
                         self.auth.describe(),
@@ -107,7 +108,7 @@ impl Session {
                 )
             }
             _ => VaultError::new(
-                Kind::Denied,
+                ErrorKind::Denied,
                 format!(
                     "permission denied: the token's policy lacks a capability this call needs ({})",
                     error.detail

@@ -11,8 +11,9 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use super::auth::{json_body, parse};
-use super::client::{Kind, VaultError};
+use super::client::VaultError;
 use super::session::Session;
+use crate::root::ErrorKind;
 use crate::secret::Key256;
 
 /// Transit key types that take `associated_data` (AEADs).
@@ -59,7 +60,7 @@ impl KeyMeta {
         self.keys.get(&version.to_string()).map(|v| match v {
             serde_json::Value::Object(o) => o
                 .get("creation_time")
-                .map(|t| t.to_string())
+                .map(std::string::ToString::to_string)
                 .unwrap_or_else(|| v.to_string()),
             other => other.to_string(),
         })
@@ -77,7 +78,7 @@ impl KeyMeta {
     pub fn check_usable(&self, key: &str) -> Result<(), VaultError> {
         if !AEAD_TYPES.contains(&self.key_type.as_str()) {
             return Err(VaultError::new(
-                Kind::Misconfigured,
+                ErrorKind::Misconfigured,
                 format!(
                     "Transit key \"{key}\" is of type {}, which cannot bind associated data; \
                      create a key of type {} (aes256-gcm96 is Transit's default)",
@@ -88,7 +89,7 @@ impl KeyMeta {
         }
         if self.derived {
             return Err(VaultError::new(
-                Kind::Misconfigured,
+                ErrorKind::Misconfigured,
                 format!(
                     "Transit key \"{key}\" is derived (needs a context per call); create one with derived=false"
                 ),
@@ -96,7 +97,7 @@ impl KeyMeta {
         }
         if self.soft_deleted {
             return Err(VaultError::new(
-                Kind::KeyDisabled,
+                ErrorKind::KeyDisabled,
                 format!(
                     "Transit key \"{key}\" is soft-deleted; restore it or configure another key"
                 ),
@@ -104,13 +105,13 @@ impl KeyMeta {
         }
         if !(self.supports_encryption && self.supports_decryption) {
             return Err(VaultError::new(
-                Kind::Misconfigured,
+                ErrorKind::Misconfigured,
                 format!("Transit key \"{key}\" does not support both encryption and decryption"),
             ));
         }
         if self.created(self.latest_version).is_none() {
             return Err(VaultError::new(
-                Kind::Unavailable,
+                ErrorKind::Unavailable,
                 format!(
                     "Vault lists no creation time for version {} of Transit key \"{key}\"",
                     self.latest_version
@@ -156,7 +157,7 @@ pub async fn encrypt(
     aad: &[u8],
 ) -> Result<String, VaultError> {
     let path = format!("{mount}/encrypt/{key}");
-    let plaintext = Zeroizing::new(STANDARD.encode(kek.expose()));
+    let plaintext = Zeroizing::new(STANDARD.encode(kek.expose_secret()));
     let body = json_body(&serde_json::json!({
         "plaintext": plaintext.as_str(),
         "associated_data": STANDARD.encode(aad),
@@ -170,7 +171,7 @@ pub async fn encrypt(
         || version_of(&out.data.ciphertext) != Some(version)
     {
         return Err(VaultError::new(
-            Kind::Unavailable,
+            ErrorKind::Unavailable,
             format!(
                 "Vault encrypted under another version of \"{key}\" than the requested {version}"
             ),
@@ -197,10 +198,13 @@ pub async fn decrypt(
     let plain = Zeroizing::new(
         STANDARD
             .decode(out.data.plaintext.expose_secret())
-            .map_err(|_| VaultError::new(Kind::NotAuthentic, "Vault's plaintext is not base64"))?,
+            .map_err(|_| {
+                VaultError::new(ErrorKind::NotAuthentic, "Vault's plaintext is not base64")
+            })?,
     );
-    Key256::from_slice(&plain)
-        .ok_or_else(|| VaultError::new(Kind::NotAuthentic, "the unwrapped key is not 32 bytes"))
+    Key256::from_slice(&plain).ok_or_else(|| {
+        VaultError::new(ErrorKind::NotAuthentic, "the unwrapped key is not 32 bytes")
+    })
 }
 
 /// The key version a `vault:vN:...` ciphertext names.

@@ -1,6 +1,4 @@
-//! `provider = "file"`: a 32-byte root key in a file readable only by the plugin's user.
-//! It wraps local KEKs with AES-256-GCM. This is the embedded default; it needs no cloud
-//! account, and protects etcd backups as long as the key file is kept off them.
+//! The file root key: reading and creating the key file, AES-256-GCM wrapping.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -13,7 +11,7 @@ use rand::rngs::OsRng;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use super::{BoxFuture, KeyId, RootError, RootKey, WrapContext};
+use crate::root::{BoxFuture, ErrorKind, KeyId, RootError, RootKey, WrapContext};
 use crate::secret::{KEY_LEN, Key256};
 
 const NONCE_LEN: usize = 12;
@@ -32,7 +30,9 @@ impl FileRoot {
         let path = path.to_path_buf();
         let key = tokio::task::spawn_blocking(move || read_key_file(&path))
             .await
-            .map_err(|e| RootError::Config(format!("reading key file: {e}")))??;
+            .map_err(|e| {
+                RootError::new(ErrorKind::Misconfigured, format!("reading key file: {e}"))
+            })??;
         Ok(Self::from_key(&key))
     }
 
@@ -41,19 +41,21 @@ impl FileRoot {
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || create_key_file(&path))
             .await
-            .map_err(|e| RootError::Config(format!("creating key file: {e}")))?
+            .map_err(|e| {
+                RootError::new(ErrorKind::Misconfigured, format!("creating key file: {e}"))
+            })?
     }
 
-    fn from_key(key: &Key256) -> Self {
+    pub(crate) fn from_key(key: &Key256) -> Self {
         // key_id = hash of an HMAC check value: stable for the key, reveals nothing of it.
-        let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(key.expose()) {
+        let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(key.expose_secret()) {
             Ok(mac) => mac,
             Err(_) => unreachable!("HMAC accepts any key length"),
         };
         mac.update(b"kms-plugin file root check value");
         let check = mac.finalize().into_bytes();
         Self {
-            cipher: Aes256Gcm::new(key.expose().into()),
+            cipher: Aes256Gcm::new(key.expose_secret().into()),
             key_id: KeyId::derive("file", &check),
         }
     }
@@ -81,11 +83,11 @@ impl RootKey for FileRoot {
                 .encrypt(
                     &nonce,
                     Payload {
-                        msg: kek.expose(),
+                        msg: kek.expose_secret(),
                         aad: &aad,
                     },
                 )
-                .map_err(|_| RootError::Config("AES-GCM wrap failed".into()))?;
+                .map_err(|_| RootError::new(ErrorKind::Misconfigured, "AES-GCM wrap failed"))?;
             let mut out = Vec::with_capacity(WRAPPED_LEN);
             out.extend_from_slice(&nonce);
             out.extend_from_slice(&body);
@@ -100,7 +102,7 @@ impl RootKey for FileRoot {
     ) -> BoxFuture<'a, Result<Key256, RootError>> {
         Box::pin(async move {
             if wrapped.len() != WRAPPED_LEN {
-                return Err(RootError::Authentication);
+                return Err(RootError::bare(ErrorKind::NotAuthentic));
             }
             let (nonce, body) = wrapped.split_at(NONCE_LEN);
             let aad = ctx.aad();
@@ -113,38 +115,60 @@ impl RootKey for FileRoot {
                             aad: &aad,
                         },
                     )
-                    .map_err(|_| RootError::Authentication)?,
+                    .map_err(|_| RootError::bare(ErrorKind::NotAuthentic))?,
             );
-            Key256::from_slice(&plain).ok_or(RootError::Authentication)
+            Key256::from_slice(&plain).ok_or_else(|| RootError::bare(ErrorKind::NotAuthentic))
         })
     }
 }
 
 fn read_key_file(path: &Path) -> Result<Key256, RootError> {
     let shown = path.display();
-    let file = std::fs::File::open(path)
-        .map_err(|e| RootError::Config(format!("cannot open root key file {shown}: {e}")))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| RootError::Config(format!("cannot stat root key file {shown}: {e}")))?;
-    crate::secure_path::check_file(path, &meta, "root key file").map_err(RootError::Config)?;
+    let file = std::fs::File::open(path).map_err(|e| {
+        RootError::new(
+            ErrorKind::Misconfigured,
+            format!("cannot open root key file {shown}: {e}"),
+        )
+    })?;
+    let meta = file.metadata().map_err(|e| {
+        RootError::new(
+            ErrorKind::Misconfigured,
+            format!("cannot stat root key file {shown}: {e}"),
+        )
+    })?;
+    crate::secure_path::check_file(path, &meta, "root key file")
+        .map_err(|e| RootError::new(ErrorKind::Misconfigured, e))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(RootError::Config(format!(
-            "root key file {shown} has mode {mode:04o}; group and others must have no access (chmod 600)"
-        )));
+        return Err(RootError::new(
+            ErrorKind::Misconfigured,
+            format!(
+                "root key file {shown} has mode {mode:04o}; group and others must have no access (chmod 600)"
+            ),
+        ));
     }
     if meta.len() != KEY_LEN as u64 {
-        return Err(RootError::Config(format!(
-            "root key file {shown} must hold exactly {KEY_LEN} bytes, it holds {}",
-            meta.len()
-        )));
+        return Err(RootError::new(
+            ErrorKind::Misconfigured,
+            format!(
+                "root key file {shown} must hold exactly {KEY_LEN} bytes, it holds {}",
+                meta.len()
+            ),
+        ));
     }
     let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
-    std::io::Read::read_exact(&mut &file, bytes.as_mut_slice())
-        .map_err(|e| RootError::Config(format!("cannot read root key file {shown}: {e}")))?;
-    Key256::from_slice(bytes.as_slice())
-        .ok_or_else(|| RootError::Config(format!("root key file {shown} has the wrong length")))
+    std::io::Read::read_exact(&mut &file, bytes.as_mut_slice()).map_err(|e| {
+        RootError::new(
+            ErrorKind::Misconfigured,
+            format!("cannot read root key file {shown}: {e}"),
+        )
+    })?;
+    Key256::from_slice(bytes.as_slice()).ok_or_else(|| {
+        RootError::new(
+            ErrorKind::Misconfigured,
+            format!("root key file {shown} has the wrong length"),
+        )
+    })
 }
 
 fn create_key_file(path: &Path) -> Result<bool, RootError> {
@@ -153,7 +177,8 @@ fn create_key_file(path: &Path) -> Result<bool, RootError> {
         create_private_dir(dir)?;
         // Never write a new key where another user could read the directory's future
         // contents by swapping it.
-        crate::secure_path::check_dir(dir, "key directory").map_err(RootError::Config)?;
+        crate::secure_path::check_dir(dir, "key directory")
+            .map_err(|e| RootError::new(ErrorKind::Misconfigured, e))?;
     }
     // create_new: never overwrite a key that may still protect data.
     let mut file = match std::fs::OpenOptions::new()
@@ -165,15 +190,21 @@ fn create_key_file(path: &Path) -> Result<bool, RootError> {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => {
-            return Err(RootError::Config(format!(
-                "cannot create root key file {shown}: {e}"
-            )));
+            return Err(RootError::new(
+                ErrorKind::Misconfigured,
+                format!("cannot create root key file {shown}: {e}"),
+            ));
         }
     };
     let key = Key256::generate();
-    file.write_all(key.expose())
+    file.write_all(key.expose_secret())
         .and_then(|()| file.sync_all())
-        .map_err(|e| RootError::Config(format!("cannot write root key file {shown}: {e}")))?;
+        .map_err(|e| {
+            RootError::new(
+                ErrorKind::Misconfigured,
+                format!("cannot write root key file {shown}: {e}"),
+            )
+        })?;
     if let Some(dir) = path.parent() {
         // Persist the directory entry too, so a crash cannot lose a key already in use.
         if let Ok(d) = std::fs::File::open(dir) {
@@ -187,7 +218,8 @@ fn create_key_file(path: &Path) -> Result<bool, RootError> {
 /// another user owns it or could write to it or to a directory above it.
 pub fn prepare_state_dir(dir: &Path) -> Result<(), RootError> {
     create_private_dir(dir)?;
-    crate::secure_path::check_dir(dir, "state directory").map_err(RootError::Config)
+    crate::secure_path::check_dir(dir, "state directory")
+        .map_err(|e| RootError::new(ErrorKind::Misconfigured, e))
 }
 
 /// Creates `dir` (and parents) with mode 0700 if missing; an existing one is left as is.
@@ -196,7 +228,12 @@ pub fn create_private_dir(dir: &Path) -> Result<(), RootError> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| RootError::Config(format!("cannot create directory {}: {e}", dir.display())))
+        .map_err(|e| {
+            RootError::new(
+                ErrorKind::Misconfigured,
+                format!("cannot create directory {}: {e}", dir.display()),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -260,20 +297,20 @@ mod tests {
         let wrapped = root.wrap(&kek, &ctx).await.expect("wrap");
         assert_eq!(wrapped.len(), WRAPPED_LEN);
         let back = root.unwrap(&wrapped, &ctx).await.expect("unwrap");
-        assert_eq!(back.expose(), kek.expose());
+        assert_eq!(back.expose_secret(), kek.expose_secret());
 
         let wrong_ctx = WrapContext::new(other.key_id());
         assert!(matches!(
             root.unwrap(&wrapped, &wrong_ctx).await,
-            Err(RootError::Authentication)
+            Err(e) if e.kind() == ErrorKind::NotAuthentic
         ));
         assert!(matches!(
             other.unwrap(&wrapped, &ctx).await,
-            Err(RootError::Authentication)
+            Err(e) if e.kind() == ErrorKind::NotAuthentic
         ));
         assert!(matches!(
             root.unwrap(&wrapped[1..], &ctx).await,
-            Err(RootError::Authentication)
+            Err(e) if e.kind() == ErrorKind::NotAuthentic
         ));
     }
 

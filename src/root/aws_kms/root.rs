@@ -1,9 +1,4 @@
-//! `provider = "aws-kms"`: a symmetric AWS KMS key wraps local KEKs with Encrypt/Decrypt.
-//!
-//! Calls are rare (one Encrypt per local KEK, one Decrypt per distinct local KEK after a
-//! start) and opening makes none, so the plugin starts while KMS is down and steady state
-//! costs nothing. Every call has a total time budget below kube-apiserver's 3 s deadline;
-//! transient failures are retried inside it with jittered exponential backoff.
+//! The AWS KMS root key: the client, Encrypt/Decrypt with retries, error classification.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -22,9 +17,9 @@ use rand::Rng;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::{BoxFuture, KeyId, RootError, RootKey, WrapContext};
-use crate::config::AwsKmsKeyConfig;
+use super::Config;
 use crate::envelope::annotations::MAX_WRAPPED_LEN;
+use crate::root::{BoxFuture, ErrorKind, KeyId, RootError, RootKey, WrapContext};
 use crate::secret::{KEY_LEN, Key256};
 
 /// First backoff step; doubles per attempt up to [`MAX_BACKOFF`].
@@ -43,7 +38,7 @@ pub struct AwsKmsRoot {
 impl AwsKmsRoot {
     /// Builds the client. Makes no KMS call: the config holds the full key ARN, and
     /// credentials are resolved lazily on the first call.
-    pub async fn open(config: &AwsKmsKeyConfig) -> Result<Self, RootError> {
+    pub async fn open(config: &Config) -> Result<Self, RootError> {
         let attempt = Duration::from_millis(config.attempt_timeout_ms);
         let budget = Duration::from_millis(config.timeout_ms);
         // One TLS stack (rustls) and one crypto backend (ring) for the whole binary.
@@ -69,9 +64,12 @@ impl AwsKmsRoot {
         if let Some(endpoint) = &config.endpoint {
             // Config validation refuses this too; a config built in code must not slip by.
             if !config.allow_http && !endpoint.to_ascii_lowercase().starts_with("https://") {
-                return Err(RootError::Config(format!(
-                    "AWS KMS endpoint {endpoint} is not https:// (set allow_http = true only for an emulator)"
-                )));
+                return Err(RootError::new(
+                    ErrorKind::Misconfigured,
+                    format!(
+                        "AWS KMS endpoint {endpoint} is not https:// (set allow_http = true only for an emulator)"
+                    ),
+                ));
             }
             kms = kms.endpoint_url(endpoint);
         }
@@ -87,20 +85,26 @@ impl AwsKmsRoot {
 
     /// `kms-plugin keygen`: keys are created in AWS, not by the plugin. This checks with
     /// DescribeKey that the configured key exists and can wrap, and returns `Ok(false)`.
-    pub async fn create(config: &AwsKmsKeyConfig) -> Result<bool, RootError> {
+    pub async fn create(config: &Config) -> Result<bool, RootError> {
         let root = Self::open(config).await?;
         let out = root
             .call("DescribeKey", || root.client.describe_key().key_id(&root.arn).send())
             .await
-            .map_err(|e| match e {
-                RootError::Rejected(m) if m.contains("NotFoundException") => RootError::Config(format!(
-                    "{m}; AWS KMS keys are created in AWS (aws kms create-key), not by kms-plugin keygen"
-                )),
-                other => other,
+            .map_err(|e| match e.kind() {
+                // DescribeKey answers for disabled keys: this one does not exist.
+                ErrorKind::KeyDisabled => RootError::new(
+                    ErrorKind::Misconfigured,
+                    format!(
+                        "{}; AWS KMS keys are created in AWS (aws kms create-key), not by kms-plugin keygen",
+                        e.detail()
+                    ),
+                ),
+                _ => e,
             })?;
         let Some(meta) = out.key_metadata() else {
-            return Err(RootError::Unavailable(
-                "DescribeKey returned no key metadata".into(),
+            return Err(RootError::new(
+                ErrorKind::Unavailable,
+                "DescribeKey returned no key metadata",
             ));
         };
         // A field left out is taken as AWS's default (moto omits KeyUsage).
@@ -111,19 +115,25 @@ impl AwsKmsRoot {
             .key_spec()
             .is_none_or(|s| *s == KeySpec::SymmetricDefault);
         if !(usage_ok && spec_ok) {
-            return Err(RootError::Config(format!(
-                "{} is not a symmetric encrypt/decrypt key (usage {}, spec {}; need \
+            return Err(RootError::new(
+                ErrorKind::Misconfigured,
+                format!(
+                    "{} is not a symmetric encrypt/decrypt key (usage {}, spec {}; need \
                  ENCRYPT_DECRYPT, SYMMETRIC_DEFAULT)",
-                root.arn,
-                name_or_unknown(meta.key_usage().map(|u| u.as_str())),
-                name_or_unknown(meta.key_spec().map(|s| s.as_str())),
-            )));
+                    root.arn,
+                    name_or_unknown(
+                        meta.key_usage()
+                            .map(aws_sdk_kms::types::KeyUsageType::as_str)
+                    ),
+                    name_or_unknown(meta.key_spec().map(aws_sdk_kms::types::KeySpec::as_str)),
+                ),
+            ));
         }
         if meta.key_state() != Some(&KeyState::Enabled) {
-            return Err(RootError::Rejected(not_enabled_message(
-                &root.arn,
-                meta.key_state(),
-            )));
+            return Err(RootError::new(
+                ErrorKind::Denied,
+                not_enabled_message(&root.arn, meta.key_state()),
+            ));
         }
         Ok(false)
     }
@@ -151,21 +161,24 @@ impl AwsKmsRoot {
             attempts += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let outcome = tokio::time::timeout(remaining, attempt_fn()).await;
-            let reason = match outcome {
+            let (kind, reason) = match outcome {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(e)) => match classify(&e) {
-                    Class::Retry(reason) => reason,
+                    Class::Retry(kind, reason) => (kind, reason),
                     Class::Fail(err) => return Err(err),
                 },
-                Err(_) => "no answer".to_string(),
+                Err(_) => (ErrorKind::Unavailable, "no answer".to_string()),
             };
             let delay = backoff(attempts);
             if Instant::now() + delay >= deadline {
-                return Err(RootError::Unavailable(format!(
-                    "KMS {op} of {} failed after {attempts} attempt(s) within {} ms: {reason}",
-                    self.arn,
-                    self.budget.as_millis()
-                )));
+                return Err(RootError::new(
+                    kind,
+                    format!(
+                        "KMS {op} of {} failed after {attempts} attempt(s) within {} ms: {reason}",
+                        self.arn,
+                        self.budget.as_millis()
+                    ),
+                ));
             }
             tracing::debug!(op, attempt = attempts, reason = %reason, "retrying KMS call");
             tokio::time::sleep(delay).await;
@@ -195,22 +208,24 @@ impl RootKey for AwsKmsRoot {
                     self.client
                         .encrypt()
                         .key_id(&self.arn)
-                        .plaintext(Blob::new(kek.expose().to_vec()))
+                        .plaintext(Blob::new(kek.expose_secret().to_vec()))
                         .set_encryption_context(Some(context.clone()))
                         .send()
                 })
                 .await?;
             match out.ciphertext_blob {
                 // Decrypt refuses annotations longer than this: never hand out such a copy.
-                Some(blob) if blob.as_ref().len() > MAX_WRAPPED_LEN => {
-                    Err(RootError::Config(format!(
+                Some(blob) if blob.as_ref().len() > MAX_WRAPPED_LEN => Err(RootError::new(
+                    ErrorKind::Misconfigured,
+                    format!(
                         "KMS Encrypt returned {} bytes, more than the {MAX_WRAPPED_LEN} an annotation may hold",
                         blob.as_ref().len()
-                    )))
-                }
+                    ),
+                )),
                 Some(blob) if !blob.as_ref().is_empty() => Ok(blob.into_inner()),
-                _ => Err(RootError::Unavailable(
-                    "KMS Encrypt returned no ciphertext".into(),
+                _ => Err(RootError::new(
+                    ErrorKind::Unavailable,
+                    "KMS Encrypt returned no ciphertext",
                 )),
             }
         })
@@ -223,7 +238,7 @@ impl RootKey for AwsKmsRoot {
     ) -> BoxFuture<'a, Result<Key256, RootError>> {
         Box::pin(async move {
             if wrapped.is_empty() {
-                return Err(RootError::Authentication);
+                return Err(RootError::bare(ErrorKind::NotAuthentic));
             }
             let context = self.context(ctx);
             let mut out = self
@@ -246,9 +261,9 @@ impl RootKey for AwsKmsRoot {
                     .unwrap_or_default(),
             );
             if plain.len() != KEY_LEN {
-                return Err(RootError::Authentication);
+                return Err(RootError::bare(ErrorKind::NotAuthentic));
             }
-            Key256::from_slice(&plain).ok_or(RootError::Authentication)
+            Key256::from_slice(&plain).ok_or_else(|| RootError::bare(ErrorKind::NotAuthentic))
         })
     }
 }
@@ -256,20 +271,25 @@ impl RootKey for AwsKmsRoot {
 /// What to do with a failed attempt.
 #[derive(Debug)]
 enum Class {
-    /// Transient: retry within the budget; the text says why.
-    Retry(String),
+    /// Transient: retry within the budget; the kind is the error's once the budget is
+    /// spent, the text says why.
+    Retry(ErrorKind, String),
     /// Final.
     Fail(RootError),
 }
 
+/// Error codes that mean "slow down".
+const RATE_LIMIT_CODES: &[&str] = &[
+    "ThrottlingException",
+    "LimitExceededException",
+    "RequestLimitExceeded",
+];
+
 /// Error codes that mean "try again shortly".
 const TRANSIENT_CODES: &[&str] = &[
-    "ThrottlingException",
     "KMSInternalException",
     "DependencyTimeoutException",
     "KeyUnavailableException",
-    "LimitExceededException",
-    "RequestLimitExceeded",
     "ServiceUnavailableException",
     "InternalFailure",
 ];
@@ -292,14 +312,14 @@ where
         }
         // Timeouts, connection failures, truncated responses: the network, not the key.
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            Class::Retry(error_chain(e))
+            Class::Retry(ErrorKind::Unavailable, error_chain(e))
         }
         // Building the request failed, usually because no credentials could be found
         // (an IRSA token not mounted yet): an operator may need to act, but it can pass.
-        _ => Class::Fail(RootError::Unavailable(format!(
-            "cannot send the KMS request: {}",
-            error_chain(e)
-        ))),
+        _ => Class::Fail(RootError::new(
+            ErrorKind::Unavailable,
+            format!("cannot send the KMS request: {}", error_chain(e)),
+        )),
     }
 }
 
@@ -307,7 +327,7 @@ where
 fn not_enabled_message(arn: &str, state: Option<&KeyState>) -> String {
     format!(
         "{arn} is in state {}, not Enabled",
-        name_or_unknown(state.map(|s| s.as_str()))
+        name_or_unknown(state.map(aws_sdk_kms::types::KeyState::as_str))
     )
 }
 
@@ -332,26 +352,32 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Classifies an AWS error by its code (the SDK's error metadata, never its message).
 fn classify_code(code: &str, status: u16, text: String) -> Class {
+    let fail = |kind, detail| Class::Fail(RootError::new(kind, detail));
     match code {
-        c if TRANSIENT_CODES.contains(&c) => Class::Retry(text),
-        "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException" => {
-            Class::Fail(RootError::Rejected(format!(
-                "access denied by AWS KMS ({text})"
-            )))
-        }
-        "DisabledException" | "KMSInvalidStateException" | "NotFoundException" => {
-            Class::Fail(RootError::Rejected(format!(
-                "key disabled, pending deletion or not found ({text})"
-            )))
-        }
+        c if RATE_LIMIT_CODES.contains(&c) => Class::Retry(ErrorKind::RateLimited, text),
+        c if TRANSIENT_CODES.contains(&c) => Class::Retry(ErrorKind::Unavailable, text),
+        "AccessDeniedException" => fail(
+            ErrorKind::Denied,
+            format!("access denied by AWS KMS ({text})"),
+        ),
+        "UnrecognizedClientException" | "InvalidSignatureException" => fail(
+            ErrorKind::CredentialsRejected,
+            format!("access denied by AWS KMS ({text})"),
+        ),
+        "DisabledException" | "KMSInvalidStateException" | "NotFoundException" => fail(
+            ErrorKind::KeyDisabled,
+            format!("key disabled, pending deletion or not found ({text})"),
+        ),
         "InvalidCiphertextException" | "IncorrectKeyException" => {
-            Class::Fail(RootError::Authentication)
+            Class::Fail(RootError::bare(ErrorKind::NotAuthentic))
         }
-        // Credentials may be refreshed by the provider chain before the next attempt.
-        "ExpiredTokenException" | "ExpiredToken" => Class::Retry(text),
-        _ if status >= 500 => Class::Retry(text),
-        _ => Class::Fail(RootError::Rejected(text)),
+        // Credentials may be refreshed by the provider chain before the next attempt, so
+        // this stays transient (unavailable once the budget is spent).
+        "ExpiredTokenException" | "ExpiredToken" => Class::Retry(ErrorKind::Unavailable, text),
+        _ if status >= 500 => Class::Retry(ErrorKind::Unavailable, text),
+        _ => fail(ErrorKind::Misconfigured, text),
     }
 }
 
@@ -400,33 +426,32 @@ mod tests {
 
     fn kind(code: &str, status: u16) -> String {
         match classify_code(code, status, code.to_string()) {
-            Class::Retry(_) => "retry".into(),
-            Class::Fail(RootError::Rejected(m)) => format!("rejected {m}"),
-            Class::Fail(RootError::Authentication) => "auth".into(),
-            Class::Fail(other) => format!("other {other}"),
+            Class::Retry(kind, _) => format!("retry {}", kind.metric_label()),
+            Class::Fail(e) => format!("{} {}", e.kind().metric_label(), e.detail()),
         }
     }
 
     #[test]
     fn error_codes_are_classified() {
-        for code in [
-            "ThrottlingException",
-            "KMSInternalException",
-            "DependencyTimeoutException",
-        ] {
-            assert_eq!(kind(code, 400), "retry", "{code}");
+        assert_eq!(kind("ThrottlingException", 400), "retry rate_limited");
+        for code in ["KMSInternalException", "DependencyTimeoutException"] {
+            assert_eq!(kind(code, 400), "retry unavailable", "{code}");
         }
-        assert_eq!(kind("SomethingNew", 503), "retry");
-        assert!(kind("AccessDeniedException", 400).contains("access denied"));
+        assert_eq!(kind("SomethingNew", 503), "retry unavailable");
+        assert!(kind("AccessDeniedException", 400).starts_with("denied access denied"));
+        assert!(kind("UnrecognizedClientException", 400).starts_with("credentials_rejected"));
         for code in [
             "DisabledException",
             "KMSInvalidStateException",
             "NotFoundException",
         ] {
-            assert!(kind(code, 400).contains("key disabled"), "{code}");
+            assert!(
+                kind(code, 400).starts_with("key_disabled key disabled"),
+                "{code}"
+            );
         }
-        assert_eq!(kind("InvalidCiphertextException", 400), "auth");
-        assert_eq!(kind("IncorrectKeyException", 400), "auth");
-        assert!(kind("ValidationException", 400).starts_with("rejected"));
+        assert_eq!(kind("InvalidCiphertextException", 400), "not_authentic ");
+        assert_eq!(kind("IncorrectKeyException", 400), "not_authentic ");
+        assert!(kind("ValidationException", 400).starts_with("misconfigured"));
     }
 }

@@ -1,11 +1,5 @@
-//! `kms-plugin rotate`: make another configured root key the active one, safely.
-//!
-//! 1. prove the new root works (wrap + unwrap round trip) from this process;
-//! 2. rewrite the config file atomically (temp file + rename), keeping comments and layout:
-//!    the new root becomes `active`, the old active joins `retired`;
-//! 3. ask the running plugin to reload (Admin `Reload`); if it refuses, put the old file back;
-//! 4. wait until Status reports the new key_id, and print the next steps.
-
+//! The config-file side of `rotate`: prove the new root, rewrite the file keeping its
+//! comments and layout, write it atomically, and say what to do next.
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
@@ -256,7 +250,7 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "x").expect("write");
         // Tests run as root: hand the file to another user and group, as /etc files may be.
-        let (uid, gid) = if euid() == 0 {
+        let (uid, gid) = if crate::secure_path::euid() == 0 {
             std::os::unix::fs::chown(&path, Some(1234), Some(5678)).expect("chown");
             (1234, 5678)
         } else {
@@ -274,10 +268,5 @@ mod tests {
             1,
             "no temp file left"
         );
-    }
-
-    fn euid() -> u32 {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() }
     }
 }

@@ -1,0 +1,208 @@
+//! `[keys.NAME]` with `provider = "aws-kms"`: which key, where, and the call budget.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::root::validated::{Check, Validated};
+
+/// Encryption-context keys with this prefix belong to the plugin.
+pub const RESERVED_CONTEXT_PREFIX: &str = "kms-plugin/";
+
+/// `provider = "aws-kms"` as written in the config file. Credentials come only from the
+/// standard AWS chain (environment, profile, web identity / IRSA, instance metadata), never
+/// from this file. Parsed into [`Config`], which is what the rest of the plugin uses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fields {
+    /// The full key ARN (`arn:aws:kms:REGION:ACCOUNT:key/ID`). Aliases are refused: an
+    /// alias can be repointed, which would silently change the key behind a key_id.
+    pub key_id: String,
+    /// The AWS region of the key.
+    pub region: String,
+    /// Endpoint URL override (VPC or FIPS endpoint, an emulator). Must be https:// unless
+    /// `allow_http` is set.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Accept a plain `http://` endpoint (an emulator on loopback; never a real KMS: the
+    /// wrapped keys and credentials would cross the network in clear).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Extra EncryptionContext pairs sent with every call, on top of the plugin's own.
+    #[serde(default)]
+    pub encryption_context: BTreeMap<String, String>,
+    /// Total time budget of one KMS operation, retries included, in milliseconds. Kept
+    /// below kube-apiserver's default 3 s deadline.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Time limit of a single attempt (connect + request), in milliseconds.
+    #[serde(default = "default_attempt_timeout_ms")]
+    pub attempt_timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    2500
+}
+
+fn default_attempt_timeout_ms() -> u64 {
+    1000
+}
+
+/// A validated `provider = "aws-kms"` entry: a full key ARN in `region`, an https://
+/// endpoint (or http:// with `allow_http`), no reserved context keys, budgets in range.
+pub type Config = Validated<Fields>;
+
+impl Check for Fields {
+    fn check(&self) -> Result<(), String> {
+        let fields = self;
+        let arn = &fields.key_id;
+        // arn:PARTITION:kms:REGION:ACCOUNT:key/ID
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        let is_key_arn = parts.len() == 6
+            && parts[0] == "arn"
+            && !parts[1].is_empty()
+            && parts[2] == "kms"
+            && !parts[4].is_empty()
+            && parts[5]
+                .strip_prefix("key/")
+                .is_some_and(|id| !id.is_empty() && !id.contains('/'));
+        if !is_key_arn {
+            let hint = if arn.contains("alias/") {
+                "aliases are not accepted because they can be repointed to another key; "
+            } else {
+                ""
+            };
+            return Err(format!(
+                "key_id must be a full key ARN like arn:aws:kms:REGION:ACCOUNT:key/ID, not \"{arn}\" \
+                 ({hint}find it with `aws kms describe-key --key-id ... --query KeyMetadata.Arn`)"
+            ));
+        }
+        if fields.region.is_empty() {
+            return Err("region must not be empty".into());
+        }
+        if parts[3] != fields.region {
+            return Err(format!(
+                "region \"{}\" differs from the region in the key ARN (\"{}\")",
+                fields.region, parts[3]
+            ));
+        }
+        if let Some(endpoint) = &fields.endpoint {
+            check_endpoint(endpoint, fields.allow_http)?;
+        }
+        for key in fields.encryption_context.keys() {
+            if key.is_empty() {
+                return Err("encryption_context keys must not be empty".into());
+            }
+            if key.starts_with(RESERVED_CONTEXT_PREFIX) {
+                return Err(format!(
+                    "encryption_context key \"{key}\" is reserved: keys starting with \"{RESERVED_CONTEXT_PREFIX}\" are the plugin's own"
+                ));
+            }
+        }
+        if !(100..=60_000).contains(&fields.timeout_ms) {
+            return Err("timeout_ms must be 100 to 60000".into());
+        }
+        if fields.attempt_timeout_ms < 50 || fields.attempt_timeout_ms > fields.timeout_ms {
+            return Err("attempt_timeout_ms must be at least 50 and at most timeout_ms".into());
+        }
+        Ok(())
+    }
+}
+
+fn check_endpoint(endpoint: &str, allow_http: bool) -> Result<(), String> {
+    let scheme = endpoint
+        .split_once("://")
+        .map(|(s, _)| s.to_ascii_lowercase());
+    match scheme.as_deref() {
+        Some("https") => Ok(()),
+        Some("http") if allow_http => Ok(()),
+        Some("http") => Err(format!(
+            "endpoint \"{endpoint}\" is plain http: wrapped keys and request signatures \
+             would cross the network unencrypted; use https://, or set allow_http = true \
+             (only for an emulator on loopback)"
+        )),
+        _ => Err(format!(
+            "endpoint must be an https:// URL, not \"{endpoint}\""
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::KeyConfig;
+    use crate::config::test_support::{error_of, parse};
+
+    const AWS: &str = r#"
+        [kek]
+        active = "aws"
+        [keys.aws]
+        provider = "aws-kms"
+        key_id = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+        region = "eu-west-1"
+    "#;
+
+    fn aws(text: &str) -> super::Config {
+        match parse(text).keys.remove("aws") {
+            Some(KeyConfig::AwsKms(k)) => k,
+            _ => panic!("not aws-kms"),
+        }
+    }
+
+    #[test]
+    fn aws_kms_parses_with_defaults_and_options() {
+        let k = aws(AWS);
+        assert_eq!(k.region, "eu-west-1");
+        assert_eq!((k.timeout_ms, k.attempt_timeout_ms), (2500, 1000));
+        assert!(k.endpoint.is_none() && k.encryption_context.is_empty());
+
+        let text = format!(
+            "{AWS}\nendpoint = \"https://kms-fips.eu-west-1.amazonaws.com\"\ntimeout_ms = 2000\n\
+             [keys.aws.encryption_context]\ncluster = \"prod\"\n"
+        );
+        let k = aws(&text);
+        assert_eq!(k.encryption_context["cluster"], "prod");
+        assert_eq!(k.timeout_ms, 2000);
+    }
+
+    #[test]
+    fn aws_kms_bad_settings_are_rejected() {
+        let arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        let alias = AWS.replace(arn, "arn:aws:kms:eu-west-1:111122223333:alias/k8s");
+        assert!(error_of(&alias).contains("aliases are not accepted"));
+        assert!(error_of(&AWS.replace(arn, "alias/k8s")).contains("full key ARN"));
+        assert!(
+            error_of(&AWS.replace(arn, "1234abcd-12ab-34cd-56ef-1234567890ab"))
+                .contains("full key ARN")
+        );
+        assert!(
+            error_of(&AWS.replace("region = \"eu-west-1\"", "region = \"us-east-1\""))
+                .contains("differs")
+        );
+        assert!(error_of(&format!("{AWS}\nendpoint = \"kms.local\"")).contains("endpoint"));
+        assert!(error_of(&format!("{AWS}\ntimeout_ms = 10")).contains("timeout_ms"));
+        assert!(
+            error_of(&format!("{AWS}\nattempt_timeout_ms = 5000")).contains("attempt_timeout_ms")
+        );
+        assert!(error_of(&format!("{AWS}\naccess_key_id = \"AKIA\"")).contains("access_key_id"));
+        let clash =
+            format!("{AWS}\n[keys.aws.encryption_context]\n\"kms-plugin/purpose\" = \"x\"\n");
+        assert!(error_of(&clash).contains("reserved"));
+    }
+
+    #[test]
+    fn aws_endpoint_must_be_https_unless_http_is_allowed() {
+        let https = format!("{AWS}\nendpoint = \"https://kms.internal:8443\"");
+        assert!(aws(&https).endpoint.is_some());
+        let http = format!("{AWS}\nendpoint = \"http://127.0.0.1:5000\"");
+        let err = error_of(&http);
+        assert!(
+            err.contains("[keys.aws]") && err.contains("plain http") && err.contains("allow_http"),
+            "{err}"
+        );
+        assert!(error_of(&http.replace("http://", "HTTP://")).contains("allow_http"));
+        assert!(aws(&format!("{http}\nallow_http = true")).allow_http);
+        // allow_http does not make other schemes acceptable.
+        let ftp = format!("{AWS}\nendpoint = \"ftp://x\"\nallow_http = true");
+        assert!(error_of(&ftp).contains("must be an https:// URL"));
+    }
+}
