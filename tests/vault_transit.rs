@@ -496,3 +496,73 @@ async fn cert_auth_login_works_over_tls() {
     let output = plugin.output();
     assert!(output.contains("certificate"), "{output}");
 }
+
+/// `bao write -f transit/keys/main/rotate` is noticed without a restart: the key_id
+/// changes, new local KEKs are wrapped under the new version, and ciphertexts made under
+/// the old version still decrypt, cached or not (after a restart).
+#[tokio::test]
+async fn transit_rotation_changes_key_id_and_old_ciphertexts_decrypt() {
+    let bao = OpenBao::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    bao.create_key("main", "aes256-gcm96");
+    let token = openbao::secret_file(dir.path(), "token", &bao.plugin_token("main", "1h"));
+    let extra = "[health]\nroot_check_interval_seconds = 1\nretry_interval_seconds = 1\n";
+    let mut plugin = start_plugin(&bao, dir.path(), "main", &token, extra).await;
+    let old_id = common::status(&mut plugin.client().await).await.key_id;
+    let mut before = Vec::new();
+    for _ in 0..3 {
+        before.push(round_trip(&plugin).await);
+    }
+    assert!(
+        before[0]
+            .0
+            .annotations
+            .values()
+            .any(|v| v.starts_with(b"vault:v1:"))
+    );
+
+    bao.rotate_key("main");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let new_id = loop {
+        let id = common::status(&mut plugin.client().await).await.key_id;
+        if id != old_id {
+            break id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rotation not noticed:\n{}",
+            plugin.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(new_id.starts_with("vault-"), "{new_id}");
+    let (after, seed) = round_trip(&plugin).await;
+    assert_eq!(after.key_id, new_id);
+    let copy = after
+        .annotations
+        .iter()
+        .find(|(k, _)| k.contains(&new_id))
+        .map(|(_, v)| v);
+    assert!(
+        copy.is_some_and(|v| v.starts_with(b"vault:v2:")),
+        "{:?}",
+        after.annotations.keys()
+    );
+    let mut client = plugin.client().await;
+    for (sealed, seed) in &before {
+        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+    }
+
+    // Without the cache: the v1 copies are unwrapped by Vault under their own key_id.
+    plugin.restart().await;
+    let mut client = plugin.client().await;
+    assert_eq!(
+        common::status(&mut client).await.key_id,
+        new_id,
+        "stable across restarts"
+    );
+    for (sealed, seed) in &before {
+        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+    }
+    assert_eq!(common::decrypt(&mut client, &after).await, seed);
+}

@@ -55,6 +55,20 @@ pub trait RootKey: Send + Sync {
         wrapped: &'a [u8],
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Key256, RootError>>;
+
+    /// Re-reads, at each periodic root check, what this root's key_id depends on at its
+    /// source (a Vault Transit key's versions). `Ok(true)` when the root, opened now, would
+    /// have another key_id (the key was rotated there): the plugin then opens it again.
+    /// Roots whose key_id cannot change keep this default.
+    fn refresh(&self) -> BoxFuture<'_, Result<bool, RootError>> {
+        Box::pin(async { Ok(false) })
+    }
+
+    /// Whether copies wrapped under `key_id` are this root's to unwrap: its own key_id, or
+    /// one it had before its source rotated the key (older Transit key versions).
+    fn answers_to(&self, key_id: &KeyId) -> bool {
+        key_id == self.key_id()
+    }
 }
 
 /// What a wrapped local KEK is bound to: this plugin's purpose and the root's key_id.
@@ -74,6 +88,11 @@ impl WrapContext {
         Self {
             key_id: key_id.clone(),
         }
+    }
+
+    /// The key_id the wrapped copy is bound to.
+    pub fn key_id(&self) -> &KeyId {
+        &self.key_id
     }
 
     /// Associated data for providers that wrap with an AEAD.

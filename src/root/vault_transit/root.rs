@@ -316,12 +316,13 @@ impl RootKey for VaultTransitRoot {
             let Some(ciphertext) = std::str::from_utf8(wrapped).ok() else {
                 return Err(RootError::bare(ErrorKind::NotAuthentic));
             };
-            // The copy must be under the version its key_id stands for; Vault picks the
-            // version from the ciphertext, so this pins it.
+            // The copy must be under the version its key_id stands for (this root's, or an
+            // older version's after a Transit rotation); Vault picks the version from the
+            // ciphertext, so this pins it.
             let Some(version) = transit::version_of(ciphertext) else {
                 return Err(RootError::bare(ErrorKind::NotAuthentic));
             };
-            if inner.version(version).as_ref() != Some(&self.key_id) {
+            if inner.version(version).as_ref() != Some(ctx.key_id()) {
                 return Err(RootError::bare(ErrorKind::NotAuthentic));
             }
             let s = &inner.settings;
@@ -334,5 +335,13 @@ impl RootKey for VaultTransitRoot {
                         .into(),
                 })
         })
+    }
+
+    fn refresh(&self) -> BoxFuture<'_, Result<bool, RootError>> {
+        Box::pin(self.refresh_versions())
+    }
+
+    fn answers_to(&self, key_id: &KeyId) -> bool {
+        self.answers_to_version(key_id)
     }
 }
