@@ -7,8 +7,10 @@
 //!
 //! Each client applies the apiserver's response validation (KMSV2.md §2) itself. Missing
 //! toolchains fail the test with the package to install; they are never skipped.
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
+#![allow(missing_docs)] // test harness items are shared between modules, not a documented API
 
-mod common;
+mod support;
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -17,8 +19,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::Plugin;
 use kms_plugin::h2authority::REWROTE_LOG;
+use support::Plugin;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// Debian keeps its Go library packages here (GOPATH layout).
@@ -29,8 +31,8 @@ const ROUNDS: &str = "5";
 /// A plugin on a fresh abstract socket; abstract sockets need `allowed_uids`.
 async fn on_abstract_socket(dir: &Path) -> Plugin {
     let socket = format!("@kms-plugin-interop-{}", rand::random::<u64>());
-    let allowed = format!("allowed_uids = [{}]", common::my_uid());
-    let config = common::file_root_config(dir, &socket, &allowed);
+    let allowed = format!("allowed_uids = [{}]", support::my_uid());
+    let config = support::file_root_config(dir, &socket, &allowed);
     Plugin::start(&socket, &["--config", &config], &[], dir).await
 }
 
@@ -239,7 +241,7 @@ fn assert_rewritten(plugin: &Plugin, expected: bool) {
 #[tokio::test]
 async fn grpc_go_with_localhost_authority() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let plugin = Plugin::embedded(dir.path(), &socket).await;
     run_go(&plugin, "localhost");
     assert_rewritten(&plugin, false);
@@ -249,7 +251,7 @@ async fn grpc_go_with_localhost_authority() {
 #[tokio::test]
 async fn grpc_go_with_socket_path_as_authority() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let plugin = Plugin::embedded(dir.path(), &socket).await;
     run_go(&plugin, "");
     assert_rewritten(&plugin, true);
@@ -259,10 +261,10 @@ async fn grpc_go_with_socket_path_as_authority() {
 #[tokio::test]
 async fn grpc_go_as_apiserver_1_27_with_api_version_v2beta1() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let key = dir.path().join("keys/main.key");
     let body = format!("provider = \"file\"\npath = \"{}\"", key.display());
-    let config = common::write_config(
+    let config = support::write_config(
         dir.path(),
         &socket,
         "main",
@@ -270,7 +272,7 @@ async fn grpc_go_as_apiserver_1_27_with_api_version_v2beta1() {
         "api_version = \"v2beta1\"",
     );
     let config = config.to_string_lossy().into_owned();
-    let out = common::run_cli(&["keygen", "--config", &config, "--key", "main"], &[]);
+    let out = support::run_cli(&["keygen", "--config", &config, "--key", "main"], &[]);
     assert!(
         out.status.success(),
         "keygen: {}",
@@ -295,7 +297,7 @@ async fn grpc_go_on_an_abstract_socket() {
 #[tokio::test]
 async fn python_grpcio_with_default_options() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let plugin = Plugin::embedded(dir.path(), &socket).await;
     run_python(&plugin);
     assert_rewritten(&plugin, true);
@@ -324,7 +326,7 @@ fn raw_connect(socket: &str) -> UnixStream {
 #[tokio::test]
 async fn garbage_on_the_socket_leaves_the_plugin_healthy() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let mut plugin = Plugin::embedded(dir.path(), &socket).await;
     let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".as_slice();
     let random: Vec<u8> = (0..4096).map(|_| rand::random::<u8>()).collect();
@@ -353,8 +355,8 @@ async fn garbage_on_the_socket_leaves_the_plugin_healthy() {
         plugin.output()
     );
     let mut client = plugin.client().await;
-    assert_eq!(common::status(&mut client).await.healthz, "ok");
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut client, &seed).await;
-    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+    assert_eq!(support::status(&mut client).await.healthz, "ok");
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut client, &seed).await;
+    assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
 }

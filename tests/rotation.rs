@@ -1,8 +1,11 @@
-//! Root key rotation through the real binary, for any pair of providers: `kms-plugin rotate`
-//! under load, dropping a retired key, and `also_wrap` disaster recovery. A test file picks
-//! the providers of the old key (`a`) and the new key (`b`) and calls [`rotation_tests!`].
+//! Root key rotation through the real binary, from a file key to a key of every provider of
+//! the table in `support::backends` (`for_each_provider!`): `kms-plugin rotate` under load,
+//! dropping a retired key, and `also_wrap` disaster recovery after losing either key. Each
+//! generic test is `PROVIDER::CASE`; provider- and config-specific cases are in `rotation/`.
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
+#![allow(missing_docs)] // test harness items are shared between modules, not a documented API
 
-#![allow(dead_code)] // each binary uses part of it
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,8 +15,8 @@ use std::time::Duration;
 use kms_plugin::proto::v2::{EncryptRequest, EncryptResponse};
 use tonic::Code;
 
-use crate::common::{self, Plugin};
-use crate::contract::Backend;
+use support::Plugin;
+use support::backends::Backend;
 
 /// A plugin with root keys `a` (active) and `b` (configured as `kek_extra` says).
 pub struct Setup {
@@ -32,7 +35,7 @@ pub async fn two_keys<A: Backend, B: Backend>(ka: &A, kb: &B, kek_extra: &str) -
     let b = kb.new_key(dir.path(), "b").await;
     let mut env = ka.env();
     env.extend(kb.env().into_iter().filter(|v| !ka.env().contains(v)));
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let config = write_config(
         dir.path(),
         &socket,
@@ -72,8 +75,8 @@ pub async fn batch(plugin: &Plugin, n: usize) -> Vec<(EncryptResponse, Vec<u8>)>
     let mut client = plugin.client().await;
     let mut out = Vec::new();
     for _ in 0..n {
-        let seed = common::seed();
-        out.push((common::encrypt(&mut client, &seed).await, seed));
+        let seed = support::seed();
+        out.push((support::encrypt(&mut client, &seed).await, seed));
     }
     out
 }
@@ -81,40 +84,54 @@ pub async fn batch(plugin: &Plugin, n: usize) -> Vec<(EncryptResponse, Vec<u8>)>
 pub async fn all_decrypt(plugin: &Plugin, batch: &[(EncryptResponse, Vec<u8>)]) {
     let mut client = plugin.client().await;
     for (sealed, seed) in batch {
-        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+        assert_eq!(&support::decrypt(&mut client, sealed).await, seed);
     }
 }
 
 pub async fn key_id(plugin: &Plugin) -> String {
-    common::status(&mut plugin.client().await).await.key_id
+    support::status(&mut plugin.client().await).await.key_id
 }
 
-/// Generates the rotation tests for old-key backend `$a` and new-key backend `$b`.
-#[macro_export]
+/// Generates `mod $provider` with the rotation tests from a file key (`a`) to a key of
+/// `$backend` (`b`).
 macro_rules! rotation_tests {
-    ($a:expr, $b:expr) => {
-        // Two workers: the load keeps running while the CLI runs on a blocking thread.
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn rotate_command_under_load_switches_key_id_and_keeps_old_data() {
-            rotation::rotate_under_load(&$a, &$b).await
-        }
-        #[tokio::test]
-        async fn dropping_a_retired_key_needs_force_and_names_the_key_id() {
-            rotation::dropping_needs_force(&$a, &$b).await
-        }
-        #[tokio::test]
-        async fn also_wrap_keeps_data_readable_when_the_active_root_is_lost() {
-            rotation::also_wrap_recovery(&$a, &$b).await
-        }
-        /// The same with the roles swapped: the key of `$b`'s provider is the one lost.
-        #[tokio::test]
-        async fn also_wrap_keeps_data_readable_when_the_second_providers_root_is_lost() {
-            rotation::also_wrap_recovery(&$b, &$a).await
+    ($provider:ident, $backend:expr) => {
+        mod $provider {
+            use $crate::support::backends::file::FileBackend;
+
+            // Two workers: the load keeps running while the CLI runs on a blocking thread.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rotate_command_under_load_switches_key_id_and_keeps_old_data() {
+                super::rotate_under_load(&FileBackend, &$backend).await
+            }
+            #[tokio::test]
+            async fn dropping_a_retired_key_needs_force_and_names_the_key_id() {
+                super::dropping_needs_force(&FileBackend, &$backend).await
+            }
+            #[tokio::test]
+            async fn also_wrap_keeps_data_readable_when_the_active_root_is_lost() {
+                super::also_wrap_recovery(&FileBackend, &$backend).await
+            }
+            /// The same with the roles swapped: the key of `$backend`'s provider is the one lost.
+            #[tokio::test]
+            async fn also_wrap_keeps_data_readable_when_the_second_providers_root_is_lost() {
+                super::also_wrap_recovery(&$backend, &FileBackend).await
+            }
         }
     };
 }
 
-pub async fn rotate_under_load<A: Backend, B: Backend>(ka: &A, kb: &B) {
+for_each_provider!(rotation_tests);
+
+/// Rotation cases that need one particular provider or a hand-edited config file.
+mod rotation {
+    #[cfg(feature = "aws-kms")]
+    mod kms_outage;
+    mod reload;
+    mod wrong_pin;
+}
+
+async fn rotate_under_load<A: Backend, B: Backend>(ka: &A, kb: &B) {
     let mut s = two_keys(ka, kb, "").await;
     let old_id = key_id(&s.plugin).await;
     let old_batch = batch(&s.plugin, 10).await;
@@ -127,14 +144,14 @@ pub async fn rotate_under_load<A: Backend, B: Backend>(ka: &A, kb: &B) {
         let mut client = s.plugin.client().await;
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let seed = common::seed();
+                let seed = support::seed();
                 let request = EncryptRequest {
                     plaintext: seed.clone(),
-                    uid: common::uid(),
+                    uid: support::uid(),
                 };
                 let ok = match client.encrypt(request).await {
                     Ok(r) => client
-                        .decrypt(common::decrypt_request(&r.into_inner()))
+                        .decrypt(support::decrypt_request(&r.into_inner()))
                         .await
                         .is_ok_and(|d| d.into_inner().plaintext == seed),
                     Err(_) => false,
@@ -158,7 +175,7 @@ pub async fn rotate_under_load<A: Backend, B: Backend>(ka: &A, kb: &B) {
     let out = tokio::task::spawn_blocking({
         let (socket, env) = (socket.clone(), s.env.clone());
         move || {
-            common::run_cli(
+            support::run_cli(
                 &[
                     "rotate", "--config", &config, "--to", "b", "--socket", &socket,
                 ],
@@ -215,7 +232,7 @@ pub async fn rotate_under_load<A: Backend, B: Backend>(ka: &A, kb: &B) {
     all_decrypt(&s.plugin, &new_batch).await;
 
     // `status` shows per key when a Decrypt last needed it.
-    let out = common::run_cli(&["status", "--socket", &socket], &[]);
+    let out = support::run_cli(&["status", "--socket", &socket], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(", retired): key_id") && text.contains("decrypts 10, last unix time"),
@@ -223,13 +240,13 @@ pub async fn rotate_under_load<A: Backend, B: Backend>(ka: &A, kb: &B) {
     );
 }
 
-pub async fn dropping_needs_force<A: Backend, B: Backend>(ka: &A, kb: &B) {
+async fn dropping_needs_force<A: Backend, B: Backend>(ka: &A, kb: &B) {
     let s = two_keys(ka, kb, "").await;
     let id_a = key_id(&s.plugin).await;
     let under_a = batch(&s.plugin, 2).await;
     let socket = s.plugin.socket.clone();
     let config = s.config.to_string_lossy().into_owned();
-    let out = common::run_cli(
+    let out = support::run_cli(
         &[
             "rotate", "--config", &config, "--to", "b", "--socket", &socket,
         ],
@@ -243,13 +260,13 @@ pub async fn dropping_needs_force<A: Backend, B: Backend>(ka: &A, kb: &B) {
 
     // Drop key a from the config: a plain reload refuses and names a's key_id.
     write_config(s.dir.path(), &socket, "active = \"b\"", &[("b", &s.b)]);
-    let out = common::run_cli(&["reload", "--socket", &socket], &[]);
+    let out = support::run_cli(&["reload", "--socket", &socket], &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&id_a) && err.contains("--force"), "{err}");
     all_decrypt(&s.plugin, &under_a).await;
 
-    let out = common::run_cli(&["reload", "--socket", &socket, "--force"], &[]);
+    let out = support::run_cli(&["reload", "--socket", &socket, "--force"], &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -259,13 +276,13 @@ pub async fn dropping_needs_force<A: Backend, B: Backend>(ka: &A, kb: &B) {
         .plugin
         .client()
         .await
-        .decrypt(common::decrypt_request(&under_a[0].0))
+        .decrypt(support::decrypt_request(&under_a[0].0))
         .await
         .expect_err("key a is gone");
     assert_eq!(err.code(), Code::FailedPrecondition);
 }
 
-pub async fn also_wrap_recovery<A: Backend, B: Backend>(ka: &A, kb: &B) {
+async fn also_wrap_recovery<A: Backend, B: Backend>(ka: &A, kb: &B) {
     let mut s = two_keys(ka, kb, "also_wrap = [\"b\"]").await;
     let id_a = key_id(&s.plugin).await;
     let sealed = batch(&s.plugin, 5).await;
@@ -307,7 +324,7 @@ async fn assert_old_config_fails(s: &Setup) {
             assert!(!status.success(), "{}", old.output());
             return;
         }
-        if let Ok(mut client) = common::connect(&old.socket).await
+        if let Ok(mut client) = support::connect(&old.socket).await
             && let Ok(status) = client.status(kms_plugin::proto::v2::StatusRequest {}).await
         {
             let healthz = status.into_inner().healthz;

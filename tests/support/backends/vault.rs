@@ -1,12 +1,11 @@
-//! `provider = "vault-transit"` keys on a real OpenBao dev server, one server per backend
-//! value. The plugin gets a token with only the policy the README gives (encrypt, decrypt
-//! and read of its key), in a token file. Included with `#[path]` by the binaries that use
-//! it, so that the others do not need `bao`.
+//! `provider = "vault-transit"` keys on a real OpenBao dev server (`bao`), one server per
+//! backend value. The plugin gets a token with only the policy the README gives (encrypt,
+//! decrypt and read of its key), in a token file.
 
 use std::path::Path;
 
-use crate::contract::Backend;
-use crate::openbao::{self, OpenBao};
+use super::Backend;
+use crate::support::openbao::{self, OpenBao};
 
 pub struct VaultBackend {
     pub bao: OpenBao,

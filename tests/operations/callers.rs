@@ -1,24 +1,22 @@
 //! Connection floods against the real binary on a loopback Unix socket: the connection cap,
 //! the accept loop's back-off when the process is out of file descriptors, and the
 //! preface timeout. A well-behaved client that is already connected keeps being served.
-#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
-
-mod common;
 
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use common::Plugin;
 use kms_plugin::proto::v2::key_management_service_client::KeyManagementServiceClient;
 use tokio::net::UnixStream;
 use tonic::transport::Channel;
 
+use crate::support::{self, Plugin};
+
 /// Status, Encrypt and Decrypt on an existing connection.
 async fn round_trip(client: &mut KeyManagementServiceClient<Channel>) {
-    assert_eq!(common::status(client).await.healthz, "ok");
-    let seed = common::seed();
-    let sealed = common::encrypt(client, &seed).await;
-    assert_eq!(common::decrypt(client, &sealed).await, seed);
+    assert_eq!(support::status(client).await.healthz, "ok");
+    let seed = support::seed();
+    let sealed = support::encrypt(client, &seed).await;
+    assert_eq!(support::decrypt(client, &sealed).await, seed);
 }
 
 /// Opens up to `n` connections without blocking (a full backlog fails the connect).
@@ -39,7 +37,7 @@ async fn new_client_is_served(plugin: &mut Plugin, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         if let Ok(Ok(mut client)) =
-            tokio::time::timeout(Duration::from_secs(2), common::connect(&plugin.socket)).await
+            tokio::time::timeout(Duration::from_secs(2), support::connect(&plugin.socket)).await
             && client
                 .status(kms_plugin::proto::v2::StatusRequest {})
                 .await
@@ -99,8 +97,8 @@ fn count_lines(log: &str, text: &str) -> usize {
 #[tokio::test]
 async fn connections_over_max_connections_are_closed_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
-    let config = common::file_root_config(dir.path(), &socket, "max_connections = 4");
+    let socket = support::socket_in(dir.path());
+    let config = support::file_root_config(dir.path(), &socket, "max_connections = 4");
     let mut plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     let mut client = plugin.client().await;
     round_trip(&mut client).await;
@@ -149,8 +147,8 @@ async fn connections_over_max_connections_are_closed_at_once() {
 async fn out_of_descriptors_the_plugin_backs_off_and_recovers() {
     const NOFILE: u64 = 256;
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
-    let config = common::file_root_config(dir.path(), &socket, "max_connections = 1024");
+    let socket = support::socket_in(dir.path());
+    let config = support::file_root_config(dir.path(), &socket, "max_connections = 1024");
     let mut plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     let pid = plugin.pid().expect("pid");
     let limit = format!("--nofile={NOFILE}:{NOFILE}");
@@ -208,8 +206,8 @@ async fn out_of_descriptors_the_plugin_backs_off_and_recovers() {
 #[tokio::test]
 async fn silent_connections_are_closed_after_the_preface_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
-    let config = common::file_root_config(dir.path(), &socket, "max_connections = 2");
+    let socket = support::socket_in(dir.path());
+    let config = support::file_root_config(dir.path(), &socket, "max_connections = 2");
     let mut plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     let started = Instant::now();
     let mut silent = Vec::new();

@@ -1,103 +1,96 @@
-//! The contract every root key provider must pass, run through the real binary and socket.
-//! A provider test file implements [`Backend`] and calls [`contract_tests!`].
+//! The contract every root key provider must pass, through the real binary and socket, run
+//! over every provider of the table in `support::backends` (`for_each_provider!`): each
+//! test is `PROVIDER::CASE`, e.g. `pkcs11::tampering_is_rejected_and_plugin_stays_healthy`.
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
+#![allow(missing_docs)] // test harness items are shared between modules, not a documented API
 
-#![allow(dead_code)] // each binary uses part of it
+mod support;
 
-use std::future::Future;
 use std::path::Path;
 
 use kms_plugin::envelope::annotations;
+use support::Plugin;
+use support::backends::Backend;
 use tonic::Code;
 
-use crate::common::{self, Plugin};
-
-/// How to give the plugin a root key of one provider.
-pub trait Backend: Sync {
-    /// Creates a fresh root key and returns the TOML body of its `[keys.NAME]` entry.
-    fn new_key(&self, dir: &Path, name: &str) -> impl Future<Output = String> + Send;
-    /// Environment variables the plugin process needs for this provider.
-    fn env(&self) -> Vec<(String, String)>;
-    /// Destroys the key made by `new_key(dir, name)` for good (disaster-recovery tests).
-    fn lose_key(&self, dir: &Path, name: &str) -> impl Future<Output = ()> + Send;
-    /// Whether the plugin notices a lost key (false where the emulator still serves it).
-    const LOSS_REFUSED: bool = true;
-}
-
 /// Starts a plugin whose active root is a fresh key of `backend`.
-pub async fn start<B: Backend>(backend: &B, dir: &Path, extra: &str) -> Plugin {
-    let socket = common::socket_in(dir);
+async fn start<B: Backend>(backend: &B, dir: &Path, extra: &str) -> Plugin {
+    let socket = support::socket_in(dir);
     let key = backend.new_key(dir, "main").await;
-    let config = common::write_config(dir, &socket, "main", &[("main", key)], extra);
+    let config = support::write_config(dir, &socket, "main", &[("main", key)], extra);
     let config = config.to_string_lossy().into_owned();
     Plugin::start(&socket, &["--config", &config], &backend.env(), dir).await
 }
 
-/// Generates one `#[tokio::test]` per contract case for the backend `$backend`.
-#[macro_export]
+/// Generates `mod $provider` with one `#[tokio::test]` per contract case for `$backend`.
 macro_rules! contract_tests {
-    ($backend:expr) => {
-        #[tokio::test]
-        async fn status_is_healthy_and_stable() {
-            contract::status_is_healthy_and_stable(&$backend).await
-        }
-        #[tokio::test]
-        async fn seeds_and_other_sizes_round_trip() {
-            contract::seeds_and_other_sizes_round_trip(&$backend).await
-        }
-        #[tokio::test]
-        async fn responses_pass_apiserver_validation() {
-            contract::responses_pass_apiserver_validation(&$backend).await
-        }
-        #[tokio::test]
-        async fn tampering_is_rejected_and_plugin_stays_healthy() {
-            contract::tampering_is_rejected_and_plugin_stays_healthy(&$backend).await
-        }
-        #[tokio::test]
-        async fn ciphertexts_survive_kill_and_restart() {
-            contract::ciphertexts_survive_kill_and_restart(&$backend).await
-        }
-        #[tokio::test]
-        async fn concurrent_calls_all_succeed() {
-            contract::concurrent_calls_all_succeed(&$backend).await
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn forged_copies_cost_few_root_calls_and_evict_nothing() {
-            contract::forged_copies_cost_few_root_calls_and_evict_nothing(&$backend).await
+    ($provider:ident, $backend:expr) => {
+        mod $provider {
+            #[tokio::test]
+            async fn status_is_healthy_and_stable() {
+                super::status_is_healthy_and_stable(&$backend).await
+            }
+            #[tokio::test]
+            async fn seeds_and_other_sizes_round_trip() {
+                super::seeds_and_other_sizes_round_trip(&$backend).await
+            }
+            #[tokio::test]
+            async fn responses_pass_apiserver_validation() {
+                super::responses_pass_apiserver_validation(&$backend).await
+            }
+            #[tokio::test]
+            async fn tampering_is_rejected_and_plugin_stays_healthy() {
+                super::tampering_is_rejected_and_plugin_stays_healthy(&$backend).await
+            }
+            #[tokio::test]
+            async fn ciphertexts_survive_kill_and_restart() {
+                super::ciphertexts_survive_kill_and_restart(&$backend).await
+            }
+            #[tokio::test]
+            async fn concurrent_calls_all_succeed() {
+                super::concurrent_calls_all_succeed(&$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn forged_copies_cost_few_root_calls_and_evict_nothing() {
+                super::forged_copies_cost_few_root_calls_and_evict_nothing(&$backend).await
+            }
         }
     };
 }
 
-pub async fn status_is_healthy_and_stable<B: Backend>(backend: &B) {
+for_each_provider!(contract_tests);
+
+async fn status_is_healthy_and_stable<B: Backend>(backend: &B) {
     let dir = tempfile::tempdir().expect("tempdir");
     let plugin = start(backend, dir.path(), "").await;
     let mut client = plugin.client().await;
-    let first = common::status(&mut client).await;
+    let first = support::status(&mut client).await;
     assert_eq!(first.version, "v2");
     assert_eq!(first.healthz, "ok");
     assert!(!first.key_id.is_empty() && first.key_id.len() <= 1024);
     for _ in 0..5 {
-        let again = common::status(&mut client).await;
+        let again = support::status(&mut client).await;
         assert_eq!(again.key_id, first.key_id, "key_id must not flip-flop");
         assert_eq!(again.version, first.version);
     }
 }
 
-pub async fn seeds_and_other_sizes_round_trip<B: Backend>(backend: &B) {
+async fn seeds_and_other_sizes_round_trip<B: Backend>(backend: &B) {
     let dir = tempfile::tempdir().expect("tempdir");
     let plugin = start(backend, dir.path(), "").await;
     let mut client = plugin.client().await;
     for len in [32usize, 1, 16, 64, 500, 995] {
         let plaintext: Vec<u8> = (0..len).map(|i| i as u8).collect();
-        let sealed = common::encrypt(&mut client, &plaintext).await;
+        let sealed = support::encrypt(&mut client, &plaintext).await;
         assert_eq!(
-            common::decrypt(&mut client, &sealed).await,
+            support::decrypt(&mut client, &sealed).await,
             plaintext,
             "len {len}"
         );
     }
-    let seed = common::seed();
-    let a = common::encrypt(&mut client, &seed).await;
-    let b = common::encrypt(&mut client, &seed).await;
+    let seed = support::seed();
+    let a = support::encrypt(&mut client, &seed).await;
+    let b = support::encrypt(&mut client, &seed).await;
     assert_ne!(
         a.ciphertext, b.ciphertext,
         "same plaintext must give distinct ciphertexts"
@@ -111,7 +104,7 @@ pub async fn seeds_and_other_sizes_round_trip<B: Backend>(backend: &B) {
         let err = client
             .encrypt(kms_plugin::proto::v2::EncryptRequest {
                 plaintext: bad.clone(),
-                uid: common::uid(),
+                uid: support::uid(),
             })
             .await
             .expect_err("must be refused");
@@ -129,15 +122,15 @@ pub async fn seeds_and_other_sizes_round_trip<B: Backend>(backend: &B) {
     };
     let err = client.decrypt(huge).await.expect_err("must be refused");
     assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
-    assert_eq!(common::status(&mut client).await.healthz, "ok");
+    assert_eq!(support::status(&mut client).await.healthz, "ok");
 }
 
-pub async fn responses_pass_apiserver_validation<B: Backend>(backend: &B) {
+async fn responses_pass_apiserver_validation<B: Backend>(backend: &B) {
     let dir = tempfile::tempdir().expect("tempdir");
     let plugin = start(backend, dir.path(), "").await;
     let mut client = plugin.client().await;
-    let status = common::status(&mut client).await;
-    let sealed = common::encrypt(&mut client, &common::seed()).await;
+    let status = support::status(&mut client).await;
+    let sealed = support::encrypt(&mut client, &support::seed()).await;
     assert_eq!(
         sealed.key_id, status.key_id,
         "Encrypt key_id must equal the Status key_id"
@@ -158,13 +151,13 @@ pub async fn responses_pass_apiserver_validation<B: Backend>(backend: &B) {
     assert!(total <= 32 * 1024, "annotations total {total} bytes");
 }
 
-pub async fn tampering_is_rejected_and_plugin_stays_healthy<B: Backend>(backend: &B) {
+async fn tampering_is_rejected_and_plugin_stays_healthy<B: Backend>(backend: &B) {
     let dir = tempfile::tempdir().expect("tempdir");
     let plugin = start(backend, dir.path(), "").await;
     let mut client = plugin.client().await;
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut client, &seed).await;
-    let good = common::decrypt_request(&sealed);
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut client, &seed).await;
+    let good = support::decrypt_request(&sealed);
     let (ann_key, ann_value) = sealed
         .annotations
         .iter()
@@ -220,39 +213,39 @@ pub async fn tampering_is_rejected_and_plugin_stays_healthy<B: Backend>(backend:
             "{what}: message echoes data"
         );
         assert_eq!(
-            common::status(&mut client).await.healthz,
+            support::status(&mut client).await.healthz,
             "ok",
             "unhealthy after {what}"
         );
     }
     assert_eq!(
-        common::decrypt(&mut client, &sealed).await,
+        support::decrypt(&mut client, &sealed).await,
         seed,
         "genuine request still decrypts"
     );
 }
 
-pub async fn ciphertexts_survive_kill_and_restart<B: Backend>(backend: &B) {
+async fn ciphertexts_survive_kill_and_restart<B: Backend>(backend: &B) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut plugin = start(backend, dir.path(), "").await;
     let mut client = plugin.client().await;
-    let key_id = common::status(&mut client).await.key_id;
+    let key_id = support::status(&mut client).await.key_id;
     let mut batch = Vec::new();
     for _ in 0..10 {
-        let seed = common::seed();
-        batch.push((common::encrypt(&mut client, &seed).await, seed));
+        let seed = support::seed();
+        batch.push((support::encrypt(&mut client, &seed).await, seed));
     }
     drop(client);
     plugin.kill9();
     plugin.restart().await;
     let mut client = plugin.client().await;
     assert_eq!(
-        common::status(&mut client).await.key_id,
+        support::status(&mut client).await.key_id,
         key_id,
         "key_id stable across restart"
     );
     for (sealed, seed) in &batch {
-        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+        assert_eq!(&support::decrypt(&mut client, sealed).await, seed);
     }
     // A clean stop and start too.
     plugin.signal(libc::SIGTERM);
@@ -264,11 +257,11 @@ pub async fn ciphertexts_survive_kill_and_restart<B: Backend>(backend: &B) {
     plugin.restart().await;
     let mut client = plugin.client().await;
     for (sealed, seed) in &batch {
-        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+        assert_eq!(&support::decrypt(&mut client, sealed).await, seed);
     }
 }
 
-pub async fn concurrent_calls_all_succeed<B: Backend>(backend: &B) {
+async fn concurrent_calls_all_succeed<B: Backend>(backend: &B) {
     let dir = tempfile::tempdir().expect("tempdir");
     let plugin = start(backend, dir.path(), "").await;
     let shared = plugin.client().await;
@@ -282,9 +275,9 @@ pub async fn concurrent_calls_all_succeed<B: Backend>(backend: &B) {
         };
         tasks.push(tokio::spawn(async move {
             for _ in 0..10 {
-                let seed = common::seed();
-                let sealed = common::encrypt(&mut client, &seed).await;
-                assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+                let seed = support::seed();
+                let sealed = support::encrypt(&mut client, &seed).await;
+                assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
             }
         }));
     }
@@ -298,21 +291,21 @@ pub async fn concurrent_calls_all_succeed<B: Backend>(backend: &B) {
 /// costs a root unwrap unless refused, so the root sees at most `[cache] unwrap_burst +
 /// unwraps_per_second * seconds` calls; the good keys stay cached (a two-entry cache here)
 /// and a forged copy seen once is refused from memory.
-pub async fn forged_copies_cost_few_root_calls_and_evict_nothing<B: Backend>(backend: &B) {
+async fn forged_copies_cost_few_root_calls_and_evict_nothing<B: Backend>(backend: &B) {
     let dir = tempfile::tempdir().expect("tempdir");
     let extra = "[cache]\ncapacity = 2\nunwraps_per_second = 10\nunwrap_burst = 20";
     let plugin = start(backend, dir.path(), extra).await;
     let mut client = plugin.client().await;
     let mut good = Vec::new();
     for _ in 0..2 {
-        let seed = common::seed();
-        good.push((common::encrypt(&mut client, &seed).await, seed));
+        let seed = support::seed();
+        good.push((support::encrypt(&mut client, &seed).await, seed));
     }
     let (name, copy) = good[0].0.annotations.iter().next().expect("annotation");
     let unwraps = |info: &kms_plugin::proto::admin::InfoResponse| {
-        common::root_info(info, "main").unwrap_calls
+        support::root_info(info, "main").unwrap_calls
     };
-    let before = unwraps(&common::info(&plugin).await);
+    let before = unwraps(&support::info(&plugin).await);
 
     let started = std::time::Instant::now();
     let mut workers = Vec::new();
@@ -320,7 +313,7 @@ pub async fn forged_copies_cost_few_root_calls_and_evict_nothing<B: Backend>(bac
     // refused at once rather than queued.
     for _ in 0..80 {
         let mut client = client.clone();
-        let mut request = common::decrypt_request(&good[0].0);
+        let mut request = support::decrypt_request(&good[0].0);
         let (name, len) = (name.clone(), copy.len());
         workers.push(tokio::spawn(async move {
             let (mut refused, mut throttled) = (Vec::new(), 0u32);
@@ -347,7 +340,7 @@ pub async fn forged_copies_cost_few_root_calls_and_evict_nothing<B: Backend>(bac
         throttled += t;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let calls = unwraps(&common::info(&plugin).await) - before;
+    let calls = unwraps(&support::info(&plugin).await) - before;
     let bound = 20 + (10.0 * elapsed).ceil() as u64;
     assert!(
         calls <= bound,
@@ -361,16 +354,16 @@ pub async fn forged_copies_cost_few_root_calls_and_evict_nothing<B: Backend>(bac
     assert!(throttled > 0, "the budget never ran out in {elapsed:.1} s");
 
     for (sealed, seed) in &good {
-        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+        assert_eq!(&support::decrypt(&mut client, sealed).await, seed);
     }
     for request in refused.iter().take(200) {
         let err = client.decrypt(request.clone()).await.expect_err("forged");
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     }
     assert_eq!(
-        unwraps(&common::info(&plugin).await) - before,
+        unwraps(&support::info(&plugin).await) - before,
         calls,
         "good keys and known-forged copies cost no root call"
     );
-    assert_eq!(common::status(&mut client).await.healthz, "ok");
+    assert_eq!(support::status(&mut client).await.healthz, "ok");
 }

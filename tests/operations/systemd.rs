@@ -1,12 +1,10 @@
 //! The plugin under systemd `Type=notify`, with the test as the service manager: it binds
 //! the NOTIFY_SOCKET datagram socket and reads what the real binary sends.
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use common::Plugin;
+use crate::support::{self, Plugin};
 
 /// Reads notifications until one contains `wanted`, returning it (fails after 10 s).
 fn expect(socket: &UnixDatagram, wanted: &str, seen: &mut Vec<String>) -> String {
@@ -32,8 +30,8 @@ async fn notifies_ready_reloading_watchdog_and_stopping() {
     manager
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
-    let socket = common::socket_in(dir.path());
-    let config = common::file_root_config(dir.path(), &socket, "");
+    let socket = support::socket_in(dir.path());
+    let config = support::file_root_config(dir.path(), &socket, "");
     let env = vec![
         (
             "NOTIFY_SOCKET".to_string(),
@@ -42,7 +40,7 @@ async fn notifies_ready_reloading_watchdog_and_stopping() {
         ("WATCHDOG_USEC".to_string(), "400000".to_string()),
     ];
     let mut plugin = Plugin::start(&socket, &["--config", &config], &env, dir.path()).await;
-    let key_id = common::status(&mut plugin.client().await).await.key_id;
+    let key_id = support::status(&mut plugin.client().await).await.key_id;
     let mut seen = Vec::new();
 
     let ready = expect(&manager, "READY=1", &mut seen);

@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common;
-use crate::contract::Backend;
+use super::Backend;
+use crate::support;
 
 pub struct FileBackend;
 
@@ -17,8 +17,8 @@ impl Backend for FileBackend {
             "provider = \"file\"\npath = \"{}\"",
             key_path(dir, name).display()
         );
-        let config = common::write_config(dir, "unused", name, &[(name, body.clone())], "");
-        common::keygen(&config, name, &[]);
+        let config = support::write_config(dir, "unused", name, &[(name, body.clone())], "");
+        support::keygen(&config, name, &[]);
         body
     }
 

@@ -1,11 +1,10 @@
 //! `provider = "aws-kms"` keys on a real moto KMS emulator, one moto per backend value.
-//! Not listed in `backends/mod.rs` (that would make every test binary start moto's helper);
-//! the aws test binaries include it with `#[path]`.
+//! Built with the `aws-kms` feature only.
 
 use std::path::Path;
 
-use crate::contract::Backend;
-use crate::moto::{self, Moto};
+use super::Backend;
+use crate::support::moto::{self, Moto};
 
 pub struct AwsBackend {
     moto: Moto,

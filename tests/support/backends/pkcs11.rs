@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use crate::common;
-use crate::contract::Backend;
-use crate::softhsm::{self, SoftHsm};
+use super::Backend;
+use crate::support;
+use crate::support::softhsm::{self, SoftHsm};
 
 pub struct SoftHsmBackend;
 
@@ -27,8 +27,8 @@ impl Backend for SoftHsmBackend {
         let token = hsm().new_token();
         let pin_file = hsm().pin_file(dir, softhsm::PIN);
         let body = softhsm::key_body(&token, name, &pin_file);
-        let config = common::write_config(dir, "unused", name, &[(name, body.clone())], "");
-        common::keygen(&config, name, &hsm().env());
+        let config = support::write_config(dir, "unused", name, &[(name, body.clone())], "");
+        support::keygen(&config, name, &hsm().env());
         tokens()
             .lock()
             .expect("tokens")

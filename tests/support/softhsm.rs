@@ -2,8 +2,6 @@
 //! directory; the plugin under test gets `SOFTHSM2_CONF` through its environment, so this
 //! test process never initialises SoftHSM itself. Missing SoftHSM is a failure, not a skip.
 
-#![allow(dead_code)] // each test binary uses a different part
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -172,7 +170,7 @@ pub fn fips_module() -> PathBuf {
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .expect("tempdir");
         let out = dir.path().join("libfips_shim.so");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/softhsm/fips_shim.c");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fips_shim.c");
         let built = Command::new("cc")
             .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-I", PKCS11_HEADER_DIR])
             .arg("-o")

@@ -1,23 +1,18 @@
 //! The aws-kms provider against a real KMS emulator (moto), through the real binary,
 //! socket and tonic client.
 
-#![cfg(feature = "aws-kms")]
-
-mod common;
-#[path = "support/moto.rs"]
-mod moto;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use aws_sdk_kms::primitives::Blob;
-use common::Plugin;
 use kms_plugin::envelope::annotations::wrapped_kek_key;
 use kms_plugin::proto::v2::{EncryptRequest, EncryptResponse};
 use kms_plugin::root::WrapContext;
-use moto::Moto;
 use tonic::Code;
+
+use crate::support::moto::{self, Moto};
+use crate::support::{self, Plugin};
 
 fn env() -> Vec<(String, String)> {
     moto::plugin_env()
@@ -32,25 +27,25 @@ fn key_body(arn: &str, endpoint: &str, extra: &str) -> String {
 
 /// Writes the config (active key first) and starts the plugin.
 async fn start(dir: &Path, keys: &[(&str, String)], extra: &str) -> Plugin {
-    let socket = common::socket_in(dir);
+    let socket = support::socket_in(dir);
     write(dir, keys, extra);
     let config = dir.join("config.toml").to_string_lossy().into_owned();
     Plugin::start(&socket, &["--config", &config], &env(), dir).await
 }
 
 fn write(dir: &Path, keys: &[(&str, String)], extra: &str) {
-    let socket = common::socket_in(dir);
-    common::write_config(dir, &socket, keys[0].0, keys, extra);
+    let socket = support::socket_in(dir);
+    support::write_config(dir, &socket, keys[0].0, keys, extra);
 }
 
 async fn calls(plugin: &Plugin, name: &str) -> (u64, u64) {
-    let info = common::info(plugin).await;
-    let r = common::root_info(&info, name);
+    let info = support::info(plugin).await;
+    let r = support::root_info(&info, name);
     (r.wrap_calls, r.unwrap_calls)
 }
 
 async fn healthz(plugin: &Plugin) -> String {
-    common::status(&mut plugin.client().await).await.healthz
+    support::status(&mut plugin.client().await).await.healthz
 }
 
 /// Encrypts `n` fresh seeds; returns (seed, sealed) pairs.
@@ -58,8 +53,8 @@ async fn seal_many(plugin: &Plugin, n: usize) -> Vec<(Vec<u8>, EncryptResponse)>
     let mut client = plugin.client().await;
     let mut out = Vec::new();
     for _ in 0..n {
-        let seed = common::seed();
-        let sealed = common::encrypt(&mut client, &seed).await;
+        let seed = support::seed();
+        let sealed = support::encrypt(&mut client, &seed).await;
         out.push((seed, sealed));
     }
     out
@@ -68,7 +63,7 @@ async fn seal_many(plugin: &Plugin, n: usize) -> Vec<(Vec<u8>, EncryptResponse)>
 async fn open_all(plugin: &Plugin, sealed: &[(Vec<u8>, EncryptResponse)]) {
     let mut client = plugin.client().await;
     for (seed, s) in sealed {
-        assert_eq!(&common::decrypt(&mut client, s).await, seed);
+        assert_eq!(&support::decrypt(&mut client, s).await, seed);
     }
 }
 
@@ -83,7 +78,7 @@ async fn seeds_round_trip_and_survive_sigkill_restart() {
         "",
     )
     .await;
-    let status = common::status(&mut plugin.client().await).await;
+    let status = support::status(&mut plugin.client().await).await;
     assert_eq!(status.healthz, "ok");
     assert!(status.key_id.starts_with("aws-"), "{}", status.key_id);
 
@@ -98,7 +93,7 @@ async fn seeds_round_trip_and_survive_sigkill_restart() {
 
     plugin.restart().await;
     assert_eq!(
-        common::status(&mut plugin.client().await).await.key_id,
+        support::status(&mut plugin.client().await).await.key_id,
         status.key_id
     );
     open_all(&plugin, &sealed).await;
@@ -206,7 +201,7 @@ async fn wrong_encryption_context_is_refused() {
     plugin.restart().await;
     let mut client = plugin.client().await;
     let err = client
-        .decrypt(common::decrypt_request(&sealed[0].1))
+        .decrypt(support::decrypt_request(&sealed[0].1))
         .await
         .expect_err("wrong context must fail");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -225,7 +220,7 @@ async fn unknown_key_fails_clearly() {
     let dir = tempfile::tempdir().expect("tempdir");
 
     // As the active key: start-up fails, naming the key and the reason.
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     write(
         dir.path(),
         &[("ghost", key_body(ghost, &moto.endpoint(), ""))],
@@ -264,10 +259,10 @@ async fn unknown_key_fails_clearly() {
     std::fs::write(&path, text).expect("config");
     let config = path.to_string_lossy().into_owned();
     let plugin = Plugin::start(&socket, &["--config", &config], &env(), dir.path()).await;
-    let info = common::info(&plugin).await;
-    let ghost_id = common::root_info(&info, "ghost").key_id.clone();
+    let info = support::info(&plugin).await;
+    let ghost_id = support::root_info(&info, "ghost").key_id.clone();
     let sealed = seal_many(&plugin, 1).await;
-    let mut request = common::decrypt_request(&sealed[0].1);
+    let mut request = support::decrypt_request(&sealed[0].1);
     let wrapped = request
         .annotations
         .drain()
@@ -285,8 +280,8 @@ async fn unknown_key_fails_clearly() {
         .await
         .expect_err("ghost key");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    let info = common::info(&plugin).await;
-    let ghost_root = common::root_info(&info, "ghost");
+    let info = support::info(&plugin).await;
+    let ghost_root = support::root_info(&info, "ghost");
     assert_eq!(ghost_root.state, "rejected");
     assert!(
         ghost_root.last_error.contains("not found"),
@@ -318,10 +313,10 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
     let mut client = plugin.client().await;
     let mut during = Vec::new();
     let failure = loop {
-        let seed = common::seed();
+        let seed = support::seed();
         let request = EncryptRequest {
             plaintext: seed.clone(),
-            uid: common::uid(),
+            uid: support::uid(),
         };
         match client.encrypt(request).await {
             Ok(sealed) => during.push((seed, sealed.into_inner())),
@@ -397,7 +392,7 @@ async fn keygen_checks_the_key_in_aws_and_creates_nothing() {
     let keys_before = key_ids(&kms).await;
     assert_eq!(keys_before.len(), 1, "{keys_before:?}");
 
-    let out = common::run_cli(&["keygen", "--config", &config, "--key", "main"], &env());
+    let out = support::run_cli(&["keygen", "--config", &config, "--key", "main"], &env());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -409,7 +404,7 @@ async fn keygen_checks_the_key_in_aws_and_creates_nothing() {
         "{stdout}"
     );
 
-    let out = common::run_cli(&["keygen", "--config", &config, "--key", "ghost"], &env());
+    let out = support::run_cli(&["keygen", "--config", &config, "--key", "ghost"], &env());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("created in AWS"), "{stderr}");
@@ -455,12 +450,12 @@ async fn sigterm_lets_a_call_in_flight_finish() {
         "",
     )
     .await;
-    let sealed = common::encrypt(&mut plugin.client().await, &common::seed()).await;
+    let sealed = support::encrypt(&mut plugin.client().await, &support::seed()).await;
     // A restart empties the cache; with KMS cut, Decrypt spends its retry budget (2.5 s).
     plugin.restart().await;
     proxy.set_up(false);
     let mut client = plugin.client().await;
-    let call = tokio::spawn(async move { client.decrypt(common::decrypt_request(&sealed)).await });
+    let call = tokio::spawn(async move { client.decrypt(support::decrypt_request(&sealed)).await });
     // In flight: the plugin has tried KMS for it and is waiting to try again.
     plugin.wait_for_output("retrying KMS call").await;
     assert!(!call.is_finished(), "the Decrypt is no longer in flight");

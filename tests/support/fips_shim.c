@@ -12,7 +12,7 @@
  *   count how many threads were stuck at once.
  *
  * The variables are read from the environment of the process that loads the module.
- * Built by tests/softhsm/mod.rs: cc -shared -fPIC -I/usr/include/p11-kit-1/p11-kit.
+ * Built by tests/support/softhsm.rs: cc -shared -fPIC -I/usr/include/p11-kit-1/p11-kit.
  */
 #include <dlfcn.h>
 #include <fcntl.h>

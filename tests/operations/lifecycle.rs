@@ -1,13 +1,10 @@
 //! Start-up, shutdown and socket hygiene of the real binary on its embedded default.
-#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
-
-mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::Plugin;
+use crate::support::{self, Plugin};
 
 fn mode_of(path: impl AsRef<Path>) -> u32 {
     std::fs::metadata(path)
@@ -20,7 +17,7 @@ fn mode_of(path: impl AsRef<Path>) -> u32 {
 #[tokio::test]
 async fn embedded_default_creates_a_private_root_key_and_socket() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let plugin = Plugin::embedded(dir.path(), &socket).await;
     let key = dir.path().join("state/root.key");
     assert_eq!(std::fs::metadata(&key).expect("key file").len(), 32);
@@ -29,7 +26,7 @@ async fn embedded_default_creates_a_private_root_key_and_socket() {
     assert_eq!(mode_of(&socket), 0o600);
     assert_eq!(mode_of(dir.path().join("run")), 0o700);
     let mut client = plugin.client().await;
-    let status = common::status(&mut client).await;
+    let status = support::status(&mut client).await;
     assert_eq!(status.healthz, "ok");
     assert!(status.key_id.starts_with("file-"), "{}", status.key_id);
     let log = plugin.output();
@@ -48,24 +45,24 @@ async fn key_id_is_stable_across_instances_and_differs_per_key() {
     let a = Plugin::embedded(dir.path(), &socket_a).await;
     // A second instance on the same state directory shares the root key...
     let b = Plugin::embedded(dir.path(), &socket_b).await;
-    let id_a = common::status(&mut a.client().await).await.key_id;
-    let id_b = common::status(&mut b.client().await).await.key_id;
+    let id_a = support::status(&mut a.client().await).await.key_id;
+    let id_b = support::status(&mut b.client().await).await.key_id;
     assert_eq!(id_a, id_b);
     // ...and decrypts what the first one encrypted.
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut a.client().await, &seed).await;
-    assert_eq!(common::decrypt(&mut b.client().await, &sealed).await, seed);
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut a.client().await, &seed).await;
+    assert_eq!(support::decrypt(&mut b.client().await, &sealed).await, seed);
 
     let other = tempfile::tempdir().expect("tempdir");
-    let socket_c = common::socket_in(other.path());
+    let socket_c = support::socket_in(other.path());
     let c = Plugin::embedded(other.path(), &socket_c).await;
-    assert_ne!(common::status(&mut c.client().await).await.key_id, id_a);
+    assert_ne!(support::status(&mut c.client().await).await.key_id, id_a);
 }
 
 #[tokio::test]
 async fn refuses_a_root_key_file_others_can_read() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     drop(Plugin::embedded(dir.path(), &socket).await);
     let key = dir.path().join("state/root.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
@@ -84,10 +81,10 @@ async fn refuses_a_root_key_file_others_can_read() {
 #[tokio::test]
 async fn stale_socket_after_a_crash_is_replaced() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let mut plugin = Plugin::embedded(dir.path(), &socket).await;
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut plugin.client().await, &seed).await;
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut plugin.client().await, &seed).await;
     plugin.kill9();
     assert!(
         Path::new(&socket).exists(),
@@ -95,7 +92,7 @@ async fn stale_socket_after_a_crash_is_replaced() {
     );
     plugin.restart().await;
     assert_eq!(
-        common::decrypt(&mut plugin.client().await, &sealed).await,
+        support::decrypt(&mut plugin.client().await, &sealed).await,
         seed
     );
     plugin.wait_for_output("stale socket").await;
@@ -104,7 +101,7 @@ async fn stale_socket_after_a_crash_is_replaced() {
 #[tokio::test]
 async fn a_live_plugin_on_the_socket_is_left_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let first = Plugin::embedded(dir.path(), &socket).await;
     let state = dir.path().join("state").to_string_lossy().into_owned();
     let other_log = dir.path().join("second");
@@ -123,7 +120,7 @@ async fn a_live_plugin_on_the_socket_is_left_alone() {
     );
     // The first plugin still serves on its socket.
     assert_eq!(
-        common::status(&mut first.client().await).await.healthz,
+        support::status(&mut first.client().await).await.healthz,
         "ok"
     );
 }
@@ -153,10 +150,10 @@ async fn a_path_that_is_not_a_socket_is_refused_and_kept() {
 #[tokio::test]
 async fn sigterm_stops_cleanly_and_removes_the_socket() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let mut plugin = Plugin::embedded(dir.path(), &socket).await;
     let mut client = plugin.client().await;
-    common::encrypt(&mut client, &common::seed()).await;
+    support::encrypt(&mut client, &support::seed()).await;
     // The client keeps its connection open, as kube-apiserver does: an idle connection must
     // not hold the stop for the whole 5 s drain timeout.
     let signalled = std::time::Instant::now();
@@ -180,13 +177,13 @@ async fn sigterm_stops_cleanly_and_removes_the_socket() {
 #[tokio::test]
 async fn sighup_does_not_kill_the_plugin() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let mut plugin = Plugin::embedded(dir.path(), &socket).await;
     plugin.signal(libc::SIGHUP);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(plugin.try_wait().is_none(), "SIGHUP killed the plugin");
     assert_eq!(
-        common::status(&mut plugin.client().await).await.healthz,
+        support::status(&mut plugin.client().await).await.healthz,
         "ok"
     );
 }
@@ -195,13 +192,13 @@ async fn sighup_does_not_kill_the_plugin() {
 async fn abstract_socket_serves() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = format!("@kms-plugin-test-{}", rand::random::<u64>());
-    let allowed = format!("allowed_uids = [{}]", common::my_uid());
-    let config = common::file_root_config(dir.path(), &socket, &allowed);
+    let allowed = format!("allowed_uids = [{}]", support::my_uid());
+    let config = support::file_root_config(dir.path(), &socket, &allowed);
     let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     let mut client = plugin.client().await;
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut client, &seed).await;
-    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut client, &seed).await;
+    assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
 }
 
 /// An abstract socket has no file mode: without an allow-list any local process could call.
@@ -224,7 +221,7 @@ async fn abstract_socket_without_allowed_uids_is_refused_at_start() {
         !dir.path().join("state/root.key").exists(),
         "refused before any work"
     );
-    let config = common::file_root_config(dir.path(), &socket, "");
+    let config = support::file_root_config(dir.path(), &socket, "");
     let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
     assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
     assert!(plugin.output().contains("allowed_uids"));
@@ -233,10 +230,10 @@ async fn abstract_socket_without_allowed_uids_is_refused_at_start() {
 #[tokio::test]
 async fn status_command_reports_health_and_detail() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let plugin = Plugin::embedded(dir.path(), &socket).await;
-    let key_id = common::status(&mut plugin.client().await).await.key_id;
-    let out = common::run_cli(&["status", "--socket", &socket], &[]);
+    let key_id = support::status(&mut plugin.client().await).await.key_id;
+    let out = support::run_cli(&["status", "--socket", &socket], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("healthz: ok"), "{text}");
@@ -248,7 +245,7 @@ async fn status_command_reports_health_and_detail() {
         .join("nothing.sock")
         .to_string_lossy()
         .into_owned();
-    let out = common::run_cli(&["status", "--socket", &missing], &[]);
+    let out = support::run_cli(&["status", "--socket", &missing], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no plugin answers"));
 }
@@ -262,12 +259,12 @@ async fn bad_config_files_are_rejected_with_the_reason() {
         "[kek]\nactive = \"main\"\n[keys.main]\nprovider = \"file\"\npath = \"/x\"\ntypo = 1\n",
     )
     .expect("write");
-    let out = common::run_cli(&["serve", "--config", &config.to_string_lossy()], &[]);
+    let out = support::run_cli(&["serve", "--config", &config.to_string_lossy()], &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("typo") && err.contains("bad.toml"), "{err}");
 
-    let out = common::run_cli(&["serve", "--config", "/nonexistent/kms.toml"], &[]);
+    let out = support::run_cli(&["serve", "--config", "/nonexistent/kms.toml"], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
 }
@@ -278,10 +275,10 @@ async fn bad_config_files_are_rejected_with_the_reason() {
 async fn callers_outside_allowed_uids_are_closed_at_accept() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
-    let me = common::my_uid();
+    let socket = support::socket_in(dir.path());
+    let me = support::my_uid();
     let other = format!("allowed_uids = [{}]", me.wrapping_add(12345));
-    let config = common::file_root_config(dir.path(), &socket, &other);
+    let config = support::file_root_config(dir.path(), &socket, &other);
     let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
     plugin.wait_for_output("serving KMS v2").await;
     for _ in 0..20 {
@@ -297,7 +294,7 @@ async fn callers_outside_allowed_uids_are_closed_at_accept() {
         }
         assert!(got.is_empty(), "the plugin answered: {got:?}");
     }
-    let answered = match common::connect(&socket).await {
+    let answered = match support::connect(&socket).await {
         Ok(mut client) => client
             .status(kms_plugin::proto::v2::StatusRequest {})
             .await
@@ -305,7 +302,7 @@ async fn callers_outside_allowed_uids_are_closed_at_accept() {
         Err(_) => false,
     };
     assert!(!answered, "a refused uid got a Status");
-    let out = common::run_cli(&["status", "--socket", &socket], &[]);
+    let out = support::run_cli(&["status", "--socket", &socket], &[]);
     assert!(!out.status.success());
     let log = plugin.output();
     let refusals: Vec<&str> = log
@@ -322,19 +319,19 @@ async fn callers_outside_allowed_uids_are_closed_at_accept() {
 #[tokio::test]
 async fn admin_service_refuses_uids_outside_admin_uids() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
-    let me = common::my_uid();
+    let socket = support::socket_in(dir.path());
+    let me = support::my_uid();
     let extra = format!(
         "allowed_uids = [{me}]\nadmin_uids = [{}]",
         me.wrapping_add(12345)
     );
-    let config = common::file_root_config(dir.path(), &socket, &extra);
+    let config = support::file_root_config(dir.path(), &socket, &extra);
     let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     let mut client = plugin.client().await;
-    assert_eq!(common::status(&mut client).await.healthz, "ok");
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut client, &seed).await;
-    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+    assert_eq!(support::status(&mut client).await.healthz, "ok");
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut client, &seed).await;
+    assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
 
     let channel = kms_plugin::client::connect(&socket).await.expect("connect");
     let mut admin = kms_plugin::client::admin(channel);
@@ -350,11 +347,11 @@ async fn admin_service_refuses_uids_outside_admin_uids() {
         .expect_err("reload refused");
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
 
-    let out = common::run_cli(&["reload", "--socket", &socket], &[]);
+    let out = support::run_cli(&["reload", "--socket", &socket], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin_uids"));
     // `status` still reports health from the KMS service, just without the admin detail.
-    let out = common::run_cli(&["status", "--socket", &socket], &[]);
+    let out = support::run_cli(&["status", "--socket", &socket], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains("healthz: ok"),
@@ -367,10 +364,10 @@ async fn admin_service_refuses_uids_outside_admin_uids() {
 #[tokio::test]
 async fn reload_command_works_by_default() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
-    let config = common::file_root_config(dir.path(), &socket, "");
+    let socket = support::socket_in(dir.path());
+    let config = support::file_root_config(dir.path(), &socket, "");
     let _plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
-    let out = common::run_cli(&["reload", "--socket", &socket], &[]);
+    let out = support::run_cli(&["reload", "--socket", &socket], &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -382,7 +379,7 @@ async fn reload_command_works_by_default() {
 #[tokio::test]
 async fn every_call_is_logged_as_json_without_secrets() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let state = dir.path().join("state").to_string_lossy().into_owned();
     let args = [
         "--log-format",
@@ -394,7 +391,7 @@ async fn every_call_is_logged_as_json_without_secrets() {
     ];
     let mut plugin = Plugin::start(&socket, &args, &[], dir.path()).await;
     let mut client = plugin.client().await;
-    let seed = common::seed();
+    let seed = support::seed();
     let sealed = client
         .encrypt(kms_plugin::proto::v2::EncryptRequest {
             plaintext: seed.clone(),
@@ -403,7 +400,7 @@ async fn every_call_is_logged_as_json_without_secrets() {
         .await
         .expect("encrypt")
         .into_inner();
-    let mut request = common::decrypt_request(&sealed);
+    let mut request = support::decrypt_request(&sealed);
     request.uid = "uid-dec-1".into();
     client.decrypt(request.clone()).await.expect("decrypt");
     request.uid = "uid-dec-2".into();
@@ -457,7 +454,7 @@ async fn every_call_is_logged_as_json_without_secrets() {
 #[should_panic(expected = "had already exited")]
 async fn restart_refuses_a_plugin_that_died_unseen() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let mut plugin = Plugin::embedded(dir.path(), &socket).await;
     let pid = plugin.pid().expect("running") as i32;
     // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.

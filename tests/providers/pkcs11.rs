@@ -1,27 +1,24 @@
 //! `provider = "pkcs11"` end to end: the real `kms-plugin` binary on a real SoftHSM2 token,
 //! spoken to over its socket by a real tonic client.
 
-mod common;
-mod softhsm;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Plugin;
-use softhsm::{Fips, PIN, SoftHsm};
+use crate::support::softhsm::{self, Fips, PIN, SoftHsm};
+use crate::support::{self, Plugin};
 
 /// A token "kms" with a PIN file, and a config whose active key is `key_label` on it.
 fn setup(hsm: &SoftHsm, dir: &Path, pin: &str, key_label: &str) -> (String, String) {
-    let socket = common::socket_in(dir);
+    let socket = support::socket_in(dir);
     let pin_file = hsm.pin_file(dir, pin);
     let body = softhsm::key_body("kms", key_label, &pin_file);
-    let config = common::write_config(dir, &socket, "hsm", &[("hsm", body)], "");
+    let config = support::write_config(dir, &socket, "hsm", &[("hsm", body)], "");
     (socket, config.to_string_lossy().into_owned())
 }
 
 fn keygen(hsm: &SoftHsm, config: &str) -> (bool, String, String) {
-    let out = common::run_cli(&["keygen", "--config", config, "--key", "hsm"], &hsm.env());
+    let out = support::run_cli(&["keygen", "--config", config, "--key", "hsm"], &hsm.env());
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     (out.status.success(), stdout, stderr)
@@ -59,25 +56,25 @@ async fn serve_encrypt_decrypt_and_survive_sigkill() {
 
     let mut plugin = Plugin::start(&socket, &["--config", &config], &hsm.env(), dir.path()).await;
     let mut client = plugin.client().await;
-    let status = common::status(&mut client).await;
+    let status = support::status(&mut client).await;
     assert_eq!(status.healthz, "ok");
     assert_eq!(status.key_id, key_id);
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut client, &seed).await;
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut client, &seed).await;
     assert_eq!(sealed.key_id, key_id);
-    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+    assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
 
     plugin.kill9();
     plugin.restart().await;
     let mut client = plugin.client().await;
-    assert_eq!(common::status(&mut client).await.key_id, key_id);
+    assert_eq!(support::status(&mut client).await.key_id, key_id);
     assert_eq!(
-        common::decrypt(&mut client, &sealed).await,
+        support::decrypt(&mut client, &sealed).await,
         seed,
         "decrypt after restart must unwrap the local KEK in the token"
     );
-    let again = common::encrypt(&mut client, &seed).await;
-    assert_eq!(common::decrypt(&mut client, &again).await, seed);
+    let again = support::encrypt(&mut client, &seed).await;
+    assert_eq!(support::decrypt(&mut client, &again).await, seed);
     assert!(
         !plugin.output().contains(PIN),
         "the PIN appears in the plugin's output"
@@ -94,7 +91,7 @@ async fn wrong_pin_makes_serve_exit_naming_the_pin() {
     assert!(ok, "keygen failed: {stderr}");
 
     let (_, bad) = setup(&hsm, dir.path(), "wrong-pin-0000", "root");
-    let out = common::run_cli(&["serve", "--config", &bad], &hsm.env());
+    let out = support::run_cli(&["serve", "--config", &bad], &hsm.env());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "serve started with a wrong PIN");
     assert!(
@@ -117,7 +114,7 @@ async fn missing_key_or_token_makes_serve_exit_with_the_reason() {
     let hsm = SoftHsm::new();
     hsm.init_token("kms");
     let (_, config) = setup(&hsm, dir.path(), PIN, "never-generated");
-    let out = common::run_cli(&["serve", "--config", &config], &hsm.env());
+    let out = support::run_cli(&["serve", "--config", &config], &hsm.env());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -129,7 +126,7 @@ async fn missing_key_or_token_makes_serve_exit_with_the_reason() {
         .expect("config")
         .replace("token_label = \"kms\"", "token_label = \"elsewhere\"");
     std::fs::write(&config, text).expect("config");
-    let out = common::run_cli(&["serve", "--config", &config], &hsm.env());
+    let out = support::run_cli(&["serve", "--config", &config], &hsm.env());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -143,16 +140,16 @@ async fn pin_env_and_an_independent_look_at_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let hsm = SoftHsm::new();
     hsm.init_token("kms");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let body = format!(
         "provider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"kms\"\nkey_label = \"by-env\"\nkey_id_hex = \"4b4d53\"\npin_env = \"KMS_HSM_PIN\"",
         softhsm::module().display()
     );
-    let config = common::write_config(dir.path(), &socket, "hsm", &[("hsm", body)], "");
+    let config = support::write_config(dir.path(), &socket, "hsm", &[("hsm", body)], "");
     let config = config.to_string_lossy().into_owned();
     let mut env = hsm.env();
     env.push(("KMS_HSM_PIN".into(), PIN.into()));
-    let out = common::run_cli(&["keygen", "--config", &config, "--key", "hsm"], &env);
+    let out = support::run_cli(&["keygen", "--config", &config, "--key", "hsm"], &env);
     assert!(
         out.status.success(),
         "keygen: {}",
@@ -160,9 +157,9 @@ async fn pin_env_and_an_independent_look_at_the_key() {
     );
     let plugin = Plugin::start(&socket, &["--config", &config], &env, dir.path()).await;
     let mut client = plugin.client().await;
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut client, &seed).await;
-    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut client, &seed).await;
+    assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
 
     // pkcs11-tool (OpenSC), not our code, reports the key's attributes.
     let out = Command::new("pkcs11-tool")
@@ -206,10 +203,10 @@ fn fips_setup(hsm: &SoftHsm, dir: &Path, extra: &str) -> (String, String, String
     let (ok, stdout, stderr) = keygen(hsm, &plain);
     assert!(ok, "keygen failed: {stderr}");
     let key_id = printed_key_id(&stdout);
-    let socket = common::socket_in(dir);
+    let socket = support::socket_in(dir);
     let pin_file = hsm.pin_file(dir, PIN);
     let body = softhsm::key_body_via(&softhsm::fips_module(), "kms", "root", &pin_file, extra);
-    let config = common::write_config(dir, &socket, "hsm", &[("hsm", body)], "");
+    let config = support::write_config(dir, &socket, "hsm", &[("hsm", body)], "");
     (socket, config.to_string_lossy().into_owned(), key_id)
 }
 
@@ -231,18 +228,18 @@ async fn a_token_that_chooses_the_gcm_iv_unwraps_after_a_restart() {
     let mut plugin = Plugin::start(&socket, &["--config", &config], &env, dir.path()).await;
     let mut client = plugin.client().await;
     assert_eq!(
-        common::status(&mut client).await.key_id,
+        support::status(&mut client).await.key_id,
         key_id,
         "ECB still gives the key_id"
     );
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut client, &seed).await;
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut client, &seed).await;
 
     plugin.kill9();
     plugin.restart().await;
     let mut client = plugin.client().await;
     let plain = client
-        .decrypt(common::decrypt_request(&sealed))
+        .decrypt(support::decrypt_request(&sealed))
         .await
         .unwrap_or_else(|e| {
             panic!(
@@ -276,20 +273,20 @@ async fn a_token_that_chooses_the_gcm_iv_and_refuses_ecb_keeps_the_key_id() {
     )
     .await;
     let mut client = plugin.client().await;
-    assert_eq!(common::status(&mut client).await.key_id, key_id);
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut client, &seed).await;
+    assert_eq!(support::status(&mut client).await.key_id, key_id);
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut client, &seed).await;
     assert_eq!(sealed.key_id, key_id);
 
     plugin.kill9();
     plugin.restart().await;
     let mut client = plugin.client().await;
     assert_eq!(
-        common::status(&mut client).await.key_id,
+        support::status(&mut client).await.key_id,
         key_id,
         "key_id changed across a restart"
     );
-    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+    assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
 }
 
 /// Decrypt: the plaintext or the status, and how long it took.
@@ -300,7 +297,7 @@ async fn timed_decrypt(
     let mut client = plugin.client().await;
     let started = Instant::now();
     let result = client
-        .decrypt(common::decrypt_request(sealed))
+        .decrypt(support::decrypt_request(sealed))
         .await
         .map(|r| r.into_inner().plaintext);
     (result, started.elapsed())
@@ -327,7 +324,7 @@ async fn decrypt_with_deadline_header(
         .body(())
         .expect("request");
     let (response, mut send) = client.send_request(request, false).expect("send");
-    let message = prost::Message::encode_to_vec(&common::decrypt_request(sealed));
+    let message = prost::Message::encode_to_vec(&support::decrypt_request(sealed));
     let mut frame = vec![0u8];
     frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
     frame.extend_from_slice(&message);
@@ -364,12 +361,12 @@ async fn a_hung_token_costs_callers_an_error_not_a_hang() {
     let env = env_with(&hsm, &fips);
     let mut plugin = Plugin::start(&socket, &["--config", &config], &env, dir.path()).await;
     // Each start makes a new local KEK, so what an earlier run sealed needs an unwrap.
-    let seed = common::seed();
-    let first = common::encrypt(&mut plugin.client().await, &seed).await;
+    let seed = support::seed();
+    let first = support::encrypt(&mut plugin.client().await, &seed).await;
     plugin.restart().await;
-    let second = common::encrypt(&mut plugin.client().await, &seed).await;
+    let second = support::encrypt(&mut plugin.client().await, &seed).await;
     plugin.restart().await;
-    let cached = common::encrypt(&mut plugin.client().await, &seed).await;
+    let cached = support::encrypt(&mut plugin.client().await, &seed).await;
 
     std::fs::write(&stall, "").expect("stall file");
     // No client deadline: the plugin's own (3 s) is longer than timeout_ms, so the root
@@ -389,7 +386,7 @@ async fn a_hung_token_costs_callers_an_error_not_a_hang() {
     assert!(log.contains("kms"), "the log names the token:\n{log}");
     // What needs no token call answers at once.
     let mut client = plugin.client().await;
-    let status = tokio::time::timeout(Duration::from_secs(1), common::status(&mut client))
+    let status = tokio::time::timeout(Duration::from_secs(1), support::status(&mut client))
         .await
         .expect("Status waits on the hung token");
     assert_eq!(status.healthz, "ok");
@@ -440,8 +437,8 @@ async fn a_hung_token_costs_callers_an_error_not_a_hang() {
         let socket = plugin.socket.clone();
         let second = second.clone();
         tokio::spawn(async move {
-            let mut client = common::connect(&socket).await.expect("connect");
-            client.decrypt(common::decrypt_request(&second)).await
+            let mut client = support::connect(&socket).await.expect("connect");
+            client.decrypt(support::decrypt_request(&second)).await
         })
     };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -475,7 +472,7 @@ async fn a_hung_token_at_start_up_fails_serve_in_30_s() {
         ..Fips::default()
     };
     let started = Instant::now();
-    let out = common::run_cli(&["serve", "--config", &config], &env_with(&hsm, &fips));
+    let out = support::run_cli(&["serve", "--config", &config], &env_with(&hsm, &fips));
     let took = started.elapsed();
     std::fs::remove_file(&stall).expect("unstall");
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -2,9 +2,6 @@
 //! permission checks of the state directory, key and PIN files; reload reporting settings
 //! that need a restart; no core dumps or ptrace; signals during a slow start-up; a stopping
 //! plugin leaving a newer instance's socket alone.
-#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
-
-mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -12,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Plugin;
+use crate::support::{self, Plugin};
 
 /// A uid and gid no file in the test belongs to (nobody's).
 const OTHER: u32 = 65534;
@@ -27,7 +24,7 @@ fn chown(path: impl AsRef<Path>, uid: u32) {
 
 /// Runs `serve` with `args`, which must fail; returns its output.
 fn serve_fails(dir: &Path, args: &[&str]) -> String {
-    let socket = common::socket_in(dir);
+    let socket = support::socket_in(dir);
     let mut all = vec!["--socket", &socket];
     all.extend_from_slice(args);
     let mut plugin = Plugin::spawn(&socket, &all, &[], dir);
@@ -76,13 +73,13 @@ async fn a_state_dir_the_plugin_creates_in_a_sticky_dir_is_private_and_used() {
     // Like `--state-dir /tmp/kms-plugin/state`: /tmp is world-writable but sticky.
     let dir = tempfile::tempdir().expect("tempdir");
     chmod(dir.path(), 0o1777);
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let plugin = Plugin::embedded(dir.path(), &socket).await;
     let state = std::fs::metadata(dir.path().join("state")).expect("state dir");
     assert_eq!(state.permissions().mode() & 0o7777, 0o700);
     assert_eq!(state.uid(), unsafe { libc::geteuid() });
     assert_eq!(
-        common::status(&mut plugin.client().await).await.healthz,
+        support::status(&mut plugin.client().await).await.healthz,
         "ok"
     );
 }
@@ -90,11 +87,11 @@ async fn a_state_dir_the_plugin_creates_in_a_sticky_dir_is_private_and_used() {
 #[tokio::test]
 async fn key_files_other_users_own_or_can_write_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let key = dir.path().join("keys/main.key");
     let body = format!("provider = \"file\"\npath = \"{}\"", key.display());
-    let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], "");
-    common::keygen(&config, "main", &[]);
+    let config = support::write_config(dir.path(), &socket, "main", &[("main", body)], "");
+    support::keygen(&config, "main", &[]);
     let config = config.to_string_lossy().into_owned();
 
     chown(&key, OTHER);
@@ -124,7 +121,7 @@ async fn key_files_other_users_own_or_can_write_are_refused() {
 #[tokio::test]
 async fn pin_files_other_users_own_or_can_write_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let pin = dir.path().join("hsm.pin");
     std::fs::write(&pin, "1234\n").expect("pin");
     // The PIN file is read before the module is loaded; no token is needed to see a refusal.
@@ -133,7 +130,7 @@ async fn pin_files_other_users_own_or_can_write_are_refused() {
          key_label = \"k\"\npin_file = \"{}\"",
         pin.display()
     );
-    let config = common::write_config(dir.path(), &socket, "hsm", &[("hsm", body)], "");
+    let config = support::write_config(dir.path(), &socket, "hsm", &[("hsm", body)], "");
     let config = config.to_string_lossy().into_owned();
 
     chmod(&pin, 0o666);
@@ -157,12 +154,12 @@ async fn pin_files_other_users_own_or_can_write_are_refused() {
 #[tokio::test]
 async fn reload_reports_settings_that_need_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let key = dir.path().join("keys/main.key");
     let body = format!("provider = \"file\"\npath = \"{}\"", key.display());
     let keys = [("main", body)];
-    let config = common::write_config(dir.path(), &socket, "main", &keys, "");
-    common::keygen(&config, "main", &[]);
+    let config = support::write_config(dir.path(), &socket, "main", &keys, "");
+    support::keygen(&config, "main", &[]);
     let config_arg = config.to_string_lossy().into_owned();
     let mut plugin = Plugin::start(&socket, &["--config", &config_arg], &[], dir.path()).await;
 
@@ -170,8 +167,8 @@ async fn reload_reports_settings_that_need_a_restart() {
     let changed = "socket_mode = \"0660\"\napi_version = \"v2beta1\"\n\
                    metrics_listen = \"127.0.0.1:9\"\n[cache]\ncapacity = 7\n\
                    [local_kek]\nmax_age_seconds = 3600\n";
-    common::write_config(dir.path(), &socket, "main", &keys, changed);
-    let out = common::run_cli(&["reload", "--socket", &socket], &[]);
+    support::write_config(dir.path(), &socket, "main", &keys, changed);
+    let out = support::run_cli(&["reload", "--socket", &socket], &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -191,7 +188,7 @@ async fn reload_reports_settings_that_need_a_restart() {
     );
     // The running values stay; the rest is applied.
     let mut client = plugin.client().await;
-    assert_eq!(common::status(&mut client).await.version, "v2");
+    assert_eq!(support::status(&mut client).await.version, "v2");
     assert_eq!(
         std::fs::metadata(&socket)
             .expect("socket")
@@ -208,8 +205,8 @@ async fn reload_reports_settings_that_need_a_restart() {
     assert_eq!(info.local_kek.expect("local kek").max_age_seconds, 3600);
 
     // Nothing start-up-only differs: nothing to report.
-    common::write_config(dir.path(), &socket, "main", &keys, "");
-    let out = common::run_cli(&["reload", "--socket", &socket], &[]);
+    support::write_config(dir.path(), &socket, "main", &keys, "");
+    let out = support::run_cli(&["reload", "--socket", &socket], &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && !stdout.contains("restart"),
@@ -220,7 +217,7 @@ async fn reload_reports_settings_that_need_a_restart() {
 #[tokio::test]
 async fn a_stopping_plugin_leaves_a_newer_instances_socket() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let mut old = Plugin::embedded(dir.path(), &socket).await;
     // Someone removes the old instance's socket file and a new instance binds the path.
     std::fs::remove_file(&socket).expect("rm socket");
@@ -232,7 +229,7 @@ async fn a_stopping_plugin_leaves_a_newer_instances_socket() {
         "the newer instance's socket was removed"
     );
     assert_eq!(
-        common::status(&mut newer.client().await).await.healthz,
+        support::status(&mut newer.client().await).await.healthz,
         "ok"
     );
 }
@@ -244,15 +241,15 @@ async fn sigterm_during_a_slow_start_up_exits_cleanly_and_promptly() {
     let blackhole = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = blackhole.local_addr().expect("addr").port();
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let body = format!(
         "provider = \"aws-kms\"\nkey_id = \"arn:aws:kms:us-east-1:111122223333:key/00000000-0000-0000-0000-000000000000\"\n\
          region = \"us-east-1\"\nendpoint = \"http://127.0.0.1:{port}\"\nallow_http = true\n\
          timeout_ms = 60000\nattempt_timeout_ms = 60000"
     );
-    let config = common::write_config(dir.path(), &socket, "aws", &[("aws", body)], "");
+    let config = support::write_config(dir.path(), &socket, "aws", &[("aws", body)], "");
     let config = config.to_string_lossy().into_owned();
-    let env = common::aws_offline_env();
+    let env = support::aws_offline_env();
     let mut plugin = Plugin::spawn(&socket, &["--config", &config], &env, dir.path());
     // Wait until start-up is inside the KMS call.
     blackhole.set_nonblocking(true).expect("nonblocking");
@@ -298,10 +295,10 @@ async fn the_plugin_cannot_be_core_dumped_or_traced_by_its_own_user() {
     // user; a non-dumpable one's to root, and so does the right to ptrace it.
     let dir = tempfile::tempdir().expect("tempdir");
     std::os::unix::fs::chown(dir.path(), Some(OTHER), Some(OTHER)).expect("chown");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let state = dir.path().join("state");
     let log = std::fs::File::create(dir.path().join("plugin.log")).expect("log");
-    let mut child = Command::new(common::BIN)
+    let mut child = Command::new(support::BIN)
         .args(["serve", "--socket", &socket, "--state-dir"])
         .arg(&state)
         .uid(OTHER)
@@ -312,7 +309,7 @@ async fn the_plugin_cannot_be_core_dumped_or_traced_by_its_own_user() {
         .spawn()
         .expect("spawn");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while common::connect(&socket).await.is_err() {
+    while support::connect(&socket).await.is_err() {
         assert!(child.try_wait().expect("wait").is_none(), "plugin exited");
         assert!(Instant::now() < deadline, "not ready");
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -1,10 +1,8 @@
 //! Prometheus metrics of the real binary, scraped over HTTP like Prometheus would.
 
-mod common;
-
 use std::io::{Read, Write};
 
-use common::Plugin;
+use crate::support::{self, Plugin};
 
 /// The whole HTTP/1.1 response to `method path`.
 fn request(addr: &str, method: &str, path: &str) -> String {
@@ -43,26 +41,26 @@ fn free_addr() -> String {
 #[tokio::test]
 async fn metrics_count_calls_roots_and_health() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let addr = free_addr();
     let key = dir.path().join("main.key").to_string_lossy().into_owned();
     let body = format!("provider = \"file\"\npath = \"{key}\"");
     let extra = format!("metrics_listen = \"{addr}\"");
-    let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], &extra);
-    common::keygen(&config, "main", &[]);
+    let config = support::write_config(dir.path(), &socket, "main", &[("main", body)], &extra);
+    support::keygen(&config, "main", &[]);
     let config = config.to_string_lossy().into_owned();
     let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
 
     let mut client = plugin.client().await;
-    let key_id = common::status(&mut client).await.key_id;
+    let key_id = support::status(&mut client).await.key_id;
     let mut sealed = Vec::new();
     for _ in 0..3 {
-        sealed.push(common::encrypt(&mut client, &common::seed()).await);
+        sealed.push(support::encrypt(&mut client, &support::seed()).await);
     }
     for s in &sealed[..2] {
-        common::decrypt(&mut client, s).await;
+        support::decrypt(&mut client, s).await;
     }
-    let mut bad = common::decrypt_request(&sealed[2]);
+    let mut bad = support::decrypt_request(&sealed[2]);
     bad.ciphertext[5] ^= 1;
     assert!(client.decrypt(bad).await.is_err());
 
@@ -105,15 +103,15 @@ async fn metrics_count_calls_roots_and_health() {
 #[tokio::test]
 async fn metrics_listener_times_out_half_requests_and_refuses_remote_by_default() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let addr = free_addr();
 
     // Non-loopback without the opt-in: refused at load, with the reason and the fix.
     let port = addr.rsplit(':').next().unwrap_or_default();
     let remote = format!("metrics_listen = \"0.0.0.0:{port}\"");
     let body = "provider = \"file\"\npath = \"/nonexistent/main.key\"".to_string();
-    let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], &remote);
-    let out = common::run_cli(&["serve", "--config", &config.to_string_lossy()], &[]);
+    let config = support::write_config(dir.path(), &socket, "main", &[("main", body)], &remote);
+    let out = support::run_cli(&["serve", "--config", &config.to_string_lossy()], &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -122,7 +120,7 @@ async fn metrics_listener_times_out_half_requests_and_refuses_remote_by_default(
     );
 
     let extra = format!("metrics_listen = \"{addr}\"");
-    let config = common::file_root_config(dir.path(), &socket, &extra);
+    let config = support::file_root_config(dir.path(), &socket, &extra);
     let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     let mut half = std::net::TcpStream::connect(&addr).expect("connect");
     half.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
@@ -168,10 +166,10 @@ async fn metrics_listener_times_out_half_requests_and_refuses_remote_by_default(
 #[tokio::test]
 async fn health_probes_follow_status_without_root_calls() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let addr = free_addr();
     let config =
-        common::file_root_config(dir.path(), &socket, &format!("metrics_listen = \"{addr}\""));
+        support::file_root_config(dir.path(), &socket, &format!("metrics_listen = \"{addr}\""));
     let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     let calls = |info: &kms_plugin::proto::admin::InfoResponse| {
         info.roots
@@ -179,7 +177,7 @@ async fn health_probes_follow_status_without_root_calls() {
             .map(|r| r.wrap_calls + r.unwrap_calls)
             .sum::<u64>()
     };
-    let before = calls(&common::info(&plugin).await);
+    let before = calls(&support::info(&plugin).await);
     for path in ["/livez", "/readyz", "/healthz"] {
         for _ in 0..20 {
             assert_eq!(
@@ -190,7 +188,7 @@ async fn health_probes_follow_status_without_root_calls() {
         }
     }
     assert_eq!(
-        calls(&common::info(&plugin).await),
+        calls(&support::info(&plugin).await),
         before,
         "a probe called a root"
     );
@@ -205,7 +203,7 @@ async fn health_probes_follow_status_without_root_calls() {
     // A plugin that cannot make its first local KEK (its KMS does not answer) is alive but
     // not ready, and says why, as Status does.
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let addr = free_addr();
     let dead = free_addr();
     let body = format!(
@@ -214,11 +212,11 @@ async fn health_probes_follow_status_without_root_calls() {
          endpoint = \"http://{dead}\"\nallow_http = true\ntimeout_ms = 500\nattempt_timeout_ms = 200"
     );
     let extra = format!("metrics_listen = \"{addr}\"");
-    let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], &extra);
-    let env = common::aws_offline_env();
+    let config = support::write_config(dir.path(), &socket, "main", &[("main", body)], &extra);
+    let env = support::aws_offline_env();
     let config = config.to_string_lossy().into_owned();
     let plugin = Plugin::start(&socket, &["--config", &config], &env, dir.path()).await;
-    let healthz = common::status(&mut plugin.client().await).await.healthz;
+    let healthz = support::status(&mut plugin.client().await).await.healthz;
     assert_ne!(healthz, "ok");
     assert_eq!(probe(&addr, "GET", "/livez").0, "HTTP/1.1 200 OK");
     for path in ["/readyz", "/healthz"] {
@@ -233,12 +231,12 @@ async fn health_probes_follow_status_without_root_calls() {
 #[tokio::test]
 async fn a_log_reader_that_stops_reading_never_stalls_a_call() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let addr = free_addr();
     let config =
-        common::file_root_config(dir.path(), &socket, &format!("metrics_listen = \"{addr}\""));
+        support::file_root_config(dir.path(), &socket, &format!("metrics_listen = \"{addr}\""));
     // stderr is a pipe that nobody reads: it fills after about 64 KiB of log.
-    let mut child = std::process::Command::new(common::BIN)
+    let mut child = std::process::Command::new(support::BIN)
         .args(["serve", "--config", &config])
         .env("KMS_PLUGIN_LOG", "debug")
         .stdin(std::process::Stdio::null())
@@ -250,7 +248,7 @@ async fn a_log_reader_that_stops_reading_never_stalls_a_call() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut client = loop {
         if let Ok(Ok(mut client)) =
-            tokio::time::timeout(std::time::Duration::from_secs(2), common::connect(&socket)).await
+            tokio::time::timeout(std::time::Duration::from_secs(2), support::connect(&socket)).await
             && client
                 .status(kms_plugin::proto::v2::StatusRequest {})
                 .await
@@ -265,8 +263,8 @@ async fn a_log_reader_that_stops_reading_never_stalls_a_call() {
     // and the writer's 16 Ki-line buffer hold.
     for i in 0..6000 {
         let request = kms_plugin::proto::v2::EncryptRequest {
-            plaintext: common::seed(),
-            uid: common::uid(),
+            plaintext: support::seed(),
+            uid: support::uid(),
         };
         let call = tokio::time::timeout(std::time::Duration::from_secs(5), client.encrypt(request));
         match call.await {

@@ -1,21 +1,14 @@
-//! Root key rotation between two file keys (the provider-generic suite), plus the reload
-//! cases that need a hand-edited config file.
-
-mod backends;
-mod common;
-mod contract;
-mod rotation;
-mod softhsm;
+//! Reloads and rotations with two file keys whose config or key files are edited by hand:
+//! broken configs, SIGHUP, the file watcher, an unreadable retired key.
 
 use std::time::Duration;
 
-use backends::file::FileBackend;
-use rotation::{all_decrypt, batch, key_id};
+use crate::support::backends::file::FileBackend;
+use crate::support::{self, Plugin};
+use crate::{Setup, all_decrypt, batch, key_id};
 
-rotation_tests!(FileBackend, FileBackend);
-
-async fn two_keys(kek_extra: &str) -> rotation::Setup {
-    rotation::two_keys(&FileBackend, &FileBackend, kek_extra).await
+async fn two_keys(kek_extra: &str) -> Setup {
+    crate::two_keys(&FileBackend, &FileBackend, kek_extra).await
 }
 
 #[tokio::test]
@@ -39,7 +32,7 @@ async fn broken_configs_leave_the_old_one_serving() {
         ),
     )
     .expect("write");
-    let out = common::run_cli(&["reload", "--socket", &plugin.socket], &[]);
+    let out = support::run_cli(&["reload", "--socket", &plugin.socket], &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/c.key"), "{err}");
@@ -47,7 +40,7 @@ async fn broken_configs_leave_the_old_one_serving() {
     std::fs::write(&config, &good).expect("write");
     std::fs::remove_file(dir.path().join("keys/b.key")).expect("rm");
     let before = std::fs::read_to_string(&config).expect("config");
-    let out = common::run_cli(
+    let out = support::run_cli(
         &["rotate", "--config", &config.to_string_lossy(), "--to", "b"],
         &[],
     );
@@ -58,7 +51,7 @@ async fn broken_configs_leave_the_old_one_serving() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(key_id(plugin).await, id);
     assert_eq!(
-        common::status(&mut plugin.client().await).await.healthz,
+        support::status(&mut plugin.client().await).await.healthz,
         "ok"
     );
     all_decrypt(plugin, &sealed).await;
@@ -70,7 +63,7 @@ const SIGHUP_LINE: &str = "SIGHUP received; reloading";
 /// Waits until the reload started by the last SIGHUP logged `outcome`. A reload the file
 /// watcher started meanwhile logs one too, so the log after the SIGHUP line must hold more
 /// `outcome`s than watcher reloads.
-async fn wait_for_sighup_reload(plugin: &common::Plugin, outcome: &str) {
+async fn wait_for_sighup_reload(plugin: &Plugin, outcome: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let log = plugin.output();
@@ -110,7 +103,7 @@ async fn sighup_applies_a_config_the_watcher_will_not_retry() {
         text.replace("active = \"a\"", "active = \"b\"\nretired = [\"a\"]"),
     )
     .expect("write");
-    let out = common::run_cli(&["reload", "--socket", &plugin.socket], &[]);
+    let out = support::run_cli(&["reload", "--socket", &plugin.socket], &[]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
@@ -126,12 +119,12 @@ async fn sighup_applies_a_config_the_watcher_will_not_retry() {
 
     plugin.signal(libc::SIGHUP);
     wait_for_sighup_reload(plugin, "configuration reloaded").await;
-    let info = common::info(plugin).await;
-    let b_id = common::root_info(&info, "b").key_id.clone();
+    let info = support::info(plugin).await;
+    let b_id = support::root_info(&info, "b").key_id.clone();
     assert_ne!(b_id, old_id);
     assert_eq!(key_id(plugin).await, b_id);
-    let seed = common::seed();
-    let fresh = common::encrypt(&mut plugin.client().await, &seed).await;
+    let seed = support::seed();
+    let fresh = support::encrypt(&mut plugin.client().await, &seed).await;
     assert_eq!(fresh.key_id, b_id);
     all_decrypt(plugin, &sealed).await;
 }
@@ -168,7 +161,7 @@ async fn a_retired_key_that_cannot_be_opened_does_not_stop_the_plugin() {
     // b is retired and its key file became unreadable for the plugin (wrong mode).
     let b_key = s.dir.path().join("keys/b.key");
     let socket = s.plugin.socket.clone();
-    rotation::write_config(
+    crate::write_config(
         s.dir.path(),
         &socket,
         "active = \"a\"\nretired = [\"b\"]",
@@ -177,11 +170,11 @@ async fn a_retired_key_that_cannot_be_opened_does_not_stop_the_plugin() {
     std::fs::set_permissions(&b_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     s.plugin.restart().await;
     assert_eq!(
-        common::status(&mut s.plugin.client().await).await.healthz,
+        support::status(&mut s.plugin.client().await).await.healthz,
         "ok"
     );
     all_decrypt(&s.plugin, &under_a).await;
-    let out = common::run_cli(&["status", "--socket", &socket], &[]);
+    let out = support::run_cli(&["status", "--socket", &socket], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("root b (file, retired)") && text.contains("state unavailable"),
@@ -191,13 +184,13 @@ async fn a_retired_key_that_cannot_be_opened_does_not_stop_the_plugin() {
 
     // Fixed, a reload brings it back (a reload itself never skips a root).
     std::fs::set_permissions(&b_key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let out = common::run_cli(&["reload", "--socket", &socket], &[]);
+    let out = support::run_cli(&["reload", "--socket", &socket], &[]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = common::run_cli(&["status", "--socket", &socket], &[]);
+    let out = support::run_cli(&["status", "--socket", &socket], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("state unavailable"), "{text}");
 }

@@ -1,30 +1,15 @@
-//! Root key rotation from a file key to an AWS KMS key (moto), through the real binary:
-//! `kms-plugin rotate` under load, dropping the retired key, and recovery through the
-//! also_wrap copy when the active root is lost.
+//! An AWS KMS root (moto behind a proxy that can cut the network) with an offline file key
+//! in `also_wrap`: a KMS outage after a restart.
 
-#![cfg(feature = "aws-kms")]
-
-#[path = "backends/aws.rs"]
-mod aws_backend;
-mod backends;
-mod common;
-mod contract;
-#[path = "support/moto.rs"]
-mod moto;
-mod rotation;
-mod softhsm;
-
-use aws_backend::AwsBackend;
-use backends::file::FileBackend;
-
-rotation_tests!(FileBackend, AwsBackend::start());
+use crate::support::backends::file::FileBackend;
+use crate::support::{self, moto};
 
 /// AWS KMS active with an offline file key in `also_wrap`: the KMS region goes down and the
 /// plugin restarts (its cache gone). Everything still decrypts through the offline copy,
 /// Status says why a new local KEK cannot be made, and it recovers when KMS is back.
 #[tokio::test]
 async fn kms_outage_after_restart_decrypts_through_the_also_wrap_root() {
-    use contract::Backend;
+    use crate::support::backends::Backend;
 
     let moto = moto::Moto::start();
     let proxy = moto::Proxy::start(moto.port).await;
@@ -36,41 +21,41 @@ async fn kms_outage_after_restart_decrypts_through_the_also_wrap_root() {
         proxy.endpoint()
     );
     let offline = FileBackend.new_key(dir.path(), "offline").await;
-    let socket = common::socket_in(dir.path());
-    let config = rotation::write_config(
+    let socket = support::socket_in(dir.path());
+    let config = crate::write_config(
         dir.path(),
         &socket,
         "active = \"aws\"\nalso_wrap = [\"offline\"]",
         &[("aws", &aws), ("offline", &offline)],
     );
     let config = config.to_string_lossy().into_owned();
-    let mut plugin = common::Plugin::start(
+    let mut plugin = support::Plugin::start(
         &socket,
         &["--config", &config],
         &moto::plugin_env(),
         dir.path(),
     )
     .await;
-    let sealed = rotation::batch(&plugin, 5).await;
+    let sealed = crate::batch(&plugin, 5).await;
 
     proxy.set_up(false);
     plugin.kill9();
     plugin.restart().await;
     let started = std::time::Instant::now();
-    rotation::all_decrypt(&plugin, &sealed).await;
+    crate::all_decrypt(&plugin, &sealed).await;
     // One wait for KMS (the first Decrypt), then the offline copy is cached.
     assert!(
         started.elapsed() < std::time::Duration::from_secs(6),
         "{:?}",
         started.elapsed()
     );
-    let healthz = common::status(&mut plugin.client().await).await.healthz;
+    let healthz = support::status(&mut plugin.client().await).await.healthz;
     assert_ne!(healthz, "ok");
     assert!(healthz.contains("\"aws\""), "{healthz}");
 
     proxy.set_up(true);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while common::status(&mut plugin.client().await).await.healthz != "ok" {
+    while support::status(&mut plugin.client().await).await.healthz != "ok" {
         assert!(
             std::time::Instant::now() < deadline,
             "no recovery:\n{}",
@@ -78,10 +63,10 @@ async fn kms_outage_after_restart_decrypts_through_the_also_wrap_root() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let seed = common::seed();
-    let fresh = common::encrypt(&mut plugin.client().await, &seed).await;
+    let seed = support::seed();
+    let fresh = support::encrypt(&mut plugin.client().await, &seed).await;
     assert_eq!(
-        common::decrypt(&mut plugin.client().await, &fresh).await,
+        support::decrypt(&mut plugin.client().await, &fresh).await,
         seed
     );
 }

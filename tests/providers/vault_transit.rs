@@ -1,23 +1,12 @@
-//! `provider = "vault-transit"` against a real OpenBao server (`bao server -dev`): the
-//! provider contract, then what only Vault does (Transit rotation, tokens, AppRole,
-//! sealed or stopped servers).
-
-#![cfg(feature = "vault-transit")]
-
-mod common;
-mod contract;
-#[path = "support/openbao.rs"]
-mod openbao;
-#[path = "backends/vault.rs"]
-mod vault_backend;
+//! `provider = "vault-transit"` against a real OpenBao server (`bao server -dev`): what only
+//! Vault does (Transit rotation, tokens, AppRole, cert auth, sealed or stopped servers).
+//! The provider contract and rotation suites run over it through `support::backends`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use openbao::OpenBao;
-use vault_backend::VaultBackend;
-
-contract_tests!(VaultBackend::start());
+use crate::support::openbao::{self, OpenBao};
+use crate::support::{self, Plugin};
 
 /// A plugin with one Vault root "main" on Transit key `key`, token from `token_file`.
 async fn start_plugin(
@@ -26,9 +15,9 @@ async fn start_plugin(
     key: &str,
     token_file: &Path,
     extra: &str,
-) -> common::Plugin {
-    let socket = common::socket_in(dir);
-    let config = common::write_config(
+) -> Plugin {
+    let socket = support::socket_in(dir);
+    let config = support::write_config(
         dir,
         &socket,
         "main",
@@ -36,18 +25,18 @@ async fn start_plugin(
         extra,
     );
     let config = config.to_string_lossy().into_owned();
-    common::Plugin::start(&socket, &["--config", &config], &[], dir).await
+    Plugin::start(&socket, &["--config", &config], &[], dir).await
 }
 
 fn config_path(dir: &Path) -> String {
     dir.join("config.toml").to_string_lossy().into_owned()
 }
 
-async fn round_trip(plugin: &common::Plugin) -> (kms_plugin::proto::v2::EncryptResponse, Vec<u8>) {
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut plugin.client().await, &seed).await;
+async fn round_trip(plugin: &Plugin) -> (kms_plugin::proto::v2::EncryptResponse, Vec<u8>) {
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut plugin.client().await, &seed).await;
     assert_eq!(
-        common::decrypt(&mut plugin.client().await, &sealed).await,
+        support::decrypt(&mut plugin.client().await, &sealed).await,
         seed
     );
     (sealed, seed)
@@ -72,9 +61,9 @@ async fn steady_state_makes_no_vault_calls() {
     );
     let mut client = plugin.client().await;
     for _ in 0..50 {
-        let seed = common::seed();
-        let sealed = common::encrypt(&mut client, &seed).await;
-        assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+        let seed = support::seed();
+        let sealed = support::encrypt(&mut client, &seed).await;
+        assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
     }
     assert_eq!(bao.audited(&audit, "transit/encrypt/main"), encrypts);
     assert_eq!(bao.audited(&audit, "transit/decrypt/main"), decrypts);
@@ -88,8 +77,8 @@ async fn wrong_token_is_a_clear_startup_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     bao.create_key("main", "aes256-gcm96");
     let token = openbao::secret_file(dir.path(), "token", "s.not-a-valid-token-1234");
-    let socket = common::socket_in(dir.path());
-    let config = common::write_config(
+    let socket = support::socket_in(dir.path());
+    let config = support::write_config(
         dir.path(),
         &socket,
         "main",
@@ -97,7 +86,7 @@ async fn wrong_token_is_a_clear_startup_error() {
         "",
     );
     let config = config.to_string_lossy().into_owned();
-    let mut plugin = common::Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
+    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
     let status = plugin.wait_exit(Duration::from_secs(20));
     assert!(!status.success());
     let output = plugin.output();
@@ -121,8 +110,8 @@ async fn missing_policy_is_reported_as_permission_denied() {
     bao.create_key("other", "aes256-gcm96");
     // A valid token for another key only.
     let token = openbao::secret_file(dir.path(), "token", &bao.plugin_token("other", "1h"));
-    let socket = common::socket_in(dir.path());
-    let config = common::write_config(
+    let socket = support::socket_in(dir.path());
+    let config = support::write_config(
         dir.path(),
         &socket,
         "main",
@@ -130,7 +119,7 @@ async fn missing_policy_is_reported_as_permission_denied() {
         "",
     );
     let config = config.to_string_lossy().into_owned();
-    let mut plugin = common::Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
+    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
     assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
     let output = plugin.output();
     assert!(
@@ -146,8 +135,8 @@ async fn key_type_without_associated_data_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     bao.create_key("main", "rsa-2048");
     let token = openbao::secret_file(dir.path(), "token", openbao::ROOT_TOKEN);
-    let socket = common::socket_in(dir.path());
-    let config = common::write_config(
+    let socket = support::socket_in(dir.path());
+    let config = support::write_config(
         dir.path(),
         &socket,
         "main",
@@ -155,7 +144,7 @@ async fn key_type_without_associated_data_is_refused() {
         "",
     );
     let config = config.to_string_lossy().into_owned();
-    let mut plugin = common::Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
+    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
     assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
     let output = plugin.output();
     assert!(
@@ -190,12 +179,12 @@ async fn replaced_token_file_is_picked_up() {
     // Enough Encrypts to need a new local KEK, wrapped with the new token.
     let mut client = plugin.client().await;
     for _ in 0..20 {
-        let _ = common::encrypt(&mut client, &common::seed()).await;
+        let _ = support::encrypt(&mut client, &support::seed()).await;
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let info = common::info(&plugin).await;
-        let root = common::root_info(&info, "main");
+        let info = support::info(&plugin).await;
+        let root = support::root_info(&info, "main");
         if root.wrap_calls >= 2 && root.state == "ok" {
             break;
         }
@@ -226,10 +215,10 @@ async fn approle_login_works_and_the_token_is_renewed() {
         role_file.display(),
         secret_file.display()
     );
-    let socket = common::socket_in(dir.path());
-    let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], "");
+    let socket = support::socket_in(dir.path());
+    let config = support::write_config(dir.path(), &socket, "main", &[("main", body)], "");
     let config = config.to_string_lossy().into_owned();
-    let plugin = common::Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
+    let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     let (sealed, seed) = round_trip(&plugin).await;
     assert_eq!(bao.audited(&audit, "auth/approle/login"), 1);
     // 3 s TTL: renewed at 2 s, 4 s, ...
@@ -243,7 +232,7 @@ async fn approle_login_works_and_the_token_is_renewed() {
     let mut plugin = plugin;
     plugin.restart().await;
     assert_eq!(
-        common::decrypt(&mut plugin.client().await, &sealed).await,
+        support::decrypt(&mut plugin.client().await, &sealed).await,
         seed
     );
     let output = plugin.output();
@@ -272,7 +261,7 @@ async fn deleted_key_is_reported_by_name() {
     bao.delete_key("main");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let healthz = common::status(&mut plugin.client().await).await.healthz;
+        let healthz = support::status(&mut plugin.client().await).await.healthz;
         if healthz != "ok" {
             assert!(healthz.contains("Transit key \"main\""), "{healthz}");
             assert!(healthz.contains("does not exist"), "{healthz}");
@@ -297,10 +286,10 @@ async fn recreated_key_gets_a_new_key_id() {
     bao.create_key("main", "aes256-gcm96");
     let token = openbao::secret_file(dir.path(), "token", openbao::ROOT_TOKEN);
     let mut plugin = start_plugin(&bao, dir.path(), "main", &token, "").await;
-    let first = common::status(&mut plugin.client().await).await.key_id;
+    let first = support::status(&mut plugin.client().await).await.key_id;
     plugin.restart().await;
     assert_eq!(
-        common::status(&mut plugin.client().await).await.key_id,
+        support::status(&mut plugin.client().await).await.key_id,
         first,
         "stable across restarts"
     );
@@ -309,7 +298,7 @@ async fn recreated_key_gets_a_new_key_id() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     bao.create_key("main", "aes256-gcm96");
     plugin.restart().await;
-    let second = common::status(&mut plugin.client().await).await.key_id;
+    let second = support::status(&mut plugin.client().await).await.key_id;
     assert!(second.starts_with("vault-"), "{second}");
     assert_ne!(second, first);
 }
@@ -333,15 +322,15 @@ async fn stopped_vault_keeps_cached_keys_serving() {
     bao.freeze(true);
     let mut client = plugin.client().await;
     for (sealed, seed) in &batch {
-        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+        assert_eq!(&support::decrypt(&mut client, sealed).await, seed);
     }
-    let fresh = common::seed();
-    let sealed = common::encrypt(&mut client, &fresh).await;
-    assert_eq!(common::decrypt(&mut client, &sealed).await, fresh);
+    let fresh = support::seed();
+    let sealed = support::encrypt(&mut client, &fresh).await;
+    assert_eq!(support::decrypt(&mut client, &sealed).await, fresh);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let info = common::info(&plugin).await;
-        let root = common::root_info(&info, "main");
+        let info = support::info(&plugin).await;
+        let root = support::root_info(&info, "main");
         if root.state == "degraded" {
             assert!(
                 root.last_error.contains("Vault at http://127.0.0.1"),
@@ -355,12 +344,12 @@ async fn stopped_vault_keeps_cached_keys_serving() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(common::status(&mut client).await.healthz, "ok");
+    assert_eq!(support::status(&mut client).await.healthz, "ok");
     bao.freeze(false);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let info = common::info(&plugin).await;
-        if common::root_info(&info, "main").state == "ok" {
+        let info = support::info(&plugin).await;
+        if support::root_info(&info, "main").state == "ok" {
             break;
         }
         assert!(
@@ -386,8 +375,8 @@ async fn sealed_vault_is_unavailable_not_rejected() {
     bao.seal(true);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let info = common::info(&plugin).await;
-        let root = common::root_info(&info, "main");
+        let info = support::info(&plugin).await;
+        let root = support::root_info(&info, "main");
         if root.state != "ok" {
             assert_eq!(root.state, "degraded", "{root:?}");
             assert!(root.last_error.contains("Vault is sealed"), "{root:?}");
@@ -397,13 +386,13 @@ async fn sealed_vault_is_unavailable_not_rejected() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut client = plugin.client().await;
-    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
-    assert_eq!(common::status(&mut client).await.healthz, "ok");
+    assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
+    assert_eq!(support::status(&mut client).await.healthz, "ok");
     bao.seal(false);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let info = common::info(&plugin).await;
-        if common::root_info(&info, "main").state == "ok" {
+        let info = support::info(&plugin).await;
+        if support::root_info(&info, "main").state == "ok" {
             break;
         }
         assert!(
@@ -425,13 +414,13 @@ async fn also_wrap_file_key_survives_losing_vault() {
     let token = openbao::secret_file(dir.path(), "token", &bao.plugin_token("main", "1h"));
     let file_key = dir.path().join("backup.key");
     let file_body = format!("provider = \"file\"\npath = \"{}\"", file_key.display());
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let keys = [
         ("vault", bao.key_body("main", &token)),
         ("backup", file_body),
     ];
-    let config = common::write_config(dir.path(), &socket, "vault", &keys, "");
-    common::keygen(&config, "backup", &[]);
+    let config = support::write_config(dir.path(), &socket, "vault", &keys, "");
+    support::keygen(&config, "backup", &[]);
     // also_wrap goes into [kek]: write_config only sets `active`.
     let text = std::fs::read_to_string(&config).expect("config");
     std::fs::write(
@@ -443,7 +432,7 @@ async fn also_wrap_file_key_survives_losing_vault() {
     )
     .expect("config");
     let cfg = config_path(dir.path());
-    let mut plugin = common::Plugin::start(&socket, &["--config", &cfg], &[], dir.path()).await;
+    let mut plugin = Plugin::start(&socket, &["--config", &cfg], &[], dir.path()).await;
     let mut batch = Vec::new();
     for _ in 0..5 {
         batch.push(round_trip(&plugin).await);
@@ -452,13 +441,13 @@ async fn also_wrap_file_key_survives_losing_vault() {
     bao.kill();
     // The operator makes the backup active and drops the lost Vault key.
     let keys = [("backup", keys[1].1.clone())];
-    common::write_config(dir.path(), &socket, "backup", &keys, "");
+    support::write_config(dir.path(), &socket, "backup", &keys, "");
     plugin.restart().await;
     let mut client = plugin.client().await;
     for (sealed, seed) in &batch {
-        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+        assert_eq!(&support::decrypt(&mut client, sealed).await, seed);
     }
-    assert_eq!(common::status(&mut client).await.healthz, "ok");
+    assert_eq!(support::status(&mut client).await.healthz, "ok");
 }
 
 /// TLS certificate auth against `bao server -dev-tls`: the plugin trusts the server through
@@ -476,10 +465,10 @@ async fn cert_auth_login_works_over_tls() {
         cert.display(),
         key.display()
     );
-    let socket = common::socket_in(dir.path());
-    let config = common::write_config(dir.path(), &socket, "main", &[("main", body.clone())], "");
+    let socket = support::socket_in(dir.path());
+    let config = support::write_config(dir.path(), &socket, "main", &[("main", body.clone())], "");
     let config = config.to_string_lossy().into_owned();
-    let plugin = common::Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
+    let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     let _ = round_trip(&plugin).await;
     assert_eq!(bao.audited(&bao.audit_log(), "auth/cert/login"), 1);
     drop(plugin);
@@ -490,8 +479,8 @@ async fn cert_auth_login_works_over_tls() {
         .filter(|l| !l.starts_with("ca_file"))
         .collect::<Vec<_>>()
         .join("\n");
-    common::write_config(dir.path(), &socket, "main", &[("main", untrusting)], "");
-    let mut plugin = common::Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
+    support::write_config(dir.path(), &socket, "main", &[("main", untrusting)], "");
+    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
     assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
     let output = plugin.output();
     assert!(output.contains("certificate"), "{output}");
@@ -508,7 +497,7 @@ async fn transit_rotation_changes_key_id_and_old_ciphertexts_decrypt() {
     let token = openbao::secret_file(dir.path(), "token", &bao.plugin_token("main", "1h"));
     let extra = "[health]\nroot_check_interval_seconds = 1\nretry_interval_seconds = 1\n";
     let mut plugin = start_plugin(&bao, dir.path(), "main", &token, extra).await;
-    let old_id = common::status(&mut plugin.client().await).await.key_id;
+    let old_id = support::status(&mut plugin.client().await).await.key_id;
     let mut before = Vec::new();
     for _ in 0..3 {
         before.push(round_trip(&plugin).await);
@@ -524,7 +513,7 @@ async fn transit_rotation_changes_key_id_and_old_ciphertexts_decrypt() {
     bao.rotate_key("main");
     let deadline = Instant::now() + Duration::from_secs(30);
     let new_id = loop {
-        let id = common::status(&mut plugin.client().await).await.key_id;
+        let id = support::status(&mut plugin.client().await).await.key_id;
         if id != old_id {
             break id;
         }
@@ -550,19 +539,19 @@ async fn transit_rotation_changes_key_id_and_old_ciphertexts_decrypt() {
     );
     let mut client = plugin.client().await;
     for (sealed, seed) in &before {
-        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+        assert_eq!(&support::decrypt(&mut client, sealed).await, seed);
     }
 
     // Without the cache: the v1 copies are unwrapped by Vault under their own key_id.
     plugin.restart().await;
     let mut client = plugin.client().await;
     assert_eq!(
-        common::status(&mut client).await.key_id,
+        support::status(&mut client).await.key_id,
         new_id,
         "stable across restarts"
     );
     for (sealed, seed) in &before {
-        assert_eq!(&common::decrypt(&mut client, sealed).await, seed);
+        assert_eq!(&support::decrypt(&mut client, sealed).await, seed);
     }
-    assert_eq!(common::decrypt(&mut client, &after).await, seed);
+    assert_eq!(support::decrypt(&mut client, &after).await, seed);
 }

@@ -1,15 +1,12 @@
 //! What an operator following the README trips over (issue 17), through the real binary:
 //! `--state-dir` with `--config`, a closed stdout, errors printed once, a refused uid told
 //! why, what the log shows at the default level.
-#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
-
-mod common;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{BIN, Plugin};
+use crate::support::{self, BIN, Plugin};
 
 /// A pipe whose read end is already closed: whatever writes to the returned end gets EPIPE,
 /// as `kms-plugin status | head -1` does once `head` has exited.
@@ -41,8 +38,8 @@ fn run_with_closed_stdout(args: &[&str]) -> (Option<i32>, String) {
 #[tokio::test]
 async fn a_closed_stdout_ends_the_output_without_a_panic() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
-    let config = common::file_root_config(dir.path(), &socket, "");
+    let socket = support::socket_in(dir.path());
+    let config = support::file_root_config(dir.path(), &socket, "");
     let _plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     // Each command exits as it would with a reader: status healthy 0, keygen 0, reload 0.
     for args in [
@@ -67,8 +64,8 @@ fn serve_expecting_exit(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, S
 #[tokio::test]
 async fn state_dir_has_one_meaning_the_embedded_defaults_key() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
-    let config = common::file_root_config(dir.path(), &socket, "");
+    let socket = support::socket_in(dir.path());
+    let config = support::file_root_config(dir.path(), &socket, "");
     let state = dir.path().join("state").to_string_lossy().into_owned();
 
     // With a config file, --state-dir would have no effect: refused, not ignored.
@@ -101,15 +98,15 @@ async fn state_dir_has_one_meaning_the_embedded_defaults_key() {
 #[tokio::test]
 async fn a_failing_serve_prints_its_error_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let key = dir
         .path()
         .join("missing.key")
         .to_string_lossy()
         .into_owned();
     let body = format!("provider = \"file\"\npath = \"{key}\"");
-    let config = common::write_config(dir.path(), &socket, "main", &[("main", body)], "");
-    let out = common::run_cli(&["serve", "--config", &config.to_string_lossy()], &[]);
+    let config = support::write_config(dir.path(), &socket, "main", &[("main", body)], "");
+    let out = support::run_cli(&["serve", "--config", &config.to_string_lossy()], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(
@@ -119,7 +116,7 @@ async fn a_failing_serve_prints_its_error_once() {
     );
     assert!(err.contains(&key), "{err}");
     // A client command's error is one line too.
-    let out = common::run_cli(
+    let out = support::run_cli(
         &["keygen", "--config", "/nonexistent.toml", "--key", "x"],
         &[],
     );
@@ -132,8 +129,8 @@ async fn a_failing_serve_prints_its_error_once() {
 #[tokio::test]
 async fn a_refused_uid_is_told_it_is_not_in_allowed_uids() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
-    let me = common::my_uid();
+    let socket = support::socket_in(dir.path());
+    let me = support::my_uid();
     assert_ne!(me, 12345, "the test needs a uid other than 12345");
     let keys: Vec<(&str, String)> = ["main", "next"]
         .into_iter()
@@ -145,9 +142,10 @@ async fn a_refused_uid_is_told_it_is_not_in_allowed_uids() {
             )
         })
         .collect();
-    let config = common::write_config(dir.path(), &socket, "main", &keys, "allowed_uids = [12345]");
-    common::keygen(&config, "main", &[]);
-    common::keygen(&config, "next", &[]);
+    let config =
+        support::write_config(dir.path(), &socket, "main", &keys, "allowed_uids = [12345]");
+    support::keygen(&config, "main", &[]);
+    support::keygen(&config, "next", &[]);
     let config = config.to_string_lossy().into_owned();
     let before = std::fs::read_to_string(&config).expect("read config");
     let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
@@ -157,7 +155,7 @@ async fn a_refused_uid_is_told_it_is_not_in_allowed_uids() {
         vec!["reload", "--socket", &socket],
         vec!["rotate", "--config", &config, "--to", "next"],
     ] {
-        let out = common::run_cli(&args, &[]);
+        let out = support::run_cli(&args, &[]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(
@@ -175,7 +173,7 @@ async fn a_refused_uid_is_told_it_is_not_in_allowed_uids() {
         before
     );
 
-    let out = common::run_cli(&["status", "--socket", &format!("{socket}.none")], &[]);
+    let out = support::run_cli(&["status", "--socket", &format!("{socket}.none")], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
@@ -190,7 +188,7 @@ async fn a_refused_uid_is_told_it_is_not_in_allowed_uids() {
 #[tokio::test]
 async fn default_log_level_logs_encrypt_and_decrypt_but_not_status() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let state = dir.path().join("state").to_string_lossy().into_owned();
     let log_path = dir.path().join("default-level.log");
     let log = std::fs::File::create(&log_path).expect("log");
@@ -203,7 +201,7 @@ async fn default_log_level_logs_encrypt_and_decrypt_but_not_status() {
         .spawn()
         .expect("spawn");
     let mut client = loop {
-        if let Ok(mut client) = common::connect(&socket).await
+        if let Ok(mut client) = support::connect(&socket).await
             && client
                 .status(kms_plugin::proto::v2::StatusRequest {})
                 .await
@@ -214,10 +212,10 @@ async fn default_log_level_logs_encrypt_and_decrypt_but_not_status() {
         assert!(child.try_wait().expect("wait").is_none(), "plugin exited");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    common::status(&mut client).await;
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut client, &seed).await;
-    assert_eq!(common::decrypt(&mut client, &sealed).await, seed);
+    support::status(&mut client).await;
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut client, &seed).await;
+    assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
     // A clean stop flushes the log writer's queue (SIGKILL could lose its last lines).
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -229,7 +227,7 @@ async fn default_log_level_logs_encrypt_and_decrypt_but_not_status() {
 
     // At debug, Status is logged too.
     let mut plugin = Plugin::embedded(dir.path(), &socket).await;
-    common::status(&mut plugin.client().await).await;
+    support::status(&mut plugin.client().await).await;
     plugin.wait_for_output("op=\"status\"").await;
 }
 
@@ -240,7 +238,7 @@ async fn rotate_as_root_uses_keys_the_service_user_owns() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     const SERVICE: u32 = 4242;
-    assert_eq!(common::my_uid(), 0, "the suite runs as root");
+    assert_eq!(support::my_uid(), 0, "the suite runs as root");
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let (keys, run) = (dir.path().join("lib"), dir.path().join("run"));
@@ -260,7 +258,7 @@ async fn rotate_as_root_uses_keys_the_service_user_owns() {
             )
         })
         .collect();
-    let config = common::write_config(dir.path(), &socket, "main", &entries, "");
+    let config = support::write_config(dir.path(), &socket, "main", &entries, "");
     let config = config.to_string_lossy().into_owned();
     let as_service = |args: &[&str]| {
         let mut command = Command::new(BIN);
@@ -288,7 +286,7 @@ async fn rotate_as_root_uses_keys_the_service_user_owns() {
         .spawn()
         .expect("spawn");
     let before = loop {
-        if let Ok(mut client) = common::connect(&socket).await
+        if let Ok(mut client) = support::connect(&socket).await
             && let Ok(status) = client.status(kms_plugin::proto::v2::StatusRequest {}).await
         {
             break status.into_inner().key_id;
@@ -296,7 +294,7 @@ async fn rotate_as_root_uses_keys_the_service_user_owns() {
         assert!(child.try_wait().expect("wait").is_none(), "plugin exited");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let out = common::run_cli(&["rotate", "--config", &config, "--to", "next"], &[]);
+    let out = support::run_cli(&["rotate", "--config", &config, "--to", "next"], &[]);
     let _ = child.kill();
     let _ = child.wait();
     assert!(
@@ -318,12 +316,12 @@ async fn rotate_as_root_uses_keys_the_service_user_owns() {
 #[test]
 fn check_proves_every_root_and_fails_on_any() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = common::socket_in(dir.path());
+    let socket = support::socket_in(dir.path());
     let key = |name: &str| {
         let path = dir.path().join(format!("{name}.key"));
         format!("provider = \"file\"\npath = \"{}\"", path.display())
     };
-    let config = common::write_config(
+    let config = support::write_config(
         dir.path(),
         &socket,
         "main",
@@ -339,10 +337,10 @@ fn check_proves_every_root_and_fails_on_any() {
         ),
     )
     .expect("write config");
-    common::keygen(&config, "main", &[]);
+    support::keygen(&config, "main", &[]);
     let config = config.to_string_lossy().into_owned();
 
-    let out = common::run_cli(&["check", "--config", &config], &[]);
+    let out = support::run_cli(&["check", "--config", &config], &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
@@ -355,15 +353,15 @@ fn check_proves_every_root_and_fails_on_any() {
     );
     assert!(stdout.contains("1 of 2 root keys do not work"), "{stdout}");
 
-    common::keygen(dir.path().join("config.toml").as_path(), "backup", &[]);
-    let out = common::run_cli(&["check", "--config", &config], &[]);
+    support::keygen(dir.path().join("config.toml").as_path(), "backup", &[]);
+    let out = support::run_cli(&["check", "--config", &config], &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("all 2 root keys work"), "{stdout}");
     assert!(!socket_exists(&socket), "check must not serve");
 
     std::fs::write(&config, "not toml [").expect("write");
-    let out = common::run_cli(&["check", "--config", &config], &[]);
+    let out = support::run_cli(&["check", "--config", &config], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
 }

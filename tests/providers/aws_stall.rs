@@ -1,22 +1,17 @@
 //! A hung AWS KMS: moto is SIGSTOPped, so connections are accepted (by the kernel) and
 //! requests are never answered, as with a KMS endpoint that stalls. Nothing that does not
 //! need KMS may wait on it, and what needs it must fail within the plugin's KMS budget.
-#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
-#![cfg(feature = "aws-kms")]
-
-mod common;
-#[path = "support/moto.rs"]
-mod moto;
 
 use std::future::Future;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Plugin;
 use kms_plugin::proto::v2::EncryptResponse;
-use moto::Moto;
 use tonic::Code;
+
+use crate::support::moto::{self, Moto};
+use crate::support::{self, Plugin};
 
 /// Status, and Encrypt/Decrypt of cached keys, are answered from memory.
 const PROMPT: Duration = Duration::from_secs(1);
@@ -59,7 +54,7 @@ async fn within<T>(limit: Duration, what: &str, call: impl Future<Output = T>) -
 
 /// `kms-plugin reload`, killed and failed if it takes longer than `limit`.
 fn reload_within(socket: &str, limit: Duration) -> (ExitStatus, String) {
-    let mut child = Command::new(common::BIN)
+    let mut child = Command::new(support::BIN)
         .args(["reload", "--socket", socket])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -92,15 +87,15 @@ async fn start(dir: &Path, arn: &str, endpoint: &str) -> Plugin {
         "provider = \"aws-kms\"\nkey_id = \"{arn}\"\nregion = \"{}\"\nendpoint = \"{endpoint}\"\nallow_http = true",
         moto::REGION
     );
-    let socket = common::socket_in(dir);
-    let config = common::write_config(dir, &socket, "main", &[("main", body)], "");
+    let socket = support::socket_in(dir);
+    let config = support::write_config(dir, &socket, "main", &[("main", body)], "");
     let config = config.to_string_lossy().into_owned();
     Plugin::start(&socket, &["--config", &config], &moto::plugin_env(), dir).await
 }
 
 async fn encrypt(plugin: &Plugin) -> (Vec<u8>, EncryptResponse) {
-    let seed = common::seed();
-    let sealed = common::encrypt(&mut plugin.client().await, &seed).await;
+    let seed = support::seed();
+    let sealed = support::encrypt(&mut plugin.client().await, &seed).await;
     (seed, sealed)
 }
 
@@ -120,7 +115,7 @@ async fn hung_kms_stalls_only_what_needs_it() {
     // Fresh data: its local KEK is cached (this Decrypt needs no KMS call).
     let (seed_c, cached) = encrypt(&plugin).await;
     assert_eq!(
-        common::decrypt(&mut plugin.client().await, &cached).await,
+        support::decrypt(&mut plugin.client().await, &cached).await,
         seed_c
     );
     let key_id = cached.key_id.clone();
@@ -130,7 +125,7 @@ async fn hung_kms_stalls_only_what_needs_it() {
     // A Decrypt that needs KMS starts hanging; everything else must not wait for it.
     let uncached = {
         let mut client = plugin.client().await;
-        let request = common::decrypt_request(&old_a);
+        let request = support::decrypt_request(&old_a);
         tokio::spawn(async move {
             let started = Instant::now();
             let result = client.decrypt(request).await;
@@ -140,7 +135,7 @@ async fn hung_kms_stalls_only_what_needs_it() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let (status, took) = within(PROMPT, "Status", async {
-        common::status(&mut plugin.client().await).await
+        support::status(&mut plugin.client().await).await
     })
     .await;
     assert_eq!(status.healthz, "ok", "Status took {took:?}");
@@ -150,7 +145,7 @@ async fn hung_kms_stalls_only_what_needs_it() {
     assert_eq!(fresh.key_id, key_id);
     for (seed, sealed) in [(&seed, &fresh), (&seed_c, &cached)] {
         let (plain, _) = within(PROMPT, "Decrypt of a cached key", async {
-            common::decrypt(&mut plugin.client().await, sealed).await
+            support::decrypt(&mut plugin.client().await, sealed).await
         })
         .await;
         assert_eq!(&plain, seed);
@@ -172,7 +167,7 @@ async fn hung_kms_stalls_only_what_needs_it() {
 
     // A failed unwrap is an outage, not a broken active root: Status stays ok and prompt.
     let (status, _) = within(PROMPT, "Status after the failed unwrap", async {
-        common::status(&mut plugin.client().await).await
+        support::status(&mut plugin.client().await).await
     })
     .await;
     assert_eq!(status.healthz, "ok");
@@ -191,7 +186,7 @@ async fn hung_kms_stalls_only_what_needs_it() {
         "{reload_status}: {text}"
     );
     let (status, _) = within(PROMPT, "Status after the reload", async {
-        common::status(&mut plugin.client().await).await
+        support::status(&mut plugin.client().await).await
     })
     .await;
     assert_eq!(status.healthz, "ok");
@@ -203,7 +198,7 @@ async fn hung_kms_stalls_only_what_needs_it() {
         match plugin
             .client()
             .await
-            .decrypt(common::decrypt_request(&old_a))
+            .decrypt(support::decrypt_request(&old_a))
             .await
         {
             Ok(response) => break response.into_inner().plaintext,
@@ -218,7 +213,7 @@ async fn hung_kms_stalls_only_what_needs_it() {
     };
     assert_eq!(plain, seed_a);
     assert_eq!(
-        common::status(&mut plugin.client().await).await.healthz,
+        support::status(&mut plugin.client().await).await.healthz,
         "ok"
     );
 
@@ -226,7 +221,7 @@ async fn hung_kms_stalls_only_what_needs_it() {
     let _stalled = Stalled::stop(&moto);
     let in_flight = {
         let mut client = plugin.client().await;
-        let request = common::decrypt_request(&old_b);
+        let request = support::decrypt_request(&old_b);
         tokio::spawn(async move { client.decrypt(request).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -1,0 +1,16 @@
+//! Running the plugin, through the real binary: start-up, shutdown and socket hygiene, what
+//! an operator trips over, file and process hardening, connection floods, metrics and
+//! systemd notifications.
+#![allow(unsafe_code)] // tests drive processes and limits through libc (kill, pipe, rlimit, getuid)
+#![allow(missing_docs)] // test harness items are shared between modules, not a documented API
+
+mod support;
+
+mod operations {
+    mod callers;
+    mod hardening;
+    mod lifecycle;
+    mod metrics;
+    mod operator;
+    mod systemd;
+}
