@@ -38,6 +38,9 @@ macro_rules! for_each_provider {
         #[cfg(feature = "aws-kms")]
         $suite!(aws, $crate::support::backends::aws::AwsBackend::start());
         #[cfg(feature = "vault-transit")]
-        $suite!(vault_transit, $crate::support::backends::vault::VaultBackend::start());
+        $suite!(
+            vault_transit,
+            $crate::support::backends::vault::VaultBackend::start()
+        );
     };
 }
