@@ -112,6 +112,8 @@ pub enum KeyConfig {
     AwsKms(root::aws_kms::Config),
     /// An AES-256 key inside a PKCS#11 token (HSM, SoftHSM2).
     Pkcs11(root::pkcs11::Config),
+    /// A HashiCorp Vault / OpenBao Transit key.
+    VaultTransit(root::vault_transit::Config),
 }
 
 impl KeyConfig {

@@ -6,7 +6,6 @@
 //! again (the new active root's round trip). Only then is it swapped in, atomically; on any failure
 //! the old keyring keeps serving. Calls in flight finish on the keyring they started with.
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -192,10 +191,9 @@ impl Plugin {
         let keyring = Arc::new(
             Keyring::open(&new, current.cache(), &current.stats(), Retired::Require).await?,
         );
-        let kept: BTreeSet<&KeyId> = keyring.key_ids().collect();
         let dropped: Vec<String> = current
             .key_ids()
-            .filter(|id| !kept.contains(id))
+            .filter(|id| !keyring.answers_to(id))
             .map(std::string::ToString::to_string)
             .collect();
         if !dropped.is_empty() {
@@ -223,7 +221,8 @@ impl Plugin {
         ))
     }
 
-    /// Reloads whenever the config file's content changes (edits, ConfigMap symlink swaps).
+    /// Reloads whenever the config file's content changes (edits, ConfigMap symlink swaps),
+    /// or a root check found a root rotated at its source (a new Vault Transit version).
     pub async fn watch(self: Arc<Self>) {
         let Source::File(path) = self.source.clone() else {
             return;
@@ -231,6 +230,13 @@ impl Plugin {
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
         loop {
             tick.tick().await;
+            if self.keyring().take_root_changed() {
+                tracing::info!(
+                    "a root key was rotated at its source; reloading to use its new version"
+                );
+                let _ = self.reload(false).await;
+                continue;
+            }
             let Some(hash) = hash_file(&path) else {
                 continue;
             };

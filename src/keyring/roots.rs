@@ -209,9 +209,14 @@ impl Root {
 
     /// Unwraps a local KEK, counting and timing the call.
     pub async fn unwrap(&self, wrapped: &[u8]) -> Result<Key256, RootError> {
+        self.unwrap_under(&self.ctx, wrapped).await
+    }
+
+    /// Unwraps a copy bound to `ctx`: this root's own, or an older key_id's it answers to.
+    async fn unwrap_under(&self, ctx: &WrapContext, wrapped: &[u8]) -> Result<Key256, RootError> {
         self.stats.unwraps.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let result = self.key.unwrap(wrapped, &self.ctx).await;
+        let result = self.key.unwrap(wrapped, ctx).await;
         self.observe(RootOp::Unwrap, started, &result);
         result
     }
@@ -228,14 +233,41 @@ impl Root {
         self.stats.record(&self.name, result);
     }
 
-    /// Unwraps a copy that a Decrypt request carries, within this root's unwrap budget.
-    /// `None` when the budget is spent: no root call was made.
-    pub async fn unwrap_for_decrypt(&self, wrapped: &[u8]) -> Option<Result<Key256, RootError>> {
+    /// Unwraps a copy that a Decrypt request carries, annotated with `key_id` (this root's,
+    /// or an older one it still answers to), within this root's unwrap budget. `None` when
+    /// the budget is spent: no root call was made.
+    pub async fn unwrap_for_decrypt(
+        &self,
+        key_id: &KeyId,
+        wrapped: &[u8],
+    ) -> Option<Result<Key256, RootError>> {
         if !self.budget.take().await {
             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        Some(self.unwrap(wrapped).await)
+        if key_id == self.key_id() {
+            return Some(self.unwrap(wrapped).await);
+        }
+        // A copy made before the root's source rotated the key: bound to that key_id.
+        Some(self.unwrap_under(&WrapContext::new(key_id), wrapped).await)
+    }
+
+    /// Whether copies annotated with `key_id` are this root's (see [`RootKey::answers_to`]).
+    pub fn answers_to(&self, key_id: &str) -> bool {
+        self.key_id().as_str() == key_id
+            || KeyId::parse(key_id).is_some_and(|id| self.key.answers_to(&id))
+    }
+
+    /// Re-reads the root's source; true when it should be opened again (a new key_id).
+    pub async fn refresh(&self) -> bool {
+        match self.key.refresh().await {
+            Ok(changed) => changed,
+            // The probe that follows records the root's health.
+            Err(e) => {
+                tracing::debug!(root = %self.name, error = %e, "cannot refresh root key");
+                false
+            }
+        }
     }
 
     /// Wraps a local KEK and has the same root unwrap the copy again, comparing in

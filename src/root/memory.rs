@@ -1,7 +1,8 @@
 //! An in-memory root key for unit tests (`#[cfg(test)]` only: never in a release binary
 //! nor in the config): the file root's AES-256-GCM under a random key that never touches
 //! a disk, a switch that makes every call fail with a chosen [`ErrorKind`], one that
-//! corrupts the copies it wraps, and call counters.
+//! corrupts the copies it wraps, call counters, and versions (as a Vault Transit key has):
+//! a successor with the same key under a new key_id that still answers to the old one.
 
 use std::sync::Mutex;
 use std::sync::PoisonError;
@@ -14,6 +15,12 @@ use crate::secret::Key256;
 /// A root key that lives only in this process.
 pub struct MemoryRoot {
     inner: FileRoot,
+    key: Key256,
+    key_id: KeyId,
+    /// key_ids of earlier versions, which this root still unwraps for.
+    older: Vec<KeyId>,
+    /// What the next `refresh` reports: the source rotated the key.
+    rotated: AtomicBool,
     fail: Mutex<Option<ErrorKind>>,
     corrupt: AtomicBool,
     /// Wrap calls made (failed ones included).
@@ -25,13 +32,40 @@ pub struct MemoryRoot {
 impl MemoryRoot {
     /// A root with a fresh random key (so a distinct key_id).
     pub fn new() -> Self {
+        let key = Key256::generate();
+        let inner = FileRoot::from_key(&key);
+        let key_id = inner.key_id().clone();
+        Self::versioned(inner, key, key_id, Vec::new())
+    }
+
+    fn versioned(inner: FileRoot, key: Key256, key_id: KeyId, older: Vec<KeyId>) -> Self {
         Self {
-            inner: FileRoot::from_key(&Key256::generate()),
+            inner,
+            key,
+            key_id,
+            older,
+            rotated: AtomicBool::new(false),
             fail: Mutex::new(None),
             corrupt: AtomicBool::new(false),
             wraps: AtomicU64::new(0),
             unwraps: AtomicU64::new(0),
         }
+    }
+
+    /// From now on `refresh` reports that the key was rotated at its source.
+    pub fn mark_rotated(&self) {
+        self.rotated.store(true, Ordering::SeqCst);
+    }
+
+    /// The root as opened again after a rotation at its source: the same key (so old
+    /// copies open), a new key_id, answering to this one's key_ids too.
+    pub fn next_version(&self) -> Self {
+        let key = Key256::from_slice(self.key.expose_secret()).expect("32 bytes");
+        let inner = FileRoot::from_key(&key);
+        let mut older = self.older.clone();
+        older.push(self.key_id.clone());
+        let key_id = KeyId::derive("memory", format!("{} next", self.key_id).as_bytes());
+        Self::versioned(inner, key, key_id, older)
     }
 
     /// From now on every call fails with `kind` (`None`: calls work again).
@@ -68,7 +102,18 @@ impl RootKey for MemoryRoot {
     }
 
     fn key_id(&self) -> &KeyId {
-        self.inner.key_id()
+        &self.key_id
+    }
+
+    fn refresh(&self) -> BoxFuture<'_, Result<bool, RootError>> {
+        Box::pin(async move {
+            self.check()?;
+            Ok(self.rotated.load(Ordering::SeqCst))
+        })
+    }
+
+    fn answers_to(&self, key_id: &KeyId) -> bool {
+        key_id == &self.key_id || self.older.contains(key_id)
     }
 
     fn wrap<'a>(

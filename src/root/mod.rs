@@ -2,7 +2,7 @@
 //! cloud KMS) and wrap the plugin's local KEKs. Everything else sees only the [`RootKey`]
 //! trait, [`RootError`] and its [`ErrorKind`].
 //!
-//! One folder per provider (`file/`, `pkcs11/`, `aws_kms/`), each with its `config.rs`
+//! One folder per provider (`file/`, `pkcs11/`, `aws_kms/`, `vault_transit/`), each with its `config.rs`
 //! (the `[keys.NAME]` fields, parsed into a validated `Config`), its root type and the
 //! classification of its own errors. Each `Config` implements [`Provider`]; [`provider`]
 //! is the one place that lists them. Adding a provider: a folder, a variant of
@@ -16,6 +16,7 @@ pub mod file;
 pub mod memory;
 pub mod pkcs11;
 pub mod validated;
+pub mod vault_transit;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -34,7 +35,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A root key as the rest of the plugin sees it. Calls are rare (one wrap per local KEK,
 /// one unwrap per distinct local KEK after a start), so they may be slow and remote.
 pub trait RootKey: Send + Sync {
-    /// The provider name, as in the config file (`file`, `pkcs11`, `aws-kms`).
+    /// The provider name, as in the config file (`file`, `pkcs11`, `aws-kms`,
+    /// `vault-transit`).
     fn provider(&self) -> &'static str;
 
     /// The stable, public identity of this root: the Status key_id while it is active.
@@ -53,6 +55,20 @@ pub trait RootKey: Send + Sync {
         wrapped: &'a [u8],
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Key256, RootError>>;
+
+    /// Re-reads, at each periodic root check, what this root's key_id depends on at its
+    /// source (a Vault Transit key's versions). `Ok(true)` when the root, opened now, would
+    /// have another key_id (the key was rotated there): the plugin then opens it again.
+    /// Roots whose key_id cannot change keep this default.
+    fn refresh(&self) -> BoxFuture<'_, Result<bool, RootError>> {
+        Box::pin(async { Ok(false) })
+    }
+
+    /// Whether copies wrapped under `key_id` are this root's to unwrap: its own key_id, or
+    /// one it had before its source rotated the key (older Transit key versions).
+    fn answers_to(&self, key_id: &KeyId) -> bool {
+        key_id == self.key_id()
+    }
 }
 
 /// What a wrapped local KEK is bound to: this plugin's purpose and the root's key_id.
@@ -72,6 +88,11 @@ impl WrapContext {
         Self {
             key_id: key_id.clone(),
         }
+    }
+
+    /// The key_id the wrapped copy is bound to.
+    pub fn key_id(&self) -> &KeyId {
+        &self.key_id
     }
 
     /// Associated data for providers that wrap with an AEAD.
@@ -181,6 +202,7 @@ pub fn provider(config: &KeyConfig) -> &dyn Provider {
         KeyConfig::File(c) => c,
         KeyConfig::Pkcs11(c) => c,
         KeyConfig::AwsKms(c) => c,
+        KeyConfig::VaultTransit(c) => c,
     }
 }
 

@@ -10,6 +10,8 @@ pub mod aws;
 pub mod file;
 pub mod pkcs11;
 pub mod tpm;
+#[cfg(feature = "vault-transit")]
+pub mod vault;
 
 /// How to give the plugin a root key of one provider.
 pub trait Backend: Sync {
@@ -41,5 +43,10 @@ macro_rules! for_each_provider {
         $suite!(tpm, $crate::support::backends::tpm::TpmBackend::start());
         #[cfg(feature = "aws-kms")]
         $suite!(aws, $crate::support::backends::aws::AwsBackend::start());
+        #[cfg(feature = "vault-transit")]
+        $suite!(
+            vault_transit,
+            $crate::support::backends::vault::VaultBackend::start()
+        );
     };
 }
