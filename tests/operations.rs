@@ -10,6 +10,7 @@ mod operations {
     mod callers;
     mod hardening;
     mod lifecycle;
+    mod memory;
     mod metrics;
     mod operator;
     mod systemd;
