@@ -284,6 +284,8 @@ impl Keyring {
             let stats = stats.get(key.key_id()).cloned().unwrap_or_default();
             roots.push(Arc::new(Root::new(name, role, key, stats, rate)));
         }
+        // Opening a root moved its key schedule through stack temporaries of this thread.
+        crate::secret::wipe_stack();
         Self::assemble(config, roots, unopened, cache)
     }
 

@@ -28,6 +28,8 @@ struct Needles {
     first: Vec<bool>,
     index: HashMap<[u8; 32], usize>,
     counts: Vec<usize>,
+    /// Where each hit was: (needle, mapping line of /proc/PID/maps, offset in it).
+    hits: Vec<(usize, String, usize)>,
 }
 
 impl Needles {
@@ -42,10 +44,11 @@ impl Needles {
             first,
             index,
             counts: vec![0; needles.len()],
+            hits: Vec::new(),
         }
     }
 
-    fn scan(&mut self, bytes: &[u8]) {
+    fn scan(&mut self, bytes: &[u8], mapping: &str) {
         if bytes.len() < 32 {
             return;
         }
@@ -56,6 +59,7 @@ impl Needles {
             let window: [u8; 32] = bytes[at..at + 32].try_into().expect("32 bytes");
             if let Some(&i) = self.index.get(&window) {
                 self.counts[i] += 1;
+                self.hits.push((i, mapping.to_string(), at));
             }
         }
     }
@@ -83,7 +87,7 @@ fn scan_process(pid: u32, needles: &mut Needles) -> usize {
             continue; // e.g. a mapping that went away meanwhile
         }
         total += region.len();
-        needles.scan(&region);
+        needles.scan(&region, line);
     }
     assert!(total > 0, "nothing readable in /proc/{pid}/mem");
     total
@@ -140,7 +144,10 @@ async fn no_seed_or_retired_key_left_in_memory() {
         seeds.push(s);
     }
     let current_kek = local_kek(&root, &last.expect("encrypted")).await;
-    assert_ne!(first_kek, current_kek, "the first local KEK was not replaced");
+    assert_ne!(
+        first_kek, current_kek,
+        "the first local KEK was not replaced"
+    );
     // Connection buffers are the client's to end: close it, as kube-apiserver's would at a
     // restart, and give the plugin a moment to drop the connection.
     drop(client);
@@ -152,7 +159,10 @@ async fn no_seed_or_retired_key_left_in_memory() {
     let bytes = scan_process(pid, &mut found);
     let counts = &found.counts;
     let tracked = counts[..CALLS].iter().filter(|&&c| c > 0).count();
-    let filler = counts[CALLS..seeds.len()].iter().filter(|&&c| c > 0).count();
+    let filler = counts[CALLS..seeds.len()]
+        .iter()
+        .filter(|&&c| c > 0)
+        .count();
     let copies: usize = counts[..seeds.len()].iter().sum();
     let [root_copies, evicted_copies, current_copies] =
         counts[seeds.len()..].try_into().expect("three keys");
@@ -163,6 +173,15 @@ async fn no_seed_or_retired_key_left_in_memory() {
          {current_copies}",
         seeds.len() - CALLS
     );
+    for (i, mapping, at) in found.hits.iter().take(20) {
+        let what = match i.checked_sub(seeds.len()) {
+            None => "seed",
+            Some(0) => "root key",
+            Some(1) => "evicted local KEK",
+            Some(_) => "current local KEK",
+        };
+        println!("  {what} at +{at:#x} in {mapping}");
+    }
     assert_eq!(tracked + filler, 0, "DEK seeds of finished calls in memory");
     assert!(
         root_copies <= ROOT_KEY_LIVE_COPIES,
@@ -172,5 +191,8 @@ async fn no_seed_or_retired_key_left_in_memory() {
         root_copies >= 1,
         "the scan did not even find the root key's live copy: is it reading the process?"
     );
-    assert_eq!(evicted_copies, 0, "the evicted local KEK is still in memory");
+    assert_eq!(
+        evicted_copies, 0,
+        "the evicted local KEK is still in memory"
+    );
 }
