@@ -19,6 +19,9 @@ use crate::support::{self, Plugin};
 const CALLS: usize = 200;
 /// The smallest `[local_kek] max_encryptions`: the first local KEK retires after this many.
 const MAX_ENCRYPTIONS: usize = 1000;
+/// Calls whose bytes an open connection's read buffer (h2's, 8 KiB, reused from the front)
+/// can still hold: each Encrypt here is at least 128 bytes on the wire.
+const CONNECTION_BUFFER_CALLS: usize = 8 * 1024 / 128;
 /// Live copies of the file root key the README documents: the first two round keys of its
 /// AES-256 key schedule are the key itself (AES-NI layout).
 const ROOT_KEY_LIVE_COPIES: usize = 1;
@@ -147,6 +150,23 @@ async fn no_seed_or_retired_key_left_in_memory() {
     assert_ne!(
         first_kek, current_kek,
         "the first local KEK was not replaced"
+    );
+    // While the connection is open, its buffers (h2's and tonic's, reused from call to call)
+    // may still hold the last calls' bytes: measured and bounded, not zero.
+    let mut open = Needles::new(&seeds);
+    scan_process(pid, &mut open);
+    let held: Vec<usize> = (0..seeds.len()).filter(|&i| open.counts[i] > 0).collect();
+    println!(
+        "connection open: seeds of calls {held:?} (of {}) still in memory",
+        seeds.len()
+    );
+    for (i, mapping, at) in open.hits.iter().take(5) {
+        println!("  seed {i} at +{at:#x} in {mapping}");
+    }
+    assert!(
+        held.iter()
+            .all(|&i| i + CONNECTION_BUFFER_CALLS >= seeds.len()),
+        "an open connection holds seeds older than its last {CONNECTION_BUFFER_CALLS} calls: {held:?}"
     );
     // Connection buffers are the client's to end: close it, as kube-apiserver's would at a
     // restart, and give the plugin a moment to drop the connection.
