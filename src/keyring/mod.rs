@@ -496,6 +496,8 @@ impl Keyring {
                     }
                 })
                 .await;
+            // An unwrap's key schedule passed through stack temporaries (see make_local_kek).
+            crate::secret::wipe_stack();
             match unwrapped {
                 Ok(cipher) => return open(&cipher, root),
                 Err(e) => {
@@ -681,6 +683,8 @@ impl Keyring {
             ));
         }
         let cipher = Arc::new(KekCipher::new(&kek));
+        // The key schedule passed through stack temporaries on its way into the Arc.
+        crate::secret::wipe_stack();
         for id in ids {
             self.cache.insert(id, cipher.clone());
         }

@@ -19,6 +19,8 @@ use crate::support::{self, Plugin};
 const CALLS: usize = 200;
 /// The smallest `[local_kek] max_encryptions`: the first local KEK retires after this many.
 const MAX_ENCRYPTIONS: usize = 1000;
+/// Live copies of a local KEK in use: its key schedule, shared by the cache and Encrypt.
+const LOCAL_KEK_LIVE_COPIES: usize = 1;
 /// Calls whose bytes an open connection's read buffer (h2's, 8 KiB, reused from the front)
 /// can still hold: each Encrypt here is at least 128 bytes on the wire.
 const CONNECTION_BUFFER_CALLS: usize = 8 * 1024 / 128;
@@ -146,9 +148,9 @@ async fn no_seed_or_retired_key_left_in_memory() {
         last = Some(support::encrypt(&mut client, &s).await);
         seeds.push(s);
     }
-    let current_kek = local_kek(&root, &last.expect("encrypted")).await;
+    let second_kek = local_kek(&root, &last.expect("encrypted")).await;
     assert_ne!(
-        first_kek, current_kek,
+        first_kek, second_kek,
         "the first local KEK was not replaced"
     );
     // While the connection is open, its buffers (h2's and tonic's, reused from call to call)
@@ -168,13 +170,20 @@ async fn no_seed_or_retired_key_left_in_memory() {
             .all(|&i| i + CONNECTION_BUFFER_CALLS >= seeds.len()),
         "an open connection holds seeds older than its last {CONNECTION_BUFFER_CALLS} calls: {held:?}"
     );
+    // A reload opens the root key again and replaces the second local KEK with a third.
+    let out = support::run_cli(&["reload", "--socket", &socket], &[]);
+    assert!(out.status.success(), "reload: {out:?}");
+    let s = seed();
+    let current_kek = local_kek(&root, &support::encrypt(&mut client, &s).await).await;
+    seeds.push(s);
+    assert_ne!(second_kek, current_kek, "the reload kept the local KEK");
     // Connection buffers are the client's to end: close it, as kube-apiserver's would at a
     // restart, and give the plugin a moment to drop the connection.
     drop(client);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let mut needles: Vec<[u8; 32]> = seeds.clone();
-    needles.extend([root_key, first_kek, current_kek]);
+    needles.extend([root_key, first_kek, second_kek, current_kek]);
     let mut found = Needles::new(&needles);
     let bytes = scan_process(pid, &mut found);
     let counts = &found.counts;
@@ -184,13 +193,13 @@ async fn no_seed_or_retired_key_left_in_memory() {
         .filter(|&&c| c > 0)
         .count();
     let copies: usize = counts[..seeds.len()].iter().sum();
-    let [root_copies, evicted_copies, current_copies] =
-        counts[seeds.len()..].try_into().expect("three keys");
+    let [root_copies, evicted_copies, replaced_copies, current_copies] =
+        counts[seeds.len()..].try_into().expect("four keys");
     println!(
         "memory scan of pid {pid}: {bytes} bytes read; seeds found: {tracked} of {CALLS} \
          encrypted+decrypted, {filler} of {} encrypted only ({copies} copies); root key: \
-         {root_copies} copies; evicted local KEK: {evicted_copies}; current local KEK: \
-         {current_copies}",
+         {root_copies} copies; evicted local KEK: {evicted_copies}; local KEK replaced by a reload: \
+         {replaced_copies}; current local KEK: {current_copies}",
         seeds.len() - CALLS
     );
     for (i, mapping, at) in found.hits.iter().take(20) {
@@ -198,6 +207,7 @@ async fn no_seed_or_retired_key_left_in_memory() {
             None => "seed",
             Some(0) => "root key",
             Some(1) => "evicted local KEK",
+            Some(2) => "local KEK replaced by the reload",
             Some(_) => "current local KEK",
         };
         println!("  {what} at +{at:#x} in {mapping}");
@@ -211,8 +221,16 @@ async fn no_seed_or_retired_key_left_in_memory() {
         root_copies >= 1,
         "the scan did not even find the root key's live copy: is it reading the process?"
     );
+    assert!(
+        current_copies <= LOCAL_KEK_LIVE_COPIES,
+        "{current_copies} copies of the current local KEK, documented: {LOCAL_KEK_LIVE_COPIES}"
+    );
     assert_eq!(
         evicted_copies, 0,
         "the evicted local KEK is still in memory"
+    );
+    assert_eq!(
+        replaced_copies, 0,
+        "the local KEK a reload replaced is still in memory"
     );
 }
