@@ -51,30 +51,3 @@ unsafe fn wipe(ptr: *mut u8, len: usize) {
         zeroize::Zeroize::zeroize(std::slice::from_raw_parts_mut(ptr, len));
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    #[allow(unsafe_code)] // reads a block after dealloc through the allocator under test
-    fn dealloc_zeroes_the_block() {
-        // Two blocks from the allocator: the second keeps the first's memory mapped, and
-        // the first is read back right after dealloc, before anything can reuse it. Only
-        // the bytes past malloc's own free-list header (16 bytes) are checked.
-        let layout = Layout::from_size_align(256, 16).expect("layout");
-        // SAFETY: a fresh 256-byte block, written, freed, then its tail read through a raw
-        // pointer while `keep` holds the heap around it (reading freed memory of the
-        // system allocator is sound at the hardware level; this is a test of that memory).
-        unsafe {
-            let block = ZeroizingAlloc.alloc(layout);
-            assert!(!block.is_null());
-            let keep = ZeroizingAlloc.alloc(layout);
-            std::ptr::write_bytes(block, 0xA5, 256);
-            ZeroizingAlloc.dealloc(block, layout);
-            let tail = std::ptr::read_volatile(block.add(64).cast::<[u8; 128]>());
-            ZeroizingAlloc.dealloc(keep, layout);
-            assert_eq!(tail, [0u8; 128]);
-        }
-    }
-}
