@@ -34,3 +34,4 @@ pub mod secure_path;
 pub mod server;
 pub mod service;
 pub mod systemd;
+pub mod zeroizing_alloc;

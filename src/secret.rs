@@ -6,7 +6,7 @@ use std::fmt;
 use rand::RngCore;
 use rand::rngs::OsRng;
 use secrecy::{ExposeSecret, SecretBox};
-use zeroize::ZeroizeOnDrop;
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// Length of every symmetric key this plugin handles (AES-256).
 pub const KEY_LEN: usize = 32;
@@ -42,6 +42,23 @@ impl Key256 {
         self.0.expose_secret()
     }
 }
+
+/// Zeroes [`STACK_WIPE_LEN`] bytes of stack below the caller's frame.
+///
+/// Building a cipher from a key moves the expanded key schedule through stack temporaries
+/// (a return value, a move into its box) that nothing zeroes; they stay in the dead frames
+/// below the caller until deeper calls happen to overwrite them. Call this after key
+/// material was handled in nested calls on the current thread (opening root keys).
+#[inline(never)]
+pub fn wipe_stack() {
+    let mut scratch = [0u8; STACK_WIPE_LEN];
+    scratch.zeroize();
+    std::hint::black_box(&scratch);
+}
+
+/// How much stack [`wipe_stack`] clears: more than opening a root key uses, also in a
+/// debug build.
+pub const STACK_WIPE_LEN: usize = 256 * 1024;
 
 /// The inner [`SecretBox`] zeroizes the key when dropped.
 impl ZeroizeOnDrop for Key256 {}

@@ -11,6 +11,7 @@ mod operations {
     mod deploy;
     mod hardening;
     mod lifecycle;
+    mod memory;
     mod metrics;
     mod operator;
     mod systemd;

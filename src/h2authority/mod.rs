@@ -118,6 +118,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 buf.put_slice(pending.get(..n).unwrap_or_default());
                 this.pending_pos += n;
                 if this.pending_pos >= this.pending.len() {
+                    // Request bytes (DEK seeds) must not outlive their call here.
+                    this.pending.fill(0);
                     this.pending.clear();
                     this.pending_pos = 0;
                     this.pending.shrink_to(READ_CHUNK * 2);
@@ -132,12 +134,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             }
             let mut chunk = ReadBuf::new(&mut this.read_buf);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
-            let filled = chunk.filled();
-            if filled.is_empty() {
+            let filled = chunk.filled().len();
+            if filled == 0 {
                 return Poll::Ready(Ok(())); // EOF
             }
             let rewritten_before = this.rewriter.rewritten_blocks();
-            if let Err(e) = this.rewriter.feed(filled, &mut this.pending) {
+            let chunk = this.read_buf.get_mut(..filled).unwrap_or_default();
+            let fed = this.rewriter.feed(chunk, &mut this.pending);
+            // The chunk is in `pending` now: the read buffer keeps no copy of the request.
+            chunk.fill(0);
+            if let Err(e) = fed {
+                this.pending.fill(0);
                 this.pending.clear();
                 return Poll::Ready(Err(invalid_data(&e)));
             }

@@ -288,6 +288,8 @@ impl Keyring {
             let stats = stats.get(key.key_id()).cloned().unwrap_or_default();
             roots.push(Arc::new(Root::new(name, role, key, stats, rate)));
         }
+        // Opening a root moved its key schedule through stack temporaries of this thread.
+        crate::secret::wipe_stack();
         Self::assemble(config, roots, unopened, cache)
     }
 
@@ -502,6 +504,8 @@ impl Keyring {
                     }
                 })
                 .await;
+            // An unwrap's key schedule passed through stack temporaries (see make_local_kek).
+            crate::secret::wipe_stack();
             match unwrapped {
                 Ok(cipher) => return open(&cipher, root),
                 Err(e) => {
@@ -688,6 +692,8 @@ impl Keyring {
             ));
         }
         let cipher = Arc::new(KekCipher::new(&kek));
+        // The key schedule passed through stack temporaries on its way into the Arc.
+        crate::secret::wipe_stack();
         for id in ids {
             self.cache.insert(id, cipher.clone());
         }
