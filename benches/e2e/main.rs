@@ -6,7 +6,8 @@
 //! plugin/baseline.
 //!
 //! Run: `cargo bench --bench e2e` (env: `E2E_ROUNDS` (default 5), `E2E_SECONDS` per
-//! measurement (default 2), `E2E_CONCURRENCY` (default `1,16`)).
+//! measurement (default 2), `E2E_CONCURRENCY` (default `1,16`), `E2E_PLUGIN` another plugin
+//! binary, e.g. a copy from before a change).
 //!
 //! Two helper modes of the same binary: `--serve-baseline SOCKET` runs the baseline
 //! server, `--calls SOCKET encrypt|decrypt N` makes N sequential calls (for callgrind).
@@ -179,7 +180,12 @@ fn spawn(mut command: Command, log: &Path) -> Child {
 
 async fn start(dir: &Path) -> (Server, Server) {
     let plugin_socket = dir.join("plugin.sock");
-    let mut plugin = Command::new(env!("CARGO_BIN_EXE_kms-plugin"));
+    // E2E_PLUGIN: another build of the plugin (e.g. a copy from before a change).
+    let binary = std::env::var_os("E2E_PLUGIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_kms-plugin")),
+        PathBuf::from,
+    );
+    let mut plugin = Command::new(binary);
     plugin.arg("serve").arg("--socket").arg(&plugin_socket);
     plugin.arg("--state-dir").arg(dir.join("state"));
     plugin.env_remove("KMS_PLUGIN_LOG"); // the default: one info line per Encrypt/Decrypt
