@@ -166,5 +166,48 @@ fn grpc_over_socket(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, keyring, grpc_over_socket);
+/// The unwrap cache alone: a hit (lookup, LRU bump) and a miss (single-flight slot, the
+/// unwrap — here only an AES key schedule, a root call in production — insert, evicting the
+/// oldest of a full cache). Misses through Decrypt are bounded by the unwrap budget; the
+/// root call dominates them.
+fn cache(c: &mut Criterion) {
+    use kms_plugin::envelope::KekCipher;
+    use kms_plugin::secret::Key256;
+    let rt = runtime();
+    let capacity = 1024;
+    let cache = KekCache::new(capacity);
+    for i in 0..capacity as u64 {
+        let id = KekCache::id("file-bench", &i.to_le_bytes());
+        cache.insert(id, Arc::new(KekCipher::new(&Key256::generate())));
+    }
+    let hit = KekCache::id("file-bench", &7u64.to_le_bytes());
+    let key = Key256::generate();
+    let mut group = c.benchmark_group("cache");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("hit_of_1024", |b| {
+        b.to_async(&rt).iter(|| async {
+            cache
+                .get_or_unwrap(hit, || async { Ok(KekCipher::new(&key)) })
+                .await
+                .expect("hit")
+        });
+    });
+    let mut n = capacity as u64;
+    group.bench_function("miss_evicting_of_1024", |b| {
+        b.to_async(&rt).iter(|| {
+            n += 1;
+            let id = KekCache::id("file-bench", &n.to_le_bytes());
+            let (cache, key) = (&cache, &key);
+            async move {
+                cache
+                    .get_or_unwrap(id, || async { Ok(KekCipher::new(key)) })
+                    .await
+                    .expect("miss")
+            }
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, keyring, cache, grpc_over_socket);
 criterion_main!(benches);

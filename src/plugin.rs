@@ -6,6 +6,7 @@
 //! again (the new active root's round trip). Only then is it swapped in, atomically; on any failure
 //! the old keyring keeps serving. Calls in flight finish on the keyring they started with.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -78,7 +79,7 @@ fn keep_start_up_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
 pub struct Plugin {
     keyring: RwLock<Arc<Keyring>>,
     metrics: Metrics,
-    in_flight: tokio::sync::watch::Sender<usize>,
+    in_flight: Calls,
     source: Source,
     /// The configuration in force; the lock also serializes reloads.
     loaded: tokio::sync::Mutex<Loaded>,
@@ -105,7 +106,7 @@ impl Plugin {
         Ok(Arc::new(Self {
             keyring: RwLock::new(keyring),
             metrics: Metrics::default(),
-            in_flight: tokio::sync::watch::Sender::new(0),
+            in_flight: Calls::default(),
             source,
             loaded: tokio::sync::Mutex::new(Loaded {
                 config: config.clone(),
@@ -128,14 +129,13 @@ impl Plugin {
     }
 
     /// Counts a KMS call as in flight until the guard drops (for a graceful stop).
-    pub fn call_started(self: &Arc<Self>) -> InFlight {
-        self.in_flight.send_modify(|n| *n += 1);
-        InFlight(self.clone())
+    pub fn call_started(&self) -> InFlight<'_> {
+        self.in_flight.start()
     }
 
     /// Resolves once no call is in flight.
     pub async fn calls_drained(&self) {
-        let _ = self.in_flight.subscribe().wait_for(|n| *n == 0).await;
+        self.in_flight.drained().await;
     }
 
     /// Where the configuration came from.
@@ -249,12 +249,42 @@ impl Plugin {
     }
 }
 
-/// A call in flight; see [`Plugin::call_started`].
-pub struct InFlight(Arc<Plugin>);
+/// KMS calls in flight: one atomic add and one subtract per call; the notify is woken only
+/// when the count falls to zero (a watch channel here cost a dozen mutex round trips a call).
+#[derive(Default)]
+struct Calls {
+    count: AtomicUsize,
+    drained: tokio::sync::Notify,
+}
 
-impl Drop for InFlight {
+impl Calls {
+    fn start(&self) -> InFlight<'_> {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        InFlight(self)
+    }
+
+    async fn drained(&self) {
+        loop {
+            // Registered before the check, so a call ending in between is not missed.
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A call in flight; see [`Plugin::call_started`].
+pub struct InFlight<'a>(&'a Calls);
+
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.drained.notify_waiters();
+        }
     }
 }
 
@@ -268,6 +298,24 @@ fn hash_file(path: &std::path::Path) -> Option<[u8; 32]> {
 mod tests {
     use super::*;
     use crate::root;
+
+    #[tokio::test]
+    async fn drained_waits_for_the_last_call_in_flight() {
+        let calls = Calls::default();
+        calls.drained().await; // none in flight
+        let first = calls.start();
+        let second = calls.start();
+        let drained = calls.drained();
+        tokio::pin!(drained);
+        let wait = Duration::from_millis(50);
+        assert!(tokio::time::timeout(wait, &mut drained).await.is_err());
+        drop(first);
+        assert!(tokio::time::timeout(wait, &mut drained).await.is_err());
+        drop(second);
+        tokio::time::timeout(wait, &mut drained)
+            .await
+            .expect("drained once the last call ended");
+    }
 
     /// A config file with file roots `a` and `b` in `dir`, `active` active, `retired`
     /// retired, plus `extra` top-level lines.

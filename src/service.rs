@@ -229,12 +229,35 @@ fn root_info(root: RootReport) -> RootInfo {
     }
 }
 
-/// Caller-supplied strings in logs: bounded and printable only.
-fn loggable(text: &str) -> String {
-    text.chars()
-        .take(80)
-        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
-        .collect()
+/// Caller-supplied strings in logs: bounded and printable only. Formatted straight into the
+/// log line (no String per field per call).
+fn loggable(text: &str) -> Loggable<'_> {
+    Loggable(text)
+}
+
+/// See [`loggable`].
+struct Loggable<'a>(&'a str);
+
+impl std::fmt::Display for Loggable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        let end = self
+            .0
+            .char_indices()
+            .nth(80)
+            .map_or(self.0.len(), |(i, _)| i);
+        let text = self.0.get(..end).unwrap_or_default();
+        // Printable runs are written whole, each other character as `?`.
+        let mut start = 0;
+        for (i, c) in text.char_indices() {
+            if !c.is_ascii_graphic() {
+                f.write_str(text.get(start..i).unwrap_or_default())?;
+                f.write_char('?')?;
+                start = i + c.len_utf8();
+            }
+        }
+        f.write_str(text.get(start..).unwrap_or_default())
+    }
 }
 
 /// The client's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
@@ -320,7 +343,9 @@ mod tests {
 
     #[test]
     fn loggable_strips_control_characters_and_bounds_length() {
-        assert_eq!(loggable("a\nb\u{7}c"), "a?b?c");
-        assert_eq!(loggable(&"x".repeat(500)).len(), 80);
+        assert_eq!(loggable("a\nb\u{7}c").to_string(), "a?b?c");
+        assert_eq!(loggable("é x\u{1}").to_string(), "??x?");
+        assert_eq!(loggable(&"é".repeat(100)).to_string(), "?".repeat(80));
+        assert_eq!(loggable(&"x".repeat(500)).to_string().len(), 80);
     }
 }

@@ -275,7 +275,12 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         .lossy(true)
         .buffered_lines_limit(LOG_BUFFER_LINES)
         .thread_name("kms-plugin-log")
-        .finish(std::io::stderr());
+        // The worker writes every line waiting and then flushes: one write(2) per batch
+        // rather than per line, and never half a line (each line is far below the buffer).
+        .finish(std::io::BufWriter::with_capacity(
+            LOG_WRITE_BUFFER,
+            std::io::stderr(),
+        ));
     crate::metrics::count_dropped_log_lines(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -290,3 +295,5 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
 
 /// Log lines held for the writer thread (a few MiB at most).
 const LOG_BUFFER_LINES: usize = 16 * 1024;
+/// Bytes the writer thread gathers into one write to stderr.
+const LOG_WRITE_BUFFER: usize = 64 * 1024;
