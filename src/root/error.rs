@@ -155,6 +155,22 @@ impl fmt::Display for RootError {
 
 impl std::error::Error for RootError {}
 
+/// A provider error's message with its sources, "outer: inner: innermost", each part once and
+/// without a Debug dump: these messages end up in the 400-byte Status healthz string.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let part = inner.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = inner.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -312,13 +312,16 @@ where
         }
         // Timeouts, connection failures, truncated responses: the network, not the key.
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            Class::Retry(ErrorKind::Unavailable, error_chain(e))
+            Class::Retry(ErrorKind::Unavailable, crate::root::error::error_chain(e))
         }
         // Building the request failed, usually because no credentials could be found
         // (an IRSA token not mounted yet): an operator may need to act, but it can pass.
         _ => Class::Fail(RootError::new(
             ErrorKind::Unavailable,
-            format!("cannot send the KMS request: {}", error_chain(e)),
+            format!(
+                "cannot send the KMS request: {}",
+                crate::root::error::error_chain(e)
+            ),
         )),
     }
 }
@@ -334,22 +337,6 @@ fn not_enabled_message(arn: &str, state: Option<&KeyState>) -> String {
 /// An enum name as AWS spells it, or "unknown" when DescribeKey left the field out.
 fn name_or_unknown(name: Option<&str>) -> &str {
     name.unwrap_or("unknown")
-}
-
-/// "outer: inner: innermost", without the Debug dump `DisplayErrorContext` appends:
-/// these messages end up in the 400-byte Status healthz string.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let part = inner.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = inner.source();
-    }
-    text
 }
 
 /// Classifies an AWS error by its code (the SDK's error metadata, never its message).

@@ -255,28 +255,13 @@ struct ErrorBody {
 /// Connection failures are transient, except a certificate Vault's listener or ours cannot
 /// pass: retrying will not fix the CA bundle.
 fn transport_error(address: &str, e: &(dyn std::error::Error + 'static)) -> VaultError {
-    let chain = error_chain(e);
+    let chain = crate::root::error::error_chain(e);
     let kind = if chain.contains("certificate") || chain.contains("CertificateRequired") {
         ErrorKind::Misconfigured
     } else {
         ErrorKind::Unavailable
     };
     VaultError::new(kind, format!("cannot reach Vault at {address}: {chain}"))
-}
-
-/// "outer: inner: innermost", each part once.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let part = inner.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = inner.source();
-    }
-    text
 }
 
 /// rustls with ring, the configured (or system) roots and the client certificate.
