@@ -1,19 +1,27 @@
 //! End-to-end throughput and latency: the release plugin (embedded default config: file
 //! root, per-call audit log at info, written to a file) against an empty tonic KMS v2 handler
-//! (`baseline.rs`), each in its own process on a Unix socket, driven by a tonic client over
-//! one HTTP/2 connection per server (as kube-apiserver does). Rounds interleave the two
-//! servers; each prints ops/s, p50 and p99 per op and concurrency, and the ratios
-//! plugin/baseline.
+//! (`baseline.rs`) and, when Go is installed, the `go-kms` peer (`go/peer`: the upstream
+//! k8s.io/kms Go service framework with in-memory AES-GCM), each in its own process on a Unix
+//! socket. The client is grpc-go dialing as kube-apiserver does (`go/client`, built into
+//! target/e2e/go when `go` is on PATH) or tonic (`E2E_CLIENT=tonic`), one HTTP/2 connection
+//! per server. Rounds interleave the servers, rotating which goes first; the bench prints
+//! ops/s, p50 and p99 per op, concurrency and server, the ratios to the baseline, and writes
+//! a Markdown table and an SVG chart (`report.rs`).
 //!
-//! Run: `cargo bench --bench e2e` (env: `E2E_ROUNDS` (default 5), `E2E_SECONDS` per
-//! measurement (default 2), `E2E_CONCURRENCY` (default `1,16`), `E2E_PLUGIN` another plugin
-//! binary, e.g. a copy from before a change).
+//! Run: `cargo bench --bench e2e`. Env: `E2E_ROUNDS` (default 5), `E2E_SECONDS` per
+//! measurement (default 2), `E2E_CONCURRENCY` (default `1,4,16,64`), `E2E_CLIENT` (`go` or
+//! `tonic`), `E2E_PEERS` (`go-kms` or `none`), `E2E_CHART` (where the SVG goes, the table
+//! next to it; default target/e2e/e2e.svg), `E2E_PLUGIN` another plugin binary (e.g. a copy
+//! from before a change). `E2E_LONG_CALLS=N` instead runs the memory check of `long.rs`.
 //!
 //! Two helper modes of the same binary: `--serve-baseline SOCKET` runs the baseline
 //! server, `--calls SOCKET encrypt|decrypt N` makes N sequential calls (for callgrind).
 #![allow(missing_docs)]
 
 mod baseline;
+mod go;
+mod long;
+mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,12 +30,13 @@ use std::time::{Duration, Instant};
 
 use kms_plugin::proto::v2::key_management_service_client::KeyManagementServiceClient;
 use kms_plugin::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
+use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 
 type Client = KeyManagementServiceClient<Channel>;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Op {
+pub enum Op {
     Encrypt,
     Decrypt,
 }
@@ -80,11 +89,17 @@ impl Calls {
     }
 }
 
+/// How the bench talks to a server: a grpc-go client process (the default when `go` is on
+/// PATH) or a tonic client in this process; either way one connection per server.
+enum Driver {
+    Go(go::Client),
+    Tonic(Box<(Client, Calls)>),
+}
+
 struct Server {
     name: &'static str,
     child: Child,
-    client: Client,
-    calls: Calls,
+    driver: Driver,
 }
 
 impl Drop for Server {
@@ -94,9 +109,21 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    fn measure(&mut self, rt: &Runtime, op: Op, concurrency: usize, seconds: f64) -> Samples {
+        match &mut self.driver {
+            Driver::Go(client) => client.measure(op, concurrency, seconds),
+            Driver::Tonic(tonic) => {
+                let (client, calls) = &**tonic;
+                rt.block_on(measure(client, calls, op, concurrency, seconds))
+            }
+        }
+    }
+}
+
 /// Latencies (ns) and elapsed time of one (server, op, concurrency) across rounds.
 #[derive(Default)]
-struct Samples {
+pub struct Samples {
     latencies: Vec<u64>,
     elapsed: Duration,
 }
@@ -128,13 +155,19 @@ async fn connect(socket: &Path) -> Client {
 }
 
 /// `concurrency` callers share one connection for `seconds`, each calling back to back.
-async fn measure(server: &Server, op: Op, concurrency: usize, seconds: f64) -> Samples {
+async fn measure(
+    client: &Client,
+    calls: &Calls,
+    op: Op,
+    concurrency: usize,
+    seconds: f64,
+) -> Samples {
     let until = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
-    let calls = Arc::new(server.calls.clone());
+    let calls = Arc::new(calls.clone());
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let mut client = server.client.clone();
+            let mut client = client.clone();
             let calls = calls.clone();
             tokio::spawn(async move {
                 let mut latencies = Vec::with_capacity(1 << 16);
@@ -163,8 +196,12 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -178,140 +215,254 @@ fn spawn(mut command: Command, log: &Path) -> Child {
         .expect("spawn server")
 }
 
-async fn start(dir: &Path) -> (Server, Server) {
-    let plugin_socket = dir.join("plugin.sock");
+/// Which client, which peers, from E2E_CLIENT and E2E_PEERS (Go by default when it exists).
+struct Setup {
+    go: Option<go::Programs>,
+    go_client: bool,
+    peer: bool,
+}
+
+impl Setup {
+    fn from_env() -> Self {
+        let have_go = go::available();
+        let client = std::env::var("E2E_CLIENT").unwrap_or_default();
+        let go_client = match client.as_str() {
+            "" => have_go,
+            "go" => true,
+            "tonic" => false,
+            other => panic!("E2E_CLIENT={other}: use go or tonic"),
+        };
+        let peers = std::env::var("E2E_PEERS")
+            .unwrap_or_else(|_| if have_go { "go-kms" } else { "none" }.into());
+        let peer = match peers.as_str() {
+            "go-kms" => true,
+            "" | "none" => false,
+            other => panic!("E2E_PEERS={other}: use go-kms or none"),
+        };
+        assert!(
+            have_go || !(go_client || peer),
+            "E2E_CLIENT=go and E2E_PEERS=go-kms need `go` on PATH (apt-get install golang-go)"
+        );
+        let go = (go_client || peer).then(|| go::build(&target_dir().join("e2e/go")));
+        Self {
+            go,
+            go_client,
+            peer,
+        }
+    }
+
+    fn client_name(&self) -> &'static str {
+        if self.go_client {
+            "grpc-go v1.82.1 (as kube-apiserver v1.37), one connection per server"
+        } else {
+            "tonic, one connection per server"
+        }
+    }
+
+    /// Spawns `command` serving on `socket` and connects this run's client to it.
+    fn server(&self, rt: &Runtime, name: &'static str, command: Command, socket: &Path) -> Server {
+        let log = socket.with_extension("log");
+        let child = spawn(command, &log);
+        let driver = match &self.go {
+            Some(go) if self.go_client => Driver::Go(go::Client::start(&go.client, socket)),
+            _ => rt.block_on(async {
+                let mut client = connect(socket).await;
+                let calls = Calls::new(&mut client).await;
+                Driver::Tonic(Box::new((client, calls)))
+            }),
+        };
+        Server {
+            name,
+            child,
+            driver,
+        }
+    }
+}
+
+/// `target/`, from the directory cargo gives benches for scratch files (`target/tmp`).
+fn target_dir() -> PathBuf {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    tmp.parent().unwrap_or(tmp).to_path_buf()
+}
+
+fn plugin_command(dir: &Path, socket: &Path) -> Command {
     // E2E_PLUGIN: another build of the plugin (e.g. a copy from before a change).
     let binary = std::env::var_os("E2E_PLUGIN").map_or_else(
         || PathBuf::from(env!("CARGO_BIN_EXE_kms-plugin")),
         PathBuf::from,
     );
     let mut plugin = Command::new(binary);
-    plugin.arg("serve").arg("--socket").arg(&plugin_socket);
+    plugin.arg("serve").arg("--socket").arg(socket);
     plugin.arg("--state-dir").arg(dir.join("state"));
     plugin.env_remove("KMS_PLUGIN_LOG"); // the default: one info line per Encrypt/Decrypt
-    let plugin = spawn(plugin, &dir.join("plugin.log"));
+    plugin
+}
 
-    let baseline_socket = dir.join("baseline.sock");
+fn start(rt: &Runtime, setup: &Setup, dir: &Path) -> Vec<Server> {
+    let socket = dir.join("plugin.sock");
+    let plugin = setup.server(rt, "plugin", plugin_command(dir, &socket), &socket);
+
+    let socket = dir.join("baseline.sock");
     let mut baseline = Command::new(std::env::current_exe().expect("own path"));
-    baseline.arg("--serve-baseline").arg(&baseline_socket);
-    let baseline = spawn(baseline, &dir.join("baseline.log"));
+    baseline.arg("--serve-baseline").arg(&socket);
+    let baseline = setup.server(rt, "baseline", baseline, &socket);
 
-    let mut plugin_client = connect(&plugin_socket).await;
-    let mut baseline_client = connect(&baseline_socket).await;
-    let plugin_calls = Calls::new(&mut plugin_client).await;
-    let baseline_calls = Calls::new(&mut baseline_client).await;
-    (
-        Server {
-            name: "plugin",
-            child: plugin,
-            client: plugin_client,
-            calls: plugin_calls,
-        },
-        Server {
-            name: "baseline",
-            child: baseline,
-            client: baseline_client,
-            calls: baseline_calls,
-        },
-    )
+    let mut servers = vec![plugin, baseline];
+    if let (Some(go), true) = (&setup.go, setup.peer) {
+        let socket = dir.join("go-kms.sock");
+        let mut peer = Command::new(&go.peer);
+        peer.arg("-socket").arg(&socket);
+        servers.push(setup.server(rt, "go-kms", peer, &socket));
+    }
+    servers
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-async fn bench() {
+/// The E2E_* settings in effect, as a command line to paste.
+fn command_line(settings: &[(&str, String)]) -> String {
+    let mut line: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    line.push("cargo bench --bench e2e".into());
+    line.join(" ")
+}
+
+fn bench(rt: &Runtime) {
+    if let Some(calls) = std::env::var("E2E_LONG_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return long::run(calls);
+    }
     let rounds: usize = env_or("E2E_ROUNDS", 5);
     let seconds: f64 = env_or("E2E_SECONDS", 2.0);
-    let concurrency: Vec<usize> = std::env::var("E2E_CONCURRENCY")
-        .unwrap_or_else(|_| "1,16".into())
+    let concurrency_list = std::env::var("E2E_CONCURRENCY").unwrap_or_else(|_| "1,4,16,64".into());
+    let concurrency: Vec<usize> = concurrency_list
         .split(',')
         .filter_map(|c| c.trim().parse().ok())
         .collect();
+    let load_before = report::load_average();
+    let setup = Setup::from_env();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (plugin, baseline) = start(dir.path()).await;
+    let mut servers = start(rt, &setup, dir.path());
+    let command = command_line(&[
+        ("E2E_ROUNDS", rounds.to_string()),
+        ("E2E_SECONDS", seconds.to_string()),
+        ("E2E_CONCURRENCY", concurrency_list.clone()),
+        (
+            "E2E_CLIENT",
+            if setup.go_client { "go" } else { "tonic" }.into(),
+        ),
+        (
+            "E2E_PEERS",
+            if setup.peer { "go-kms" } else { "none" }.into(),
+        ),
+    ]);
     println!(
-        "e2e: {rounds} rounds x {seconds} s per (server, op, concurrency); plugin log: {}",
+        "e2e: {rounds} rounds x {seconds} s per (server, op, concurrency); client: {}; \
+         plugin log: {}",
+        setup.client_name(),
         dir.path().join("plugin.log").display()
     );
     let ops = [Op::Encrypt, Op::Decrypt];
     // Warm-up: connections, allocator, caches.
     for op in ops {
-        for server in [&plugin, &baseline] {
-            measure(server, op, 4, 0.5).await;
+        for server in &mut servers {
+            server.measure(rt, op, 4, 0.5);
         }
     }
-    let rss_start = plugin.child.id();
-    let rss_start = rss_kib(rss_start);
-    let mut results: Vec<((Op, usize), [Samples; 2])> = Vec::new();
+    let rss_start = rss_kib(servers[0].child.id());
+    let n = servers.len();
+    let mut results: Vec<((Op, usize), Vec<Samples>)> = Vec::new();
     for &op in &ops {
         for &c in &concurrency {
-            results.push(((op, c), Default::default()));
+            results.push(((op, c), (0..n).map(|_| Samples::default()).collect()));
         }
     }
     for round in 0..rounds {
         for ((op, c), samples) in &mut results {
-            // Alternate which server goes first, so drifts in machine load hit both.
-            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-            for i in order {
-                let server = if i == 0 { &plugin } else { &baseline };
-                let s = measure(server, *op, *c, seconds).await;
+            // Rotate which server goes first, so drifts in machine load hit all of them.
+            for k in 0..n {
+                let i = (k + round) % n;
+                let s = servers[i].measure(rt, *op, *c, seconds);
                 samples[i].latencies.extend(s.latencies);
                 samples[i].elapsed += s.elapsed;
             }
         }
         eprintln!("round {} of {rounds} done", round + 1);
     }
-    println!(
-        "{:<8} {:>4} {:<9} {:>10} {:>9} {:>9}",
-        "op", "conc", "server", "ops/s", "p50 ms", "p99 ms"
-    );
-    let mut ratios = Vec::new();
+    let rss_end = rss_kib(servers[0].child.id());
+    let mut rows = Vec::new();
     for ((op, c), samples) in &mut results {
-        let mut row = Vec::new();
-        for (i, s) in samples.iter_mut().enumerate() {
-            let name = if i == 0 { plugin.name } else { baseline.name };
-            let (ops, p50, p99) = (s.ops_per_second(), s.percentile(0.5), s.percentile(0.99));
-            println!(
-                "{:<8} {:>4} {:<9} {:>10.0} {:>9.3} {:>9.3}",
-                op.name(),
-                c,
-                name,
-                ops,
-                ms(p50),
-                ms(p99)
-            );
-            row.push((ops, p50, p99));
+        for (server, s) in servers.iter().zip(samples.iter_mut()) {
+            rows.push(report::Row {
+                op: op.name(),
+                callers: *c,
+                server: server.name.into(),
+                ops: s.ops_per_second(),
+                p50_ms: ms(s.percentile(0.5)),
+                p99_ms: ms(s.percentile(0.99)),
+            });
         }
-        ratios.push((
-            *op,
-            *c,
-            row[0].0 / row[1].0,
-            ms(row[0].1) / ms(row[1].1),
-            ms(row[0].2) / ms(row[1].2),
-        ));
     }
-    println!("\nplugin / baseline (target: ops/s >= 0.95, p50 <= 1.05)");
-    println!(
-        "{:<8} {:>4} {:>8} {:>8} {:>8}",
-        "op", "conc", "ops/s", "p50", "p99"
-    );
-    for (op, c, ops, p50, p99) in ratios {
-        println!(
-            "{:<8} {:>4} {:>8.3} {:>8.3} {:>8.3}",
-            op.name(),
-            c,
-            ops,
-            p50,
-            p99
-        );
-    }
-    let rss_end = rss_kib(plugin.child.id());
+    print_rows(&rows);
+    let run = report::Run {
+        rows,
+        servers: servers.iter().map(|s| s.name.to_string()).collect(),
+        command,
+        client: setup.client_name().into(),
+        load_before,
+        load_after: report::load_average(),
+        rss_kib: (rss_start, rss_end),
+    };
     println!(
         "\nplugin RSS: {} KiB after warm-up, {} KiB at the end",
         rss_start.map_or("?".into(), |v| v.to_string()),
         rss_end.map_or("?".into(), |v| v.to_string())
     );
+    write_report(&run);
+}
+
+fn print_rows(rows: &[report::Row]) {
+    println!(
+        "{:<8} {:>4} {:<9} {:>10} {:>9} {:>9} {:>8} {:>8}",
+        "op", "conc", "server", "ops/s", "p50 ms", "p99 ms", "ops/base", "p50/base"
+    );
+    for r in rows {
+        let base = rows
+            .iter()
+            .find(|b| b.op == r.op && b.callers == r.callers && b.server == "baseline");
+        let (ops, p50) = base.map_or((f64::NAN, f64::NAN), |b| {
+            (r.ops / b.ops, r.p50_ms / b.p50_ms)
+        });
+        println!(
+            "{:<8} {:>4} {:<9} {:>10.0} {:>9.3} {:>9.3} {:>8.3} {:>8.3}",
+            r.op, r.callers, r.server, r.ops, r.p50_ms, r.p99_ms, ops, p50
+        );
+    }
+    println!("(target for the plugin: ops/base >= 0.95, p50/base <= 1.05)");
+}
+
+/// The chart to E2E_CHART (default target/e2e/e2e.svg), the table next to it (.md).
+fn write_report(run: &report::Run) {
+    let svg = std::env::var_os("E2E_CHART")
+        .map_or_else(|| target_dir().join("e2e/e2e.svg"), PathBuf::from);
+    if let Some(parent) = svg.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Err(e) = std::fs::create_dir_all(parent)
+    {
+        eprintln!("cannot create {}: {e}", parent.display());
+        return;
+    }
+    let md = svg.with_extension("md");
+    match std::fs::write(&md, report::markdown(run)) {
+        Ok(()) => println!("table: {}", md.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", md.display()),
+    }
+    match report::chart(run, &svg) {
+        Ok(()) => println!("chart: {}", svg.display()),
+        Err(e) => eprintln!("cannot draw {}: {e}", svg.display()),
+    }
 }
 
 /// `N` sequential calls of `op` on `socket` (one Encrypt first, to have a Decrypt request).
@@ -351,5 +502,5 @@ fn main() {
     if !args.iter().any(|a| a == "--bench") {
         return;
     }
-    rt.block_on(bench());
+    bench(&rt);
 }
