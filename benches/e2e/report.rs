@@ -108,6 +108,22 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(150, 80, 170),
 ];
 
+/// 1-2-5 steps (0.1, 0.2, 0.5, 1, 2, ...) between `min` and `max`, the ticks of a log axis.
+fn log_ticks(min: f64, max: f64) -> Vec<f64> {
+    let mut ticks = Vec::new();
+    let mut decade = 10f64.powf(min.log10().floor());
+    while decade <= max {
+        for m in [1.0, 2.0, 5.0] {
+            let t = decade * m;
+            if (min..=max).contains(&t) {
+                ticks.push(t);
+            }
+        }
+        decade *= 10.0;
+    }
+    ticks
+}
+
 /// A 2 × 2 chart: Encrypt and Decrypt (rows), throughput and latency (columns), x the
 /// number of callers on a log scale; p50 solid, p99 dashed.
 pub fn chart(run: &Run, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
@@ -119,6 +135,11 @@ pub fn chart(run: &Run, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     };
     let x_min = *callers.first().ok_or("no measurements")? as f64 / 1.3;
     let x_max = *callers.last().ok_or("no measurements")? as f64 * 1.3;
+    let x_axis = || {
+        (x_min..x_max)
+            .log_scale()
+            .with_key_points(callers.iter().map(|&c| c as f64).collect())
+    };
     let root = SVGBackend::new(path, (1100, 760)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(
@@ -142,12 +163,14 @@ pub fn chart(run: &Run, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
                 .margin(12)
                 .x_label_area_size(36)
                 .y_label_area_size(60)
-                .build_cartesian_2d((x_min..x_max).log_scale(), 0.0..y_max.max(1.0))?;
+                .build_cartesian_2d(x_axis(), 0.0..y_max.max(1.0))?;
             chart
                 .configure_mesh()
                 .x_desc("concurrent callers (one connection)")
                 .y_desc("calls/s")
                 .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.0}"))
+                .light_line_style(TRANSPARENT)
                 .draw()?;
             for (server, color) in run.servers.iter().zip(COLORS) {
                 chart
@@ -178,13 +201,19 @@ pub fn chart(run: &Run, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
                 .margin(12)
                 .x_label_area_size(36)
                 .y_label_area_size(60)
-                .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())?;
+                .build_cartesian_2d(
+                    x_axis(),
+                    (y_min..y_max)
+                        .log_scale()
+                        .with_key_points(log_ticks(y_min, y_max)),
+                )?;
             chart
                 .configure_mesh()
                 .x_desc("concurrent callers (one connection)")
                 .y_desc("ms")
                 .x_label_formatter(&|x| format!("{x:.0}"))
                 .y_label_formatter(&|y| format!("{y}"))
+                .light_line_style(TRANSPARENT)
                 .draw()?;
             for (server, color) in run.servers.iter().zip(COLORS) {
                 chart
