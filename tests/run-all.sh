@@ -51,6 +51,13 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+echo "== go vet benches/e2e/go (the e2e bench's grpc-go client and go-kms peer)"
+# Offline: only where Go >= 1.26 and the modules of its go.mod are cached (the bench fetches them).
+if (cd benches/e2e/go && GOPROXY=off go list -deps ./... >/dev/null 2>&1); then
+  (cd benches/e2e/go && GOPROXY=off go vet ./...)
+else
+  echo "SKIPPED: needs Go >= 1.26 and the modules of benches/e2e/go/go.mod in the module cache"
+fi
 echo "== systemd/kms-plugin.service: systemd-analyze security exposure at most 1.5"
 analyze_log=$(mktemp)
 if ! systemd-analyze security --offline=true systemd/kms-plugin.service >"$analyze_log" 2>&1; then

@@ -40,7 +40,8 @@ pub fn build(out: &Path) -> Programs {
         .expect("run go build");
     assert!(
         status.success(),
-        "go build in {} failed (output above); E2E_CLIENT=tonic E2E_PEERS=none runs without Go",
+        "go build in {} failed (output above; it needs Go >= 1.26 and fetches missing modules \
+         from the Go module proxy); E2E_CLIENT=tonic E2E_PEERS=none runs without Go",
         src.display()
     );
     Programs {
