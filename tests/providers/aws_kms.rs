@@ -2,13 +2,14 @@
 //! socket and tonic client.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use aws_sdk_kms::primitives::Blob;
 use kms_plugin::envelope::annotations::wrapped_kek_key;
 use kms_plugin::proto::v2::{EncryptRequest, EncryptResponse};
 use kms_plugin::root::WrapContext;
+use tempfile::TempDir;
 use tonic::Code;
 
 use crate::support::moto::{self, Moto};
@@ -27,15 +28,33 @@ fn key_body(arn: &str, endpoint: &str, extra: &str) -> String {
 
 /// Writes the config (active key first) and starts the plugin.
 async fn start(dir: &Path, keys: &[(&str, String)], extra: &str) -> Plugin {
-    let socket = support::socket_in(dir);
-    write(dir, keys, extra);
-    let config = dir.join("config.toml").to_string_lossy().into_owned();
-    Plugin::start(&socket, &["--config", &config], &env(), dir).await
+    let config = write(dir, keys, extra);
+    Plugin::start(
+        &support::socket_in(dir),
+        &["--config", &config],
+        &env(),
+        dir,
+    )
+    .await
 }
 
-fn write(dir: &Path, keys: &[(&str, String)], extra: &str) {
+/// A plugin whose one root "main" is the key `arn`, reached at `endpoint`.
+async fn start_main(dir: &Path, arn: &str, endpoint: &str, extra: &str) -> Plugin {
+    start(dir, &[("main", key_body(arn, endpoint, ""))], extra).await
+}
+
+/// Writes the config (active key first); returns its path.
+fn write(dir: &Path, keys: &[(&str, String)], extra: &str) -> String {
     let socket = support::socket_in(dir);
-    support::write_config(dir, &socket, keys[0].0, keys, extra);
+    let config = support::write_config(dir, &socket, keys[0].0, keys, extra);
+    config.to_string_lossy().into_owned()
+}
+
+/// A moto KMS emulator with one key, that key's ARN, and a directory for the plugin's files.
+async fn kms_with_a_key() -> (Moto, String, TempDir) {
+    let moto = Moto::start();
+    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    (moto, arn, tempfile::tempdir().expect("tempdir"))
 }
 
 async fn calls(plugin: &Plugin, name: &str) -> (u64, u64) {
@@ -69,15 +88,8 @@ async fn open_all(plugin: &Plugin, sealed: &[(Vec<u8>, EncryptResponse)]) {
 
 #[tokio::test]
 async fn seeds_round_trip_and_survive_sigkill_restart() {
-    let moto = Moto::start();
-    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut plugin = start(
-        dir.path(),
-        &[("main", key_body(&arn, &moto.endpoint(), ""))],
-        "",
-    )
-    .await;
+    let (moto, arn, dir) = kms_with_a_key().await;
+    let mut plugin = start_main(dir.path(), &arn, &moto.endpoint(), "").await;
     let status = support::status(&mut plugin.client().await).await;
     assert_eq!(status.healthz, "ok");
     assert!(status.key_id.starts_with("aws-"), "{}", status.key_id);
@@ -101,15 +113,8 @@ async fn seeds_round_trip_and_survive_sigkill_restart() {
 
 #[tokio::test]
 async fn kms_is_called_once_per_local_kek_not_per_request() {
-    let moto = Moto::start();
-    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut plugin = start(
-        dir.path(),
-        &[("main", key_body(&arn, &moto.endpoint(), ""))],
-        "",
-    )
-    .await;
+    let (moto, arn, dir) = kms_with_a_key().await;
+    let mut plugin = start_main(dir.path(), &arn, &moto.endpoint(), "").await;
 
     let sealed = seal_many(&plugin, 20).await;
     open_all(&plugin, &sealed).await;
@@ -214,34 +219,22 @@ async fn wrong_encryption_context_is_refused() {
 
 #[tokio::test]
 async fn unknown_key_fails_clearly() {
-    let moto = Moto::start();
-    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let (moto, arn, dir) = kms_with_a_key().await;
     let ghost = "arn:aws:kms:us-east-1:123456789012:key/00000000-1111-2222-3333-444444444444";
-    let dir = tempfile::tempdir().expect("tempdir");
 
     // As the active key: start-up fails, naming the key and the reason.
     let socket = support::socket_in(dir.path());
-    write(
+    let config = write(
         dir.path(),
         &[("ghost", key_body(ghost, &moto.endpoint(), ""))],
         "",
     );
-    let config = dir
-        .path()
-        .join("config.toml")
-        .to_string_lossy()
-        .into_owned();
-    let mut failed = Plugin::spawn(&socket, &["--config", &config], &env(), dir.path());
-    let status = failed.wait_exit(Duration::from_secs(20));
-    assert!(!status.success());
-    let output = failed.output();
+    let args = ["--config", &config];
+    let output = Plugin::start_fails_with(&socket, &args, &env(), dir.path(), "\"ghost\"");
     assert!(
-        output.contains("\"ghost\"")
-            && output.contains("not found")
-            && output.contains("NotFoundException"),
+        output.contains("not found") && output.contains("NotFoundException"),
         "{output}"
     );
-    drop(failed);
 
     // As a retired key: the plugin runs; a Decrypt that needs it fails with
     // FailedPrecondition (never Internal) and the active key stays healthy.
@@ -249,8 +242,7 @@ async fn unknown_key_fails_clearly() {
         ("main", key_body(&arn, &moto.endpoint(), "")),
         ("ghost", key_body(ghost, &moto.endpoint(), "")),
     ];
-    write(dir.path(), &keys, "");
-    let path = dir.path().join("config.toml");
+    let path = PathBuf::from(write(dir.path(), &keys, ""));
     let text = std::fs::read_to_string(&path).expect("config");
     let text = text.replace(
         "active = \"main\"\n",
@@ -293,18 +285,11 @@ async fn unknown_key_fails_clearly() {
 
 #[tokio::test]
 async fn kms_outage_keeps_cached_keys_and_recovers() {
-    let moto = Moto::start();
-    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let (moto, arn, dir) = kms_with_a_key().await;
     // The plugin reaches moto through a proxy we can cut; moto keeps its keys.
     let proxy = moto::Proxy::start(moto.port).await;
-    let dir = tempfile::tempdir().expect("tempdir");
     let extra = "[local_kek]\nmax_encryptions = 1000\n[health]\nretry_interval_seconds = 1\n";
-    let plugin = start(
-        dir.path(),
-        &[("main", key_body(&arn, &proxy.endpoint(), ""))],
-        extra,
-    )
-    .await;
+    let plugin = start_main(dir.path(), &arn, &proxy.endpoint(), extra).await;
     let before = seal_many(&plugin, 1).await;
 
     proxy.set_up(false);
@@ -335,18 +320,19 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
     assert_eq!(failure.code(), Code::Unavailable, "{failure:?}");
     assert_ne!(healthz(&plugin).await, "ok");
     // Once the successor's KMS Encrypt has spent its budget, Status names the key and why.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let health = loop {
-        let health = healthz(&plugin).await;
-        if health.contains("\"main\"") {
-            break health;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "healthz never named the key: {health}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let health = support::eventually(
+        Duration::from_secs(10),
+        "healthz naming the key",
+        async || {
+            let health = healthz(&plugin).await;
+            if health.contains("\"main\"") {
+                Ok(health)
+            } else {
+                Err(health)
+            }
+        },
+    )
+    .await;
     assert!(
         health.contains("aws-kms") && health.contains("KMS Encrypt"),
         "{health}"
@@ -357,15 +343,11 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
     open_all(&plugin, &during).await;
 
     proxy.set_up(true);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while healthz(&plugin).await != "ok" {
-        assert!(
-            Instant::now() < deadline,
-            "not recovered: {}",
-            healthz(&plugin).await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    support::eventually(Duration::from_secs(15), "recovered", async || {
+        let health = healthz(&plugin).await;
+        if health == "ok" { Ok(()) } else { Err(health) }
+    })
+    .await;
     let after = seal_many(&plugin, 2).await;
     open_all(&plugin, &after).await;
     open_all(&plugin, &before).await;
@@ -373,20 +355,13 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
 
 #[tokio::test]
 async fn keygen_checks_the_key_in_aws_and_creates_nothing() {
-    let moto = Moto::start();
-    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let (moto, arn, dir) = kms_with_a_key().await;
     let ghost = "arn:aws:kms:us-east-1:123456789012:key/00000000-1111-2222-3333-444444444444";
-    let dir = tempfile::tempdir().expect("tempdir");
     let keys = [
         ("main", key_body(&arn, &moto.endpoint(), "")),
         ("ghost", key_body(ghost, &moto.endpoint(), "")),
     ];
-    write(dir.path(), &keys, "");
-    let config = dir
-        .path()
-        .join("config.toml")
-        .to_string_lossy()
-        .into_owned();
+    let config = write(dir.path(), &keys, "");
 
     let kms = moto::client(&moto.endpoint());
     let keys_before = key_ids(&kms).await;
@@ -440,16 +415,9 @@ async fn key_ids(kms: &aws_sdk_kms::Client) -> Vec<String> {
 /// Unavailable after the retry budget), not a dropped connection, and then the plugin exits 0.
 #[tokio::test]
 async fn sigterm_lets_a_call_in_flight_finish() {
-    let moto = Moto::start();
-    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let (moto, arn, dir) = kms_with_a_key().await;
     let proxy = moto::Proxy::start(moto.port).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut plugin = start(
-        dir.path(),
-        &[("main", key_body(&arn, &proxy.endpoint(), ""))],
-        "",
-    )
-    .await;
+    let mut plugin = start_main(dir.path(), &arn, &proxy.endpoint(), "").await;
     let sealed = support::encrypt(&mut plugin.client().await, &support::seed()).await;
     // A restart empties the cache; with KMS cut, Decrypt spends its retry budget (2.5 s).
     plugin.restart().await;

@@ -39,6 +39,11 @@ pub fn root_info<'a>(info: &'a InfoResponse, name: &str) -> &'a RootInfo {
         .expect("root in Info")
 }
 
+/// The root named `name` as Info shows it now.
+pub async fn root(plugin: &Plugin, name: &str) -> RootInfo {
+    root_info(&info(plugin).await, name).clone()
+}
+
 pub async fn status(client: &mut KeyManagementServiceClient<Channel>) -> StatusResponse {
     client
         .status(StatusRequest {})
