@@ -17,6 +17,7 @@ use super::config::Fields;
 use super::root::*;
 use super::session::context;
 use super::*;
+use crate::root::gcm::{IV_LEN, SEALED_LEN as WRAPPED_LEN};
 use crate::root::{ErrorKind, RootError, RootKey, WrapContext};
 use crate::secret::{KEY_LEN, Key256};
 
