@@ -130,7 +130,7 @@ fn check_endpoint(endpoint: &str, allow_http: bool) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use crate::config::KeyConfig;
-    use crate::config::test_support::{error_of, parse};
+    use crate::config::test_support::{error_of, key_entry};
 
     const AWS: &str = r#"
         [kek]
@@ -142,10 +142,10 @@ mod tests {
     "#;
 
     fn aws(text: &str) -> super::Config {
-        match parse(text).keys.remove("aws") {
-            Some(KeyConfig::AwsKms(k)) => k,
-            _ => panic!("not aws-kms"),
-        }
+        let KeyConfig::AwsKms(k) = key_entry(text, "aws") else {
+            panic!("not aws-kms")
+        };
+        k
     }
 
     #[test]
