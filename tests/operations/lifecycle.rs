@@ -4,6 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
+use super::metrics::{free_addr, sample};
 use crate::support::{self, Plugin};
 
 fn mode_of(path: impl AsRef<Path>) -> u32 {
@@ -277,7 +278,11 @@ async fn callers_outside_allowed_uids_are_closed_at_accept() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = support::socket_in(dir.path());
     let me = support::my_uid();
-    let other = format!("allowed_uids = [{}]", me.wrapping_add(12345));
+    let addr = free_addr();
+    let other = format!(
+        "allowed_uids = [{}]\nmetrics_listen = \"{addr}\"",
+        me.wrapping_add(12345)
+    );
     let config = support::file_root_config(dir.path(), &socket, &other);
     let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
     plugin.wait_for_output("serving KMS v2").await;
@@ -312,6 +317,18 @@ async fn callers_outside_allowed_uids_are_closed_at_accept() {
     // Logged with the uid, but not once per connection: 20+ refusals, a line per 5 s.
     assert!((1..=2).contains(&refusals.len()), "{log}");
     assert!(refusals[0].contains(&format!("uid={me}")), "{log}");
+    // Every refusal is counted in the metrics, by its reason.
+    let refused = |reason: &str| {
+        sample(
+            &addr,
+            &format!("kms_plugin_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert!(refused("peer_uid") >= 20, "{}", refused("peer_uid"));
+    assert_eq!(
+        (refused("no_credentials"), refused("max_connections")),
+        (0, 0)
+    );
     assert!(plugin.try_wait().is_none(), "{log}");
 }
 
