@@ -107,18 +107,8 @@ async fn a_live_plugin_on_the_socket_is_left_alone() {
     let state = dir.path().join("state").to_string_lossy().into_owned();
     let other_log = dir.path().join("second");
     std::fs::create_dir(&other_log).expect("mkdir");
-    let mut second = Plugin::spawn(
-        &socket,
-        &["--socket", &socket, "--state-dir", &state],
-        &[],
-        &other_log,
-    );
-    assert!(!second.wait_exit(Duration::from_secs(10)).success());
-    assert!(
-        second.output().contains("already serving"),
-        "{}",
-        second.output()
-    );
+    let args = ["--socket", &socket, "--state-dir", &state];
+    Plugin::start_fails_with(&socket, &args, &[], &other_log, "already serving");
     // The first plugin still serves on its socket.
     assert_eq!(
         support::status(&mut first.client().await).await.healthz,
@@ -133,18 +123,8 @@ async fn a_path_that_is_not_a_socket_is_refused_and_kept() {
     std::fs::write(&socket, b"not a socket").expect("write");
     let socket = socket.to_string_lossy().into_owned();
     let state = dir.path().join("state").to_string_lossy().into_owned();
-    let mut plugin = Plugin::spawn(
-        &socket,
-        &["--socket", &socket, "--state-dir", &state],
-        &[],
-        dir.path(),
-    );
-    assert!(!plugin.wait_exit(Duration::from_secs(10)).success());
-    assert!(
-        plugin.output().contains("not a socket"),
-        "{}",
-        plugin.output()
-    );
+    let args = ["--socket", &socket, "--state-dir", &state];
+    Plugin::start_fails_with(&socket, &args, &[], dir.path(), "not a socket");
     assert_eq!(std::fs::read(&socket).expect("kept"), b"not a socket");
 }
 
@@ -209,13 +189,9 @@ async fn abstract_socket_without_allowed_uids_is_refused_at_start() {
     let socket = format!("@kms-plugin-test-{}", rand::random::<u64>());
     let state = dir.path().join("state").to_string_lossy().into_owned();
     let args = ["--socket", &socket, "--state-dir", &state];
-    let mut plugin = Plugin::spawn(&socket, &args, &[], dir.path());
-    assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
-    let err = plugin.output();
+    let err = Plugin::start_fails_with(&socket, &args, &[], dir.path(), "abstract socket");
     assert!(
-        err.contains("abstract socket")
-            && err.contains("no file permissions")
-            && err.contains("Set allowed_uids"),
+        err.contains("no file permissions") && err.contains("Set allowed_uids"),
         "{err}"
     );
     assert!(
@@ -223,9 +199,8 @@ async fn abstract_socket_without_allowed_uids_is_refused_at_start() {
         "refused before any work"
     );
     let config = support::file_root_config(dir.path(), &socket, "");
-    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
-    assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
-    assert!(plugin.output().contains("allowed_uids"));
+    let args = ["--config", &config];
+    Plugin::start_fails_with(&socket, &args, &[], dir.path(), "allowed_uids");
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aws_sdk_kms::primitives::Blob;
 use kms_plugin::envelope::annotations::wrapped_kek_key;
-use kms_plugin::proto::v2::{EncryptRequest, EncryptResponse};
+use kms_plugin::proto::v2::EncryptRequest;
 use kms_plugin::root::WrapContext;
 use tempfile::TempDir;
 use tonic::Code;
@@ -67,25 +67,6 @@ async fn healthz(plugin: &Plugin) -> String {
     support::status(&mut plugin.client().await).await.healthz
 }
 
-/// Encrypts `n` fresh seeds; returns (seed, sealed) pairs.
-async fn seal_many(plugin: &Plugin, n: usize) -> Vec<(Vec<u8>, EncryptResponse)> {
-    let mut client = plugin.client().await;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let seed = support::seed();
-        let sealed = support::encrypt(&mut client, &seed).await;
-        out.push((seed, sealed));
-    }
-    out
-}
-
-async fn open_all(plugin: &Plugin, sealed: &[(Vec<u8>, EncryptResponse)]) {
-    let mut client = plugin.client().await;
-    for (seed, s) in sealed {
-        assert_eq!(&support::decrypt(&mut client, s).await, seed);
-    }
-}
-
 #[tokio::test]
 async fn seeds_round_trip_and_survive_sigkill_restart() {
     let (moto, arn, dir) = kms_with_a_key().await;
@@ -94,11 +75,11 @@ async fn seeds_round_trip_and_survive_sigkill_restart() {
     assert_eq!(status.healthz, "ok");
     assert!(status.key_id.starts_with("aws-"), "{}", status.key_id);
 
-    let sealed = seal_many(&plugin, 10).await;
-    for (_, s) in &sealed {
+    let sealed = support::batch(&plugin, 10).await;
+    for (s, _) in &sealed {
         assert_eq!(s.key_id, status.key_id);
     }
-    open_all(&plugin, &sealed).await;
+    support::all_decrypt(&plugin, &sealed).await;
 
     // The plugin logs at debug level in tests (SDK included): the secret never shows.
     assert!(!plugin.output().contains(moto::SECRET_ACCESS_KEY));
@@ -108,7 +89,7 @@ async fn seeds_round_trip_and_survive_sigkill_restart() {
         support::status(&mut plugin.client().await).await.key_id,
         status.key_id
     );
-    open_all(&plugin, &sealed).await;
+    support::all_decrypt(&plugin, &sealed).await;
 }
 
 #[tokio::test]
@@ -116,9 +97,9 @@ async fn kms_is_called_once_per_local_kek_not_per_request() {
     let (moto, arn, dir) = kms_with_a_key().await;
     let mut plugin = start_main(dir.path(), &arn, &moto.endpoint(), "").await;
 
-    let sealed = seal_many(&plugin, 20).await;
-    open_all(&plugin, &sealed).await;
-    open_all(&plugin, &sealed).await;
+    let sealed = support::batch(&plugin, 20).await;
+    support::all_decrypt(&plugin, &sealed).await;
+    support::all_decrypt(&plugin, &sealed).await;
     // One Encrypt for the first local KEK and one Decrypt proving its copy opens; nothing
     // per request: the fresh local KEK is cached.
     assert_eq!(calls(&plugin, "main").await, (1, 1));
@@ -129,8 +110,8 @@ async fn kms_is_called_once_per_local_kek_not_per_request() {
         (1, 1),
         "start-up wraps (and checks) one new local KEK"
     );
-    open_all(&plugin, &sealed).await;
-    open_all(&plugin, &sealed).await;
+    support::all_decrypt(&plugin, &sealed).await;
+    support::all_decrypt(&plugin, &sealed).await;
     // 20 ciphertexts under one local KEK, decrypted twice: one more KMS Decrypt.
     assert_eq!(calls(&plugin, "main").await, (1, 2));
 }
@@ -145,9 +126,9 @@ async fn wrong_encryption_context_is_refused() {
     let context_a = "[keys.main.encryption_context]\ncluster = \"a\"\n";
     let body = |ctx: &str| key_body(&arn, &moto.endpoint(), ctx);
     let mut plugin = start(dir.path(), &[("main", body(context_a))], "").await;
-    let sealed = seal_many(&plugin, 3).await;
-    let key_id = sealed[0].1.key_id.clone();
-    let wrapped = sealed[0].1.annotations[&wrapped_kek_key(&key_id)].clone();
+    let sealed = support::batch(&plugin, 3).await;
+    let key_id = sealed[0].0.key_id.clone();
+    let wrapped = sealed[0].0.annotations[&wrapped_kek_key(&key_id)].clone();
 
     // Directly at KMS: the wrapped local KEK opens only with the full context.
     let parsed = kms_plugin::root::KeyId::parse(&key_id).expect("key_id");
@@ -206,7 +187,7 @@ async fn wrong_encryption_context_is_refused() {
     plugin.restart().await;
     let mut client = plugin.client().await;
     let err = client
-        .decrypt(support::decrypt_request(&sealed[0].1))
+        .decrypt(support::decrypt_request(&sealed[0].0))
         .await
         .expect_err("wrong context must fail");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -253,8 +234,8 @@ async fn unknown_key_fails_clearly() {
     let plugin = Plugin::start(&socket, &["--config", &config], &env(), dir.path()).await;
     let info = support::info(&plugin).await;
     let ghost_id = support::root_info(&info, "ghost").key_id.clone();
-    let sealed = seal_many(&plugin, 1).await;
-    let mut request = support::decrypt_request(&sealed[0].1);
+    let sealed = support::batch(&plugin, 1).await;
+    let mut request = support::decrypt_request(&sealed[0].0);
     let wrapped = request
         .annotations
         .drain()
@@ -290,7 +271,7 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
     let proxy = moto::Proxy::start(moto.port).await;
     let extra = "[local_kek]\nmax_encryptions = 1000\n[health]\nretry_interval_seconds = 1\n";
     let plugin = start_main(dir.path(), &arn, &proxy.endpoint(), extra).await;
-    let before = seal_many(&plugin, 1).await;
+    let before = support::batch(&plugin, 1).await;
 
     proxy.set_up(false);
     // The current local KEK seals its remaining 999 values; its successor (due at 800) cannot
@@ -304,7 +285,7 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
             uid: support::uid(),
         };
         match client.encrypt(request).await {
-            Ok(sealed) => during.push((seed, sealed.into_inner())),
+            Ok(sealed) => during.push((sealed.into_inner(), seed)),
             Err(status) => break status,
         }
         if during.len() == 900 {
@@ -339,8 +320,8 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
     );
     eprintln!("healthz during the outage: {health}");
     // Everything already unwrapped still decrypts.
-    open_all(&plugin, &before).await;
-    open_all(&plugin, &during).await;
+    support::all_decrypt(&plugin, &before).await;
+    support::all_decrypt(&plugin, &during).await;
 
     proxy.set_up(true);
     support::eventually(Duration::from_secs(15), "recovered", async || {
@@ -348,9 +329,9 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
         if health == "ok" { Ok(()) } else { Err(health) }
     })
     .await;
-    let after = seal_many(&plugin, 2).await;
-    open_all(&plugin, &after).await;
-    open_all(&plugin, &before).await;
+    let after = support::batch(&plugin, 2).await;
+    support::all_decrypt(&plugin, &after).await;
+    support::all_decrypt(&plugin, &before).await;
 }
 
 #[tokio::test]

@@ -4,8 +4,6 @@
 
 use std::path::Path;
 
-use kms_plugin::proto::v2::EncryptResponse;
-
 use crate::support::backends::Backend;
 use crate::support::backends::tpm::TpmBackend;
 use crate::support::{self, Plugin};
@@ -18,16 +16,6 @@ async fn start(backend: &TpmBackend, dir: &Path) -> Plugin {
     Plugin::start(&socket, &["--config", &config], &backend.env(), dir).await
 }
 
-async fn sealed(plugin: &Plugin, n: usize) -> Vec<(EncryptResponse, Vec<u8>)> {
-    let mut client = plugin.client().await;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let seed = support::seed();
-        out.push((support::encrypt(&mut client, &seed).await, seed));
-    }
-    out
-}
-
 /// A wrapped key whose OAEP part was altered makes the TPM refuse the decryption; the next
 /// genuine unwrap (cold cache after a restart) must still work. tpm2-pkcs11 leaves the
 /// operation active on a session after a failed C_Decrypt, so that session must not be
@@ -37,7 +25,7 @@ async fn a_refused_tpm_decryption_does_not_poison_later_unwraps() {
     let backend = TpmBackend::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut plugin = start(&backend, dir.path()).await;
-    let (sealed, seed) = sealed(&plugin, 1).await.remove(0);
+    let (sealed, seed) = support::batch(&plugin, 1).await.remove(0);
     plugin.kill9();
     plugin.restart().await;
     let mut client = plugin.client().await;
@@ -70,7 +58,7 @@ async fn ciphertexts_survive_a_tpm_power_cut_and_a_plugin_kill() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut plugin = start(&backend, dir.path()).await;
     let id = support::status(&mut plugin.client().await).await.key_id;
-    let batch = sealed(&plugin, 5).await;
+    let batch = support::batch(&plugin, 5).await;
 
     plugin.kill9();
     backend.tpm.reboot();
@@ -91,7 +79,7 @@ async fn a_vanished_tpm_is_unavailable_not_a_forgery() {
     let mut backend = TpmBackend::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut plugin = start(&backend, dir.path()).await;
-    let (sealed, seed) = sealed(&plugin, 1).await.remove(0);
+    let (sealed, seed) = support::batch(&plugin, 1).await.remove(0);
     plugin.kill9();
     plugin.restart().await;
     let mut client = plugin.client().await;
