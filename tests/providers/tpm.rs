@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use kms_plugin::proto::v2::EncryptResponse;
+
 use crate::support::backends::Backend;
 use crate::support::backends::tpm::TpmBackend;
 use crate::support::{self, Plugin};
@@ -16,6 +18,19 @@ async fn start(backend: &TpmBackend, dir: &Path) -> Plugin {
     Plugin::start(&socket, &["--config", &config], &backend.env(), dir).await
 }
 
+/// A plugin that sealed one seed and was then killed and restarted, so that opening it
+/// needs a TPM decryption (the cache is empty); with the response and the seed.
+async fn sealed_then_restarted(
+    backend: &TpmBackend,
+    dir: &Path,
+) -> (Plugin, EncryptResponse, Vec<u8>) {
+    let mut plugin = start(backend, dir).await;
+    let (sealed, seed) = support::batch(&plugin, 1).await.remove(0);
+    plugin.kill9();
+    plugin.restart().await;
+    (plugin, sealed, seed)
+}
+
 /// A wrapped key whose OAEP part was altered makes the TPM refuse the decryption; the next
 /// genuine unwrap (cold cache after a restart) must still work. tpm2-pkcs11 leaves the
 /// operation active on a session after a failed C_Decrypt, so that session must not be
@@ -24,10 +39,7 @@ async fn start(backend: &TpmBackend, dir: &Path) -> Plugin {
 async fn a_refused_tpm_decryption_does_not_poison_later_unwraps() {
     let backend = TpmBackend::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut plugin = start(&backend, dir.path()).await;
-    let (sealed, seed) = support::batch(&plugin, 1).await.remove(0);
-    plugin.kill9();
-    plugin.restart().await;
+    let (plugin, sealed, seed) = sealed_then_restarted(&backend, dir.path()).await;
     let mut client = plugin.client().await;
 
     let mut forged = support::decrypt_request(&sealed);
@@ -78,10 +90,7 @@ async fn ciphertexts_survive_a_tpm_power_cut_and_a_plugin_kill() {
 async fn a_vanished_tpm_is_unavailable_not_a_forgery() {
     let mut backend = TpmBackend::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut plugin = start(&backend, dir.path()).await;
-    let (sealed, seed) = support::batch(&plugin, 1).await.remove(0);
-    plugin.kill9();
-    plugin.restart().await;
+    let (mut plugin, sealed, seed) = sealed_then_restarted(&backend, dir.path()).await;
     let mut client = plugin.client().await;
 
     backend.tpm.stop();
