@@ -85,9 +85,7 @@ async fn bench() {
 
     let mut served = Served::start(&config, &socket, &[], dir.path(), 0).await;
     let rss_start = served.rss_kib();
-    let channel = kms_plugin::client::connect(&socket)
-        .await
-        .expect("connect");
+    let channel = kms_plugin::client::connect(&socket).await.expect("connect");
     let mut admin = kms_plugin::client::admin(channel);
     let started = Instant::now();
     let mut requests: Vec<DecryptRequest> = Vec::with_capacity(n);

@@ -33,9 +33,8 @@ pub fn selected(name: &str, only: &str) -> bool {
 
 /// Whether `program` is on PATH.
 pub fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// Why a root's external dependency is missing (`None` when everything is installed).
@@ -44,7 +43,13 @@ pub fn missing(root: &str) -> Option<String> {
         "pkcs11" | "pkcs11_rsa_oaep" => &["softhsm2-util", "pkcs11-tool"],
         "aws" => &["moto_server"],
         "vault" => &["bao"],
-        "tpm" => &["swtpm", "swtpm_setup", "tpm2-abrmd", "tpm2_ptool", "dbus-daemon"],
+        "tpm" => &[
+            "swtpm",
+            "swtpm_setup",
+            "tpm2-abrmd",
+            "tpm2_ptool",
+            "dbus-daemon",
+        ],
         _ => &[],
     };
     let absent: Vec<&str> = need.iter().copied().filter(|p| !on_path(p)).collect();
