@@ -33,15 +33,18 @@ use kms_plugin::config::Config;
 use kms_plugin::keyring::cache::KekCache;
 use kms_plugin::keyring::{Keyring, Retired};
 use support::backends::Backend;
+use tempfile::TempDir;
 
 /// One root, opened in this process.
 struct Root {
     name: &'static str,
     keyring: Arc<Keyring>,
-    _dir: tempfile::TempDir,
+    _dir: TempDir,
 }
 
-async fn open<B: Backend>(name: &'static str, backend: &B) -> Root {
+/// A fresh key of `backend` and its config (all keys are made before any root is opened
+/// here: SoftHSM2 lists its tokens once, when this process first loads it).
+async fn make<B: Backend>(name: &'static str, backend: &B) -> (&'static str, Config, TempDir) {
     let dir = common::workdir(&format!("rotation-{name}-"));
     let body = backend.new_key(dir.path(), "main").await;
     let socket = common::path_str(&dir.path().join("unused.sock"));
@@ -52,7 +55,10 @@ async fn open<B: Backend>(name: &'static str, backend: &B) -> Root {
         &[("main", body)],
         "[local_kek]\nmax_encryptions = 1000\n[health]\nroot_check_interval_seconds = 0\n",
     );
-    let config = Config::load(&path).expect("config");
+    (name, Config::load(&path).expect("config"), dir)
+}
+
+async fn open((name, config, dir): (&'static str, Config, TempDir)) -> Root {
     let cache = Arc::new(KekCache::new(config.cache.capacity));
     let keyring = Keyring::open(&config, cache, &Default::default(), Retired::Require)
         .await
@@ -134,27 +140,31 @@ fn main() {
         .build()
         .expect("runtime");
     let roots: Vec<Root> = rt.block_on(async {
-        let mut roots = Vec::new();
+        let mut keys = Vec::new();
         if wanted("file") {
-            roots.push(open("file", &support::backends::file::FileBackend).await);
+            keys.push(make("file", &support::backends::file::FileBackend).await);
         }
         if pkcs11 {
-            roots.push(open("pkcs11", &support::backends::pkcs11::SoftHsmBackend).await);
+            keys.push(make("pkcs11", &support::backends::pkcs11::SoftHsmBackend).await);
         }
         if rsa {
             let backend = support::backends::pkcs11::SoftHsmRsaBackend;
-            roots.push(open("pkcs11_rsa_oaep", &backend).await);
+            keys.push(make("pkcs11_rsa_oaep", &backend).await);
         }
         if let Some(tpm) = &tpm {
-            roots.push(open("tpm", tpm).await);
+            keys.push(make("tpm", tpm).await);
         }
         #[cfg(feature = "aws-kms")]
         if let Some(aws) = &aws {
-            roots.push(open("aws", aws).await);
+            keys.push(make("aws", aws).await);
         }
         #[cfg(feature = "vault-transit")]
         if let Some(vault) = &vault {
-            roots.push(open("vault", vault).await);
+            keys.push(make("vault", vault).await);
+        }
+        let mut roots = Vec::new();
+        for key in keys {
+            roots.push(open(key).await);
         }
         roots
     });
