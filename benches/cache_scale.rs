@@ -144,11 +144,13 @@ async fn bench() {
     let started = Instant::now();
     let misses = sweep(&mut served.client, &requests[1..]).await;
     let took = started.elapsed();
+    let rss_full = served.rss_kib();
     println!(
-        "Decrypt of each other key once (a miss each, one file-root unwrap): {} in {:.1} s; RSS {}",
+        "Decrypt of each other key once (a miss each, one file-root unwrap): {} in {:.1} s; RSS {} ({:.2} KiB more per cached key)",
         summary(&misses),
         took.as_secs_f64(),
-        mib(served.rss_kib())
+        mib(rss_full),
+        rss_full.saturating_sub(rss_ready) as f64 / n as f64
     );
     println!(
         "  cache hit with {n} cached: {}",

@@ -96,9 +96,11 @@ pub fn percentile(samples: &[Duration], p: f64) -> Duration {
         .unwrap_or_default()
 }
 
-/// A duration in the unit that reads best (µs below 10 ms).
+/// A duration in the unit that reads best (µs below 10 ms, with decimals below 10 µs).
 pub fn show(d: Duration) -> String {
-    if d < Duration::from_millis(10) {
+    if d < Duration::from_micros(10) {
+        format!("{:.2} µs", d.as_secs_f64() * 1e6)
+    } else if d < Duration::from_millis(10) {
         format!("{:.0} µs", d.as_secs_f64() * 1e6)
     } else {
         format!("{:.1} ms", d.as_secs_f64() * 1e3)
