@@ -590,6 +590,15 @@ pub(crate) mod test_support {
         }
     }
 
+    /// The `[keys.NAME]` entry `name` of `text`, which must be valid.
+    pub(crate) fn key_entry(text: &str, name: &str) -> super::KeyConfig {
+        let mut config = parse(text);
+        config
+            .keys
+            .remove(name)
+            .unwrap_or_else(|| panic!("no [keys.{name}] in {text}"))
+    }
+
     /// The error `text` is refused with.
     pub(crate) fn error_of(text: &str) -> String {
         match Config::parse(text) {

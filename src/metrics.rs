@@ -1,7 +1,8 @@
 //! Prometheus metrics on the `prometheus-client` crate (OpenMetrics text): calls and latency
 //! per RPC, root key calls (latency and errors by kind, per root), root health, the local
-//! KEK, the cache, the log and the build. Counters and histograms are updated on the
-//! request path (atomics); everything else is read from the keyring when scraped. Served
+//! KEK, the cache, connections refused at accept, the log and the build. Counters and
+//! histograms are updated on the request path (atomics); everything else is read from the
+//! keyring when scraped. Served
 //! by `server::metrics_http` when `metrics_listen` is set. Every metric is listed in
 //! README.md ("Metrics and health probes").
 
@@ -57,6 +58,33 @@ impl RootOp {
         match self {
             RootOp::Wrap => "wrap",
             RootOp::Unwrap => "unwrap",
+        }
+    }
+}
+
+/// Why a connection to the KMS socket was closed at accept, before any byte was read.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    /// The peer's uid is not in `allowed_uids`.
+    PeerUid,
+    /// The kernel did not report the peer's credentials.
+    NoCredentials,
+    /// `max_connections` connections were open.
+    MaxConnections,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 3] = [
+        Refusal::PeerUid,
+        Refusal::NoCredentials,
+        Refusal::MaxConnections,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::PeerUid => "peer_uid",
+            Refusal::NoCredentials => "no_credentials",
+            Refusal::MaxConnections => "max_connections",
         }
     }
 }
@@ -124,6 +152,8 @@ struct Shared {
     cache_hits: Counter,
     cache_misses: Counter,
     negative_hits: Counter,
+    /// One series per [`Refusal`], indexed by its discriminant.
+    refused: [Counter; 3],
 }
 
 static SHARED: LazyLock<Shared> = LazyLock::new(|| Shared {
@@ -132,6 +162,7 @@ static SHARED: LazyLock<Shared> = LazyLock::new(|| Shared {
     cache_hits: Counter::default(),
     cache_misses: Counter::default(),
     negative_hits: Counter::default(),
+    refused: Default::default(),
 });
 
 /// Records one call to a root key: its latency, and its error kind
@@ -167,6 +198,11 @@ pub fn cache_miss() {
 /// A wrapped copy already known not to authenticate was refused without a root call.
 pub fn negative_cache_hit() {
     SHARED.negative_hits.inc();
+}
+
+/// A connection was closed at accept for `reason`.
+pub fn connection_refused(reason: Refusal) {
+    SHARED.refused[reason as usize].inc();
 }
 
 /// The log writer's count of lines it dropped (its buffer was full).
@@ -278,6 +314,18 @@ impl Metrics {
             "cache_negative_hits",
             "Wrapped keys refused without a root call: known not to authenticate",
             SHARED.negative_hits.clone(),
+        );
+        // Every reason is listed, at 0 until it happens, so alerts see a series from the start.
+        let refused: Family<Labels, Counter> = Family::default();
+        for reason in Refusal::ALL {
+            refused
+                .get_or_create(&labels([("reason", reason.label())]))
+                .inc_by(SHARED.refused[reason as usize].get());
+        }
+        registry.register(
+            "connections_refused",
+            "Connections to the KMS socket closed at accept, by reason (peer_uid, no_credentials, max_connections)",
+            refused,
         );
         self.register_keyring(&mut registry, keyring);
         let dropped: Counter = Counter::default();

@@ -15,4 +15,5 @@ mod operations {
     mod metrics;
     mod operator;
     mod systemd;
+    mod upgrade;
 }

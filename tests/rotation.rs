@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use kms_plugin::proto::v2::{EncryptRequest, EncryptResponse};
+use kms_plugin::proto::v2::EncryptRequest;
 use tonic::Code;
 
-use support::Plugin;
 use support::backends::Backend;
+use support::{Plugin, all_decrypt, batch};
 
 /// A plugin with root keys `a` (active) and `b` (configured as `kek_extra` says).
 pub struct Setup {
@@ -69,23 +69,6 @@ pub fn write_config(dir: &Path, socket: &str, kek: &str, keys: &[(&str, &str)]) 
     let path = dir.join("config.toml");
     std::fs::write(&path, text).expect("write config");
     path
-}
-
-pub async fn batch(plugin: &Plugin, n: usize) -> Vec<(EncryptResponse, Vec<u8>)> {
-    let mut client = plugin.client().await;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let seed = support::seed();
-        out.push((support::encrypt(&mut client, &seed).await, seed));
-    }
-    out
-}
-
-pub async fn all_decrypt(plugin: &Plugin, batch: &[(EncryptResponse, Vec<u8>)]) {
-    let mut client = plugin.client().await;
-    for (sealed, seed) in batch {
-        assert_eq!(&support::decrypt(&mut client, sealed).await, seed);
-    }
 }
 
 pub async fn key_id(plugin: &Plugin) -> String {

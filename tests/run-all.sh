@@ -83,6 +83,9 @@ git -C "$advisory_db" -c user.name=kms-plugin-tests -c user.email=tests@invalid 
 echo "advisory database: $(cat "$advisory_src/SNAPSHOT")"
 cargo fetch --locked -q # cargo-deny reads the metadata of every platform's crates offline
 cargo deny --offline --locked check
+# The fuzz crate has its own lockfile: the same checks (and advisory snapshot) over it.
+(cd fuzz && cargo fetch --locked -q)
+cargo deny --manifest-path fuzz/Cargo.toml --offline --locked check
 echo "== fuzz smoke: every parser of untrusted input, 25 s each (the rewriter 30 s)"
 command -v cargo-fuzz >/dev/null || cargo install -q --locked cargo-fuzz
 (cd fuzz && cargo fuzz build -s none)

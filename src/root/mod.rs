@@ -12,6 +12,7 @@
 pub mod aws_kms;
 pub mod error;
 pub mod file;
+mod gcm;
 #[cfg(test)]
 pub mod memory;
 pub mod pkcs11;
@@ -69,6 +70,12 @@ pub trait RootKey: Send + Sync {
     fn answers_to(&self, key_id: &KeyId) -> bool {
         key_id == self.key_id()
     }
+}
+
+/// A local KEK from what an unwrap decrypted: anything but 32 bytes means the blob was not
+/// one of ours.
+pub(crate) fn unwrapped_key(plain: &[u8]) -> Result<Key256, RootError> {
+    Key256::from_slice(plain).ok_or_else(|| RootError::bare(ErrorKind::NotAuthentic))
 }
 
 /// What a wrapped local KEK is bound to: this plugin's purpose and the root's key_id.

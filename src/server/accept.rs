@@ -5,7 +5,8 @@
 //! - the peer's uid against `allowed_uids` ([`PeerCheck`]);
 //! - the number of open connections against `max_connections`.
 //!
-//! A refused connection is closed at once; refusals are counted and logged at most once per
+//! A refused connection is closed at once; refusals are counted (also in the
+//! `connections_refused` metric, by reason) and logged at most once per
 //! [`LOG_EVERY`], so a flood cannot fill the log. An admitted connection holds its slot until
 //! it closes, and is closed if it has not sent the HTTP/2 connection preface within
 //! [`PREFACE_TIMEOUT`], so junk connections held open cannot keep the slots.
@@ -25,6 +26,7 @@ use tokio::time::Sleep;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
 use super::peer::{PeerCheck, Refused};
+use crate::metrics::{self, Refusal};
 
 /// How long a new connection may take to send the 24-byte HTTP/2 connection preface
 /// (clients send it right after connecting).
@@ -72,6 +74,10 @@ impl Incoming {
         match self.peers.admit(&stream) {
             Ok(()) => {}
             Err(refused) => {
+                metrics::connection_refused(match refused {
+                    Refused::Uid(_) => Refusal::PeerUid,
+                    Refused::NoCredentials => Refusal::NoCredentials,
+                });
                 if let Some(total) = self.refused_uid.hit() {
                     match refused {
                         Refused::Uid(uid) => tracing::warn!(
@@ -89,6 +95,7 @@ impl Incoming {
             }
         }
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            metrics::connection_refused(Refusal::MaxConnections);
             if let Some(total) = self.refused_full.hit() {
                 tracing::warn!(
                     max_connections = self.max_connections,

@@ -9,6 +9,7 @@ use kms_plugin::proto::v2::key_management_service_client::KeyManagementServiceCl
 use tokio::net::UnixStream;
 use tonic::transport::Channel;
 
+use super::metrics::{free_addr, sample};
 use crate::support::{self, Plugin};
 
 /// Status, Encrypt and Decrypt on an existing connection.
@@ -98,7 +99,9 @@ fn count_lines(log: &str, text: &str) -> usize {
 async fn connections_over_max_connections_are_closed_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = support::socket_in(dir.path());
-    let config = support::file_root_config(dir.path(), &socket, "max_connections = 4");
+    let addr = free_addr();
+    let extra = format!("max_connections = 4\nmetrics_listen = \"{addr}\"");
+    let config = support::file_root_config(dir.path(), &socket, &extra);
     let mut plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
     let mut client = plugin.client().await;
     round_trip(&mut client).await;
@@ -137,6 +140,11 @@ async fn connections_over_max_connections_are_closed_at_once() {
     let log = plugin.output();
     let lines = count_lines(&log, "connection refused: max_connections");
     assert!((1..=3).contains(&lines), "{lines} lines:\n{log}");
+    let refused = sample(
+        &addr,
+        "kms_plugin_connections_refused_total{reason=\"max_connections\"}",
+    );
+    assert!(refused >= closed, "{refused} counted, {closed} closed");
     drop(client);
     new_client_is_served(&mut plugin, Duration::from_secs(30)).await;
 }

@@ -27,10 +27,7 @@ fn serve_fails(dir: &Path, args: &[&str]) -> String {
     let socket = support::socket_in(dir);
     let mut all = vec!["--socket", &socket];
     all.extend_from_slice(args);
-    let mut plugin = Plugin::spawn(&socket, &all, &[], dir);
-    let status = plugin.wait_exit(Duration::from_secs(10));
-    assert!(!status.success(), "started:\n{}", plugin.output());
-    plugin.output()
+    Plugin::start_fails(&socket, &all, &[], dir)
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
+use super::metrics::{free_addr, sample};
 use crate::support::{self, Plugin};
 
 fn mode_of(path: impl AsRef<Path>) -> u32 {
@@ -106,18 +107,8 @@ async fn a_live_plugin_on_the_socket_is_left_alone() {
     let state = dir.path().join("state").to_string_lossy().into_owned();
     let other_log = dir.path().join("second");
     std::fs::create_dir(&other_log).expect("mkdir");
-    let mut second = Plugin::spawn(
-        &socket,
-        &["--socket", &socket, "--state-dir", &state],
-        &[],
-        &other_log,
-    );
-    assert!(!second.wait_exit(Duration::from_secs(10)).success());
-    assert!(
-        second.output().contains("already serving"),
-        "{}",
-        second.output()
-    );
+    let args = ["--socket", &socket, "--state-dir", &state];
+    Plugin::start_fails_with(&socket, &args, &[], &other_log, "already serving");
     // The first plugin still serves on its socket.
     assert_eq!(
         support::status(&mut first.client().await).await.healthz,
@@ -132,18 +123,8 @@ async fn a_path_that_is_not_a_socket_is_refused_and_kept() {
     std::fs::write(&socket, b"not a socket").expect("write");
     let socket = socket.to_string_lossy().into_owned();
     let state = dir.path().join("state").to_string_lossy().into_owned();
-    let mut plugin = Plugin::spawn(
-        &socket,
-        &["--socket", &socket, "--state-dir", &state],
-        &[],
-        dir.path(),
-    );
-    assert!(!plugin.wait_exit(Duration::from_secs(10)).success());
-    assert!(
-        plugin.output().contains("not a socket"),
-        "{}",
-        plugin.output()
-    );
+    let args = ["--socket", &socket, "--state-dir", &state];
+    Plugin::start_fails_with(&socket, &args, &[], dir.path(), "not a socket");
     assert_eq!(std::fs::read(&socket).expect("kept"), b"not a socket");
 }
 
@@ -208,13 +189,9 @@ async fn abstract_socket_without_allowed_uids_is_refused_at_start() {
     let socket = format!("@kms-plugin-test-{}", rand::random::<u64>());
     let state = dir.path().join("state").to_string_lossy().into_owned();
     let args = ["--socket", &socket, "--state-dir", &state];
-    let mut plugin = Plugin::spawn(&socket, &args, &[], dir.path());
-    assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
-    let err = plugin.output();
+    let err = Plugin::start_fails_with(&socket, &args, &[], dir.path(), "abstract socket");
     assert!(
-        err.contains("abstract socket")
-            && err.contains("no file permissions")
-            && err.contains("Set allowed_uids"),
+        err.contains("no file permissions") && err.contains("Set allowed_uids"),
         "{err}"
     );
     assert!(
@@ -222,9 +199,8 @@ async fn abstract_socket_without_allowed_uids_is_refused_at_start() {
         "refused before any work"
     );
     let config = support::file_root_config(dir.path(), &socket, "");
-    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
-    assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
-    assert!(plugin.output().contains("allowed_uids"));
+    let args = ["--config", &config];
+    Plugin::start_fails_with(&socket, &args, &[], dir.path(), "allowed_uids");
 }
 
 #[tokio::test]
@@ -277,7 +253,11 @@ async fn callers_outside_allowed_uids_are_closed_at_accept() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = support::socket_in(dir.path());
     let me = support::my_uid();
-    let other = format!("allowed_uids = [{}]", me.wrapping_add(12345));
+    let addr = free_addr();
+    let other = format!(
+        "allowed_uids = [{}]\nmetrics_listen = \"{addr}\"",
+        me.wrapping_add(12345)
+    );
     let config = support::file_root_config(dir.path(), &socket, &other);
     let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
     plugin.wait_for_output("serving KMS v2").await;
@@ -312,6 +292,18 @@ async fn callers_outside_allowed_uids_are_closed_at_accept() {
     // Logged with the uid, but not once per connection: 20+ refusals, a line per 5 s.
     assert!((1..=2).contains(&refusals.len()), "{log}");
     assert!(refusals[0].contains(&format!("uid={me}")), "{log}");
+    // Every refusal is counted in the metrics, by its reason.
+    let refused = |reason: &str| {
+        sample(
+            &addr,
+            &format!("kms_plugin_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert!(refused("peer_uid") >= 20, "{}", refused("peer_uid"));
+    assert_eq!(
+        (refused("no_credentials"), refused("max_connections")),
+        (0, 0)
+    );
     assert!(plugin.try_wait().is_none(), "{log}");
 }
 

@@ -17,8 +17,19 @@ fn request(addr: &str, method: &str, path: &str) -> String {
     response
 }
 
-fn scrape(addr: &str, path: &str) -> String {
+pub(super) fn scrape(addr: &str, path: &str) -> String {
     request(addr, "GET", path)
+}
+
+/// The value of the sample `series` (name and labels, as exposed) at `addr`.
+pub(super) fn sample(addr: &str, series: &str) -> u64 {
+    let text = scrape(addr, "/metrics");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+    line.parse()
+        .unwrap_or_else(|e| panic!("{series} {line}: {e}"))
 }
 
 /// Status line and body of `method path`.
@@ -30,7 +41,7 @@ fn probe(addr: &str, method: &str, path: &str) -> (String, String) {
 }
 
 /// A loopback address nothing listens on yet.
-fn free_addr() -> String {
+pub(super) fn free_addr() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")

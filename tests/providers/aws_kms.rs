@@ -2,13 +2,14 @@
 //! socket and tonic client.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use aws_sdk_kms::primitives::Blob;
 use kms_plugin::envelope::annotations::wrapped_kek_key;
-use kms_plugin::proto::v2::{EncryptRequest, EncryptResponse};
+use kms_plugin::proto::v2::EncryptRequest;
 use kms_plugin::root::WrapContext;
+use tempfile::TempDir;
 use tonic::Code;
 
 use crate::support::moto::{self, Moto};
@@ -27,15 +28,33 @@ fn key_body(arn: &str, endpoint: &str, extra: &str) -> String {
 
 /// Writes the config (active key first) and starts the plugin.
 async fn start(dir: &Path, keys: &[(&str, String)], extra: &str) -> Plugin {
-    let socket = support::socket_in(dir);
-    write(dir, keys, extra);
-    let config = dir.join("config.toml").to_string_lossy().into_owned();
-    Plugin::start(&socket, &["--config", &config], &env(), dir).await
+    let config = write(dir, keys, extra);
+    Plugin::start(
+        &support::socket_in(dir),
+        &["--config", &config],
+        &env(),
+        dir,
+    )
+    .await
 }
 
-fn write(dir: &Path, keys: &[(&str, String)], extra: &str) {
+/// A plugin whose one root "main" is the key `arn`, reached at `endpoint`.
+async fn start_main(dir: &Path, arn: &str, endpoint: &str, extra: &str) -> Plugin {
+    start(dir, &[("main", key_body(arn, endpoint, ""))], extra).await
+}
+
+/// Writes the config (active key first); returns its path.
+fn write(dir: &Path, keys: &[(&str, String)], extra: &str) -> String {
     let socket = support::socket_in(dir);
-    support::write_config(dir, &socket, keys[0].0, keys, extra);
+    let config = support::write_config(dir, &socket, keys[0].0, keys, extra);
+    config.to_string_lossy().into_owned()
+}
+
+/// A moto KMS emulator with one key, that key's ARN, and a directory for the plugin's files.
+async fn kms_with_a_key() -> (Moto, String, TempDir) {
+    let moto = Moto::start();
+    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    (moto, arn, tempfile::tempdir().expect("tempdir"))
 }
 
 async fn calls(plugin: &Plugin, name: &str) -> (u64, u64) {
@@ -48,45 +67,19 @@ async fn healthz(plugin: &Plugin) -> String {
     support::status(&mut plugin.client().await).await.healthz
 }
 
-/// Encrypts `n` fresh seeds; returns (seed, sealed) pairs.
-async fn seal_many(plugin: &Plugin, n: usize) -> Vec<(Vec<u8>, EncryptResponse)> {
-    let mut client = plugin.client().await;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let seed = support::seed();
-        let sealed = support::encrypt(&mut client, &seed).await;
-        out.push((seed, sealed));
-    }
-    out
-}
-
-async fn open_all(plugin: &Plugin, sealed: &[(Vec<u8>, EncryptResponse)]) {
-    let mut client = plugin.client().await;
-    for (seed, s) in sealed {
-        assert_eq!(&support::decrypt(&mut client, s).await, seed);
-    }
-}
-
 #[tokio::test]
 async fn seeds_round_trip_and_survive_sigkill_restart() {
-    let moto = Moto::start();
-    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut plugin = start(
-        dir.path(),
-        &[("main", key_body(&arn, &moto.endpoint(), ""))],
-        "",
-    )
-    .await;
+    let (moto, arn, dir) = kms_with_a_key().await;
+    let mut plugin = start_main(dir.path(), &arn, &moto.endpoint(), "").await;
     let status = support::status(&mut plugin.client().await).await;
     assert_eq!(status.healthz, "ok");
     assert!(status.key_id.starts_with("aws-"), "{}", status.key_id);
 
-    let sealed = seal_many(&plugin, 10).await;
-    for (_, s) in &sealed {
+    let sealed = support::batch(&plugin, 10).await;
+    for (s, _) in &sealed {
         assert_eq!(s.key_id, status.key_id);
     }
-    open_all(&plugin, &sealed).await;
+    support::all_decrypt(&plugin, &sealed).await;
 
     // The plugin logs at debug level in tests (SDK included): the secret never shows.
     assert!(!plugin.output().contains(moto::SECRET_ACCESS_KEY));
@@ -96,24 +89,17 @@ async fn seeds_round_trip_and_survive_sigkill_restart() {
         support::status(&mut plugin.client().await).await.key_id,
         status.key_id
     );
-    open_all(&plugin, &sealed).await;
+    support::all_decrypt(&plugin, &sealed).await;
 }
 
 #[tokio::test]
 async fn kms_is_called_once_per_local_kek_not_per_request() {
-    let moto = Moto::start();
-    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut plugin = start(
-        dir.path(),
-        &[("main", key_body(&arn, &moto.endpoint(), ""))],
-        "",
-    )
-    .await;
+    let (moto, arn, dir) = kms_with_a_key().await;
+    let mut plugin = start_main(dir.path(), &arn, &moto.endpoint(), "").await;
 
-    let sealed = seal_many(&plugin, 20).await;
-    open_all(&plugin, &sealed).await;
-    open_all(&plugin, &sealed).await;
+    let sealed = support::batch(&plugin, 20).await;
+    support::all_decrypt(&plugin, &sealed).await;
+    support::all_decrypt(&plugin, &sealed).await;
     // One Encrypt for the first local KEK and one Decrypt proving its copy opens; nothing
     // per request: the fresh local KEK is cached.
     assert_eq!(calls(&plugin, "main").await, (1, 1));
@@ -124,8 +110,8 @@ async fn kms_is_called_once_per_local_kek_not_per_request() {
         (1, 1),
         "start-up wraps (and checks) one new local KEK"
     );
-    open_all(&plugin, &sealed).await;
-    open_all(&plugin, &sealed).await;
+    support::all_decrypt(&plugin, &sealed).await;
+    support::all_decrypt(&plugin, &sealed).await;
     // 20 ciphertexts under one local KEK, decrypted twice: one more KMS Decrypt.
     assert_eq!(calls(&plugin, "main").await, (1, 2));
 }
@@ -140,9 +126,9 @@ async fn wrong_encryption_context_is_refused() {
     let context_a = "[keys.main.encryption_context]\ncluster = \"a\"\n";
     let body = |ctx: &str| key_body(&arn, &moto.endpoint(), ctx);
     let mut plugin = start(dir.path(), &[("main", body(context_a))], "").await;
-    let sealed = seal_many(&plugin, 3).await;
-    let key_id = sealed[0].1.key_id.clone();
-    let wrapped = sealed[0].1.annotations[&wrapped_kek_key(&key_id)].clone();
+    let sealed = support::batch(&plugin, 3).await;
+    let key_id = sealed[0].0.key_id.clone();
+    let wrapped = sealed[0].0.annotations[&wrapped_kek_key(&key_id)].clone();
 
     // Directly at KMS: the wrapped local KEK opens only with the full context.
     let parsed = kms_plugin::root::KeyId::parse(&key_id).expect("key_id");
@@ -201,7 +187,7 @@ async fn wrong_encryption_context_is_refused() {
     plugin.restart().await;
     let mut client = plugin.client().await;
     let err = client
-        .decrypt(support::decrypt_request(&sealed[0].1))
+        .decrypt(support::decrypt_request(&sealed[0].0))
         .await
         .expect_err("wrong context must fail");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -214,34 +200,22 @@ async fn wrong_encryption_context_is_refused() {
 
 #[tokio::test]
 async fn unknown_key_fails_clearly() {
-    let moto = Moto::start();
-    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let (moto, arn, dir) = kms_with_a_key().await;
     let ghost = "arn:aws:kms:us-east-1:123456789012:key/00000000-1111-2222-3333-444444444444";
-    let dir = tempfile::tempdir().expect("tempdir");
 
     // As the active key: start-up fails, naming the key and the reason.
     let socket = support::socket_in(dir.path());
-    write(
+    let config = write(
         dir.path(),
         &[("ghost", key_body(ghost, &moto.endpoint(), ""))],
         "",
     );
-    let config = dir
-        .path()
-        .join("config.toml")
-        .to_string_lossy()
-        .into_owned();
-    let mut failed = Plugin::spawn(&socket, &["--config", &config], &env(), dir.path());
-    let status = failed.wait_exit(Duration::from_secs(20));
-    assert!(!status.success());
-    let output = failed.output();
+    let args = ["--config", &config];
+    let output = Plugin::start_fails_with(&socket, &args, &env(), dir.path(), "\"ghost\"");
     assert!(
-        output.contains("\"ghost\"")
-            && output.contains("not found")
-            && output.contains("NotFoundException"),
+        output.contains("not found") && output.contains("NotFoundException"),
         "{output}"
     );
-    drop(failed);
 
     // As a retired key: the plugin runs; a Decrypt that needs it fails with
     // FailedPrecondition (never Internal) and the active key stays healthy.
@@ -249,8 +223,7 @@ async fn unknown_key_fails_clearly() {
         ("main", key_body(&arn, &moto.endpoint(), "")),
         ("ghost", key_body(ghost, &moto.endpoint(), "")),
     ];
-    write(dir.path(), &keys, "");
-    let path = dir.path().join("config.toml");
+    let path = PathBuf::from(write(dir.path(), &keys, ""));
     let text = std::fs::read_to_string(&path).expect("config");
     let text = text.replace(
         "active = \"main\"\n",
@@ -261,8 +234,8 @@ async fn unknown_key_fails_clearly() {
     let plugin = Plugin::start(&socket, &["--config", &config], &env(), dir.path()).await;
     let info = support::info(&plugin).await;
     let ghost_id = support::root_info(&info, "ghost").key_id.clone();
-    let sealed = seal_many(&plugin, 1).await;
-    let mut request = support::decrypt_request(&sealed[0].1);
+    let sealed = support::batch(&plugin, 1).await;
+    let mut request = support::decrypt_request(&sealed[0].0);
     let wrapped = request
         .annotations
         .drain()
@@ -293,19 +266,12 @@ async fn unknown_key_fails_clearly() {
 
 #[tokio::test]
 async fn kms_outage_keeps_cached_keys_and_recovers() {
-    let moto = Moto::start();
-    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let (moto, arn, dir) = kms_with_a_key().await;
     // The plugin reaches moto through a proxy we can cut; moto keeps its keys.
     let proxy = moto::Proxy::start(moto.port).await;
-    let dir = tempfile::tempdir().expect("tempdir");
     let extra = "[local_kek]\nmax_encryptions = 1000\n[health]\nretry_interval_seconds = 1\n";
-    let plugin = start(
-        dir.path(),
-        &[("main", key_body(&arn, &proxy.endpoint(), ""))],
-        extra,
-    )
-    .await;
-    let before = seal_many(&plugin, 1).await;
+    let plugin = start_main(dir.path(), &arn, &proxy.endpoint(), extra).await;
+    let before = support::batch(&plugin, 1).await;
 
     proxy.set_up(false);
     // The current local KEK seals its remaining 999 values; its successor (due at 800) cannot
@@ -319,7 +285,7 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
             uid: support::uid(),
         };
         match client.encrypt(request).await {
-            Ok(sealed) => during.push((seed, sealed.into_inner())),
+            Ok(sealed) => during.push((sealed.into_inner(), seed)),
             Err(status) => break status,
         }
         if during.len() == 900 {
@@ -335,58 +301,48 @@ async fn kms_outage_keeps_cached_keys_and_recovers() {
     assert_eq!(failure.code(), Code::Unavailable, "{failure:?}");
     assert_ne!(healthz(&plugin).await, "ok");
     // Once the successor's KMS Encrypt has spent its budget, Status names the key and why.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let health = loop {
-        let health = healthz(&plugin).await;
-        if health.contains("\"main\"") {
-            break health;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "healthz never named the key: {health}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let health = support::eventually(
+        Duration::from_secs(10),
+        "healthz naming the key",
+        async || {
+            let health = healthz(&plugin).await;
+            if health.contains("\"main\"") {
+                Ok(health)
+            } else {
+                Err(health)
+            }
+        },
+    )
+    .await;
     assert!(
         health.contains("aws-kms") && health.contains("KMS Encrypt"),
         "{health}"
     );
     eprintln!("healthz during the outage: {health}");
     // Everything already unwrapped still decrypts.
-    open_all(&plugin, &before).await;
-    open_all(&plugin, &during).await;
+    support::all_decrypt(&plugin, &before).await;
+    support::all_decrypt(&plugin, &during).await;
 
     proxy.set_up(true);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while healthz(&plugin).await != "ok" {
-        assert!(
-            Instant::now() < deadline,
-            "not recovered: {}",
-            healthz(&plugin).await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let after = seal_many(&plugin, 2).await;
-    open_all(&plugin, &after).await;
-    open_all(&plugin, &before).await;
+    support::eventually(Duration::from_secs(15), "recovered", async || {
+        let health = healthz(&plugin).await;
+        if health == "ok" { Ok(()) } else { Err(health) }
+    })
+    .await;
+    let after = support::batch(&plugin, 2).await;
+    support::all_decrypt(&plugin, &after).await;
+    support::all_decrypt(&plugin, &before).await;
 }
 
 #[tokio::test]
 async fn keygen_checks_the_key_in_aws_and_creates_nothing() {
-    let moto = Moto::start();
-    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let (moto, arn, dir) = kms_with_a_key().await;
     let ghost = "arn:aws:kms:us-east-1:123456789012:key/00000000-1111-2222-3333-444444444444";
-    let dir = tempfile::tempdir().expect("tempdir");
     let keys = [
         ("main", key_body(&arn, &moto.endpoint(), "")),
         ("ghost", key_body(ghost, &moto.endpoint(), "")),
     ];
-    write(dir.path(), &keys, "");
-    let config = dir
-        .path()
-        .join("config.toml")
-        .to_string_lossy()
-        .into_owned();
+    let config = write(dir.path(), &keys, "");
 
     let kms = moto::client(&moto.endpoint());
     let keys_before = key_ids(&kms).await;
@@ -440,16 +396,9 @@ async fn key_ids(kms: &aws_sdk_kms::Client) -> Vec<String> {
 /// Unavailable after the retry budget), not a dropped connection, and then the plugin exits 0.
 #[tokio::test]
 async fn sigterm_lets_a_call_in_flight_finish() {
-    let moto = Moto::start();
-    let arn = moto::create_key(&moto::client(&moto.endpoint())).await;
+    let (moto, arn, dir) = kms_with_a_key().await;
     let proxy = moto::Proxy::start(moto.port).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut plugin = start(
-        dir.path(),
-        &[("main", key_body(&arn, &proxy.endpoint(), ""))],
-        "",
-    )
-    .await;
+    let mut plugin = start_main(dir.path(), &arn, &proxy.endpoint(), "").await;
     let sealed = support::encrypt(&mut plugin.client().await, &support::seed()).await;
     // A restart empties the cache; with KMS cut, Decrypt spends its retry budget (2.5 s).
     plugin.restart().await;

@@ -5,8 +5,25 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tempfile::TempDir;
+
 use crate::support::softhsm::{self, Fips, PIN, SoftHsm};
 use crate::support::{self, Plugin};
+
+/// A directory for the plugin's files and a fresh SoftHSM2 with a token "kms".
+fn token_kms() -> (TempDir, SoftHsm) {
+    let hsm = SoftHsm::new();
+    hsm.init_token("kms");
+    (tempfile::tempdir().expect("tempdir"), hsm)
+}
+
+/// `kms-plugin serve --config CONFIG`, which must fail: its stderr.
+fn serve_fails(hsm: &SoftHsm, config: &str) -> String {
+    let out = support::run_cli(&["serve", "--config", config], &hsm.env());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "serve started: {stderr}");
+    stderr
+}
 
 /// A token "kms" with a PIN file, and a config whose active key is `key_label` on it.
 fn setup(hsm: &SoftHsm, dir: &Path, pin: &str, key_label: &str) -> (String, String) {
@@ -35,9 +52,7 @@ fn printed_key_id(stdout: &str) -> String {
 
 #[tokio::test]
 async fn serve_encrypt_decrypt_and_survive_sigkill() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hsm = SoftHsm::new();
-    hsm.init_token("kms");
+    let (dir, hsm) = token_kms();
     let (socket, config) = setup(&hsm, dir.path(), PIN, "root");
 
     let (ok, stdout, stderr) = keygen(&hsm, &config);
@@ -83,17 +98,13 @@ async fn serve_encrypt_decrypt_and_survive_sigkill() {
 
 #[tokio::test]
 async fn wrong_pin_makes_serve_exit_naming_the_pin() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hsm = SoftHsm::new();
-    hsm.init_token("kms");
+    let (dir, hsm) = token_kms();
     let (_, good) = setup(&hsm, dir.path(), PIN, "root");
     let (ok, _, stderr) = keygen(&hsm, &good);
     assert!(ok, "keygen failed: {stderr}");
 
     let (_, bad) = setup(&hsm, dir.path(), "wrong-pin-0000", "root");
-    let out = support::run_cli(&["serve", "--config", &bad], &hsm.env());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "serve started with a wrong PIN");
+    let stderr = serve_fails(&hsm, &bad);
     assert!(
         stderr.contains("PIN rejected by token \"kms\""),
         "stderr: {stderr}"
@@ -110,13 +121,9 @@ async fn wrong_pin_makes_serve_exit_naming_the_pin() {
 
 #[tokio::test]
 async fn missing_key_or_token_makes_serve_exit_with_the_reason() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hsm = SoftHsm::new();
-    hsm.init_token("kms");
+    let (dir, hsm) = token_kms();
     let (_, config) = setup(&hsm, dir.path(), PIN, "never-generated");
-    let out = support::run_cli(&["serve", "--config", &config], &hsm.env());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = serve_fails(&hsm, &config);
     assert!(
         stderr.contains("no AES key labelled \"never-generated\" on token \"kms\""),
         "stderr: {stderr}"
@@ -126,9 +133,7 @@ async fn missing_key_or_token_makes_serve_exit_with_the_reason() {
         .expect("config")
         .replace("token_label = \"kms\"", "token_label = \"elsewhere\"");
     std::fs::write(&config, text).expect("config");
-    let out = support::run_cli(&["serve", "--config", &config], &hsm.env());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = serve_fails(&hsm, &config);
     assert!(
         stderr.contains("no token labelled \"elsewhere\""),
         "stderr: {stderr}"
@@ -137,9 +142,7 @@ async fn missing_key_or_token_makes_serve_exit_with_the_reason() {
 
 #[tokio::test]
 async fn pin_env_and_an_independent_look_at_the_key() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hsm = SoftHsm::new();
-    hsm.init_token("kms");
+    let (dir, hsm) = token_kms();
     let socket = support::socket_in(dir.path());
     let body = format!(
         "provider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"kms\"\nkey_label = \"by-env\"\nkey_id_hex = \"4b4d53\"\npin_env = \"KMS_HSM_PIN\"",
@@ -220,9 +223,7 @@ fn env_with(hsm: &SoftHsm, fips: &Fips) -> Vec<(String, String)> {
 async fn a_token_that_chooses_the_gcm_iv_unwraps_after_a_restart() {
     // CloudHSM and Luna ignore the IV in CK_GCM_PARAMS and write back their own: the wrap
     // must store that one, or the local KEK cannot be unwrapped by the next process.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hsm = SoftHsm::new();
-    hsm.init_token("kms");
+    let (dir, hsm) = token_kms();
     let (socket, config, key_id) = fips_setup(&hsm, dir.path(), "");
     let env = env_with(&hsm, &Fips::default());
     let mut plugin = Plugin::start(&socket, &["--config", &config], &env, dir.path()).await;
@@ -257,9 +258,7 @@ async fn a_token_that_chooses_the_gcm_iv_and_refuses_ecb_keeps_the_key_id() {
     // The check value falls back past ECB; GCM is useless when the token picks the IV, so
     // it must be CBC with a zero IV, which equals the ECB value: the key_id is the one the
     // plain module gives, on every run.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hsm = SoftHsm::new();
-    hsm.init_token("kms");
+    let (dir, hsm) = token_kms();
     let (socket, config, key_id) = fips_setup(&hsm, dir.path(), "");
     let fips = Fips {
         refuse_ecb: true,
@@ -349,9 +348,7 @@ async fn decrypt_with_deadline_header(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_token_costs_callers_an_error_not_a_hang() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hsm = SoftHsm::new();
-    hsm.init_token("kms");
+    let (dir, hsm) = token_kms();
     let (socket, config, _) = fips_setup(&hsm, dir.path(), "timeout_ms = 1000");
     let stall = dir.path().join("stall");
     let fips = Fips {
@@ -461,9 +458,7 @@ async fn a_hung_token_costs_callers_an_error_not_a_hang() {
 
 #[tokio::test]
 async fn a_hung_token_at_start_up_fails_serve_in_30_s() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hsm = SoftHsm::new();
-    hsm.init_token("kms");
+    let (dir, hsm) = token_kms();
     let (_, config, _) = fips_setup(&hsm, dir.path(), "");
     let stall = dir.path().join("stall");
     std::fs::write(&stall, "").expect("stall file");

@@ -18,14 +18,17 @@ async fn start(backend: &TpmBackend, dir: &Path) -> Plugin {
     Plugin::start(&socket, &["--config", &config], &backend.env(), dir).await
 }
 
-async fn sealed(plugin: &Plugin, n: usize) -> Vec<(EncryptResponse, Vec<u8>)> {
-    let mut client = plugin.client().await;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let seed = support::seed();
-        out.push((support::encrypt(&mut client, &seed).await, seed));
-    }
-    out
+/// A plugin that sealed one seed and was then killed and restarted, so that opening it
+/// needs a TPM decryption (the cache is empty); with the response and the seed.
+async fn sealed_then_restarted(
+    backend: &TpmBackend,
+    dir: &Path,
+) -> (Plugin, EncryptResponse, Vec<u8>) {
+    let mut plugin = start(backend, dir).await;
+    let (sealed, seed) = support::batch(&plugin, 1).await.remove(0);
+    plugin.kill9();
+    plugin.restart().await;
+    (plugin, sealed, seed)
 }
 
 /// A wrapped key whose OAEP part was altered makes the TPM refuse the decryption; the next
@@ -36,10 +39,7 @@ async fn sealed(plugin: &Plugin, n: usize) -> Vec<(EncryptResponse, Vec<u8>)> {
 async fn a_refused_tpm_decryption_does_not_poison_later_unwraps() {
     let backend = TpmBackend::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut plugin = start(&backend, dir.path()).await;
-    let (sealed, seed) = sealed(&plugin, 1).await.remove(0);
-    plugin.kill9();
-    plugin.restart().await;
+    let (plugin, sealed, seed) = sealed_then_restarted(&backend, dir.path()).await;
     let mut client = plugin.client().await;
 
     let mut forged = support::decrypt_request(&sealed);
@@ -70,7 +70,7 @@ async fn ciphertexts_survive_a_tpm_power_cut_and_a_plugin_kill() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut plugin = start(&backend, dir.path()).await;
     let id = support::status(&mut plugin.client().await).await.key_id;
-    let batch = sealed(&plugin, 5).await;
+    let batch = support::batch(&plugin, 5).await;
 
     plugin.kill9();
     backend.tpm.reboot();
@@ -90,10 +90,7 @@ async fn ciphertexts_survive_a_tpm_power_cut_and_a_plugin_kill() {
 async fn a_vanished_tpm_is_unavailable_not_a_forgery() {
     let mut backend = TpmBackend::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut plugin = start(&backend, dir.path()).await;
-    let (sealed, seed) = sealed(&plugin, 1).await.remove(0);
-    plugin.kill9();
-    plugin.restart().await;
+    let (mut plugin, sealed, seed) = sealed_then_restarted(&backend, dir.path()).await;
     let mut client = plugin.client().await;
 
     backend.tpm.stop();

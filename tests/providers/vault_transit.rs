@@ -2,34 +2,74 @@
 //! Vault does (Transit rotation, tokens, AppRole, cert auth, sealed or stopped servers).
 //! The provider contract and rotation suites run over it through `support::backends`.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kms_plugin::proto::admin::RootInfo;
+use tempfile::TempDir;
 
 use crate::support::openbao::{self, OpenBao};
 use crate::support::{self, Plugin};
 
-/// A plugin with one Vault root "main" on Transit key `key`, token from `token_file`.
-async fn start_plugin(
-    bao: &OpenBao,
-    dir: &Path,
-    key: &str,
-    token_file: &Path,
-    extra: &str,
-) -> Plugin {
+/// Writes a config with one root "main" whose `[keys.main]` is `body`, and `extra`
+/// top-level settings; returns the socket and the config path.
+fn write_main(dir: &Path, body: String, extra: &str) -> (String, String) {
     let socket = support::socket_in(dir);
-    let config = support::write_config(
-        dir,
-        &socket,
-        "main",
-        &[("main", bao.key_body(key, token_file))],
-        extra,
-    );
-    let config = config.to_string_lossy().into_owned();
+    let config = support::write_config(dir, &socket, "main", &[("main", body)], extra);
+    (socket, config.to_string_lossy().into_owned())
+}
+
+/// A running plugin with one root "main" whose `[keys.main]` is `body`.
+async fn start_with(dir: &Path, body: String, extra: &str) -> Plugin {
+    let (socket, config) = write_main(dir, body, extra);
     Plugin::start(&socket, &["--config", &config], &[], dir).await
+}
+
+/// A dev OpenBao server with a Transit key "main" of `key_type`, and a directory for the
+/// plugin's files.
+fn vault(key_type: &str) -> (OpenBao, TempDir) {
+    let bao = OpenBao::start();
+    bao.create_key("main", key_type);
+    (bao, tempfile::tempdir().expect("tempdir"))
+}
+
+/// A token file in `dir` holding `token`.
+fn token_file(dir: &TempDir, token: &str) -> PathBuf {
+    openbao::secret_file(dir.path(), "token", token)
+}
+
+/// A plugin with one Vault root "main" on Transit key "main", token from `token_file`.
+async fn start_plugin(bao: &OpenBao, dir: &TempDir, token_file: &Path, extra: &str) -> Plugin {
+    start_with(dir.path(), bao.key_body("main", token_file), extra).await
 }
 
 fn config_path(dir: &Path) -> String {
     dir.join("config.toml").to_string_lossy().into_owned()
+}
+
+/// Start-up with one root "main" whose `[keys.main]` is `body` fails, saying `message`;
+/// returns the output.
+fn start_fails_with(dir: &Path, body: String, message: &str) -> String {
+    let (socket, config) = write_main(dir, body, "");
+    Plugin::start_fails_with(&socket, &["--config", &config], &[], dir, message)
+}
+
+/// Waits until root "main" is in a state `accept` takes; returns it.
+async fn wait_for_main(
+    plugin: &Plugin,
+    limit: Duration,
+    what: &str,
+    accept: impl Fn(&RootInfo) -> bool,
+) -> RootInfo {
+    support::eventually(limit, what, async || {
+        let root = support::root(plugin, "main").await;
+        if accept(&root) {
+            Ok(root)
+        } else {
+            Err(format!("{root:?}\n{}", plugin.output()))
+        }
+    })
+    .await
 }
 
 async fn round_trip(plugin: &Plugin) -> (kms_plugin::proto::v2::EncryptResponse, Vec<u8>) {
@@ -46,12 +86,10 @@ async fn round_trip(plugin: &Plugin) -> (kms_plugin::proto::v2::EncryptResponse,
 /// counts every request.
 #[tokio::test]
 async fn steady_state_makes_no_vault_calls() {
-    let bao = OpenBao::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    bao.create_key("main", "aes256-gcm96");
-    let token = openbao::secret_file(dir.path(), "token", &bao.plugin_token("main", "1h"));
+    let (bao, dir) = vault("aes256-gcm96");
+    let token = token_file(&dir, &bao.plugin_token("main", "1h"));
     let audit = bao.audit_log();
-    let plugin = start_plugin(&bao, dir.path(), "main", &token, "").await;
+    let plugin = start_plugin(&bao, &dir, &token, "").await;
     let _ = round_trip(&plugin).await;
     let encrypts = bao.audited(&audit, "transit/encrypt/main");
     let decrypts = bao.audited(&audit, "transit/decrypt/main");
@@ -73,26 +111,12 @@ async fn steady_state_makes_no_vault_calls() {
 /// no token.
 #[tokio::test]
 async fn wrong_token_is_a_clear_startup_error() {
-    let bao = OpenBao::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    bao.create_key("main", "aes256-gcm96");
-    let token = openbao::secret_file(dir.path(), "token", "s.not-a-valid-token-1234");
-    let socket = support::socket_in(dir.path());
-    let config = support::write_config(
+    let (bao, dir) = vault("aes256-gcm96");
+    let token = token_file(&dir, "s.not-a-valid-token-1234");
+    let output = start_fails_with(
         dir.path(),
-        &socket,
-        "main",
-        &[("main", bao.key_body("main", &token))],
-        "",
-    );
-    let config = config.to_string_lossy().into_owned();
-    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
-    let status = plugin.wait_exit(Duration::from_secs(20));
-    assert!(!status.success());
-    let output = plugin.output();
-    assert!(
-        output.contains("Vault refused the plugin's token"),
-        "{output}"
+        bao.key_body("main", &token),
+        "Vault refused the plugin's token",
     );
     assert!(
         output.contains("[keys.main]") || output.contains("\"main\""),
@@ -104,52 +128,26 @@ async fn wrong_token_is_a_clear_startup_error() {
 /// A token whose policy lacks a capability is told apart from a bad token.
 #[tokio::test]
 async fn missing_policy_is_reported_as_permission_denied() {
-    let bao = OpenBao::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    bao.create_key("main", "aes256-gcm96");
+    let (bao, dir) = vault("aes256-gcm96");
     bao.create_key("other", "aes256-gcm96");
     // A valid token for another key only.
-    let token = openbao::secret_file(dir.path(), "token", &bao.plugin_token("other", "1h"));
-    let socket = support::socket_in(dir.path());
-    let config = support::write_config(
+    let token = token_file(&dir, &bao.plugin_token("other", "1h"));
+    start_fails_with(
         dir.path(),
-        &socket,
-        "main",
-        &[("main", bao.key_body("main", &token))],
-        "",
-    );
-    let config = config.to_string_lossy().into_owned();
-    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
-    assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
-    let output = plugin.output();
-    assert!(
-        output.contains("permission denied: the token's policy lacks"),
-        "{output}"
+        bao.key_body("main", &token),
+        "permission denied: the token's policy lacks",
     );
 }
 
 /// A key type that cannot bind associated data is refused at start, naming type and key.
 #[tokio::test]
 async fn key_type_without_associated_data_is_refused() {
-    let bao = OpenBao::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    bao.create_key("main", "rsa-2048");
-    let token = openbao::secret_file(dir.path(), "token", openbao::ROOT_TOKEN);
-    let socket = support::socket_in(dir.path());
-    let config = support::write_config(
+    let (bao, dir) = vault("rsa-2048");
+    let token = token_file(&dir, openbao::ROOT_TOKEN);
+    start_fails_with(
         dir.path(),
-        &socket,
-        "main",
-        &[("main", bao.key_body("main", &token))],
-        "",
-    );
-    let config = config.to_string_lossy().into_owned();
-    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
-    assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
-    let output = plugin.output();
-    assert!(
-        output.contains("\"main\" is of type rsa-2048, which cannot bind associated data"),
-        "{output}"
+        bao.key_body("main", &token),
+        "\"main\" is of type rsa-2048, which cannot bind associated data",
     );
 }
 
@@ -157,15 +155,12 @@ async fn key_type_without_associated_data_is_refused() {
 /// Vault Agent does) is picked up without a restart.
 #[tokio::test]
 async fn replaced_token_file_is_picked_up() {
-    let bao = OpenBao::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    bao.create_key("main", "aes256-gcm96");
+    let (bao, dir) = vault("aes256-gcm96");
     let first = bao.plugin_token("main", "1h");
-    let token = openbao::secret_file(dir.path(), "token", &first);
+    let token = token_file(&dir, &first);
     let plugin = start_plugin(
         &bao,
-        dir.path(),
-        "main",
+        &dir,
         &token,
         "[local_kek]\nmax_encryptions = 1000\nprepare_at_percent = 1\n",
     )
@@ -181,20 +176,13 @@ async fn replaced_token_file_is_picked_up() {
     for _ in 0..20 {
         let _ = support::encrypt(&mut client, &support::seed()).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let info = support::info(&plugin).await;
-        let root = support::root_info(&info, "main");
-        if root.wrap_calls >= 2 && root.state == "ok" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new wrap with the new token: {root:?}\n{}",
-            plugin.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_main(
+        &plugin,
+        Duration::from_secs(20),
+        "a new wrap with the new token",
+        |root| root.wrap_calls >= 2 && root.state == "ok",
+    )
+    .await;
     assert!(!plugin.output().contains(&second), "token in the log");
 }
 
@@ -202,9 +190,7 @@ async fn replaced_token_file_is_picked_up() {
 /// renewed in the background before it expires.
 #[tokio::test]
 async fn approle_login_works_and_the_token_is_renewed() {
-    let bao = OpenBao::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    bao.create_key("main", "aes256-gcm96");
+    let (bao, dir) = vault("aes256-gcm96");
     let audit = bao.audit_log();
     let (role_id, secret_id) = bao.approle("main", "3s");
     let role_file = openbao::secret_file(dir.path(), "role-id", &role_id);
@@ -215,10 +201,7 @@ async fn approle_login_works_and_the_token_is_renewed() {
         role_file.display(),
         secret_file.display()
     );
-    let socket = support::socket_in(dir.path());
-    let config = support::write_config(dir.path(), &socket, "main", &[("main", body)], "");
-    let config = config.to_string_lossy().into_owned();
-    let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
+    let plugin = start_with(dir.path(), body, "").await;
     let (sealed, seed) = round_trip(&plugin).await;
     assert_eq!(bao.audited(&audit, "auth/approle/login"), 1);
     // 3 s TTL: renewed at 2 s, 4 s, ...
@@ -245,35 +228,27 @@ async fn approle_login_works_and_the_token_is_renewed() {
 /// A deleted key is reported by name; Status turns unhealthy once the plugin must wrap.
 #[tokio::test]
 async fn deleted_key_is_reported_by_name() {
-    let bao = OpenBao::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    bao.create_key("main", "aes256-gcm96");
-    let token = openbao::secret_file(dir.path(), "token", openbao::ROOT_TOKEN);
+    let (bao, dir) = vault("aes256-gcm96");
+    let token = token_file(&dir, openbao::ROOT_TOKEN);
     let plugin = start_plugin(
         &bao,
-        dir.path(),
-        "main",
+        &dir,
         &token,
         "[health]\nroot_check_interval_seconds = 1\n",
     )
     .await;
     let _ = round_trip(&plugin).await;
     bao.delete_key("main");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    support::eventually(Duration::from_secs(20), "deletion noticed", async || {
         let healthz = support::status(&mut plugin.client().await).await.healthz;
-        if healthz != "ok" {
-            assert!(healthz.contains("Transit key \"main\""), "{healthz}");
-            assert!(healthz.contains("does not exist"), "{healthz}");
-            break;
+        if healthz == "ok" {
+            return Err(plugin.output());
         }
-        assert!(
-            Instant::now() < deadline,
-            "deletion not noticed:\n{}",
-            plugin.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        assert!(healthz.contains("Transit key \"main\""), "{healthz}");
+        assert!(healthz.contains("does not exist"), "{healthz}");
+        Ok(())
+    })
+    .await;
     // Even with upsert rights (the root token), the plugin never re-creates the key.
     assert!(bao.run(&["read", "transit/keys/main"]).stdout.is_empty());
 }
@@ -281,11 +256,9 @@ async fn deleted_key_is_reported_by_name() {
 /// A key deleted and re-created under the same name gets a new key_id.
 #[tokio::test]
 async fn recreated_key_gets_a_new_key_id() {
-    let bao = OpenBao::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    bao.create_key("main", "aes256-gcm96");
-    let token = openbao::secret_file(dir.path(), "token", openbao::ROOT_TOKEN);
-    let mut plugin = start_plugin(&bao, dir.path(), "main", &token, "").await;
+    let (bao, dir) = vault("aes256-gcm96");
+    let token = token_file(&dir, openbao::ROOT_TOKEN);
+    let mut plugin = start_plugin(&bao, &dir, &token, "").await;
     let first = support::status(&mut plugin.client().await).await.key_id;
     plugin.restart().await;
     assert_eq!(
@@ -309,12 +282,10 @@ async fn recreated_key_gets_a_new_key_id() {
 /// and it recovers when Vault is back.
 #[tokio::test]
 async fn stopped_vault_keeps_cached_keys_serving() {
-    let bao = OpenBao::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    bao.create_key("main", "aes256-gcm96");
-    let token = openbao::secret_file(dir.path(), "token", &bao.plugin_token("main", "1h"));
+    let (bao, dir) = vault("aes256-gcm96");
+    let token = token_file(&dir, &bao.plugin_token("main", "1h"));
     let extra = "[health]\nroot_check_interval_seconds = 1\nretry_interval_seconds = 1\n";
-    let plugin = start_plugin(&bao, dir.path(), "main", &token, extra).await;
+    let plugin = start_plugin(&bao, &dir, &token, extra).await;
     let mut batch = Vec::new();
     for _ in 0..5 {
         batch.push(round_trip(&plugin).await);
@@ -327,94 +298,61 @@ async fn stopped_vault_keeps_cached_keys_serving() {
     let fresh = support::seed();
     let sealed = support::encrypt(&mut client, &fresh).await;
     assert_eq!(support::decrypt(&mut client, &sealed).await, fresh);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let info = support::info(&plugin).await;
-        let root = support::root_info(&info, "main");
-        if root.state == "degraded" {
-            assert!(
-                root.last_error.contains("Vault at http://127.0.0.1"),
-                "{root:?}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "stopped Vault not noticed: {root:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let root = wait_for_main(
+        &plugin,
+        Duration::from_secs(20),
+        "stopped Vault noticed",
+        |r| r.state == "degraded",
+    )
+    .await;
+    assert!(
+        root.last_error.contains("Vault at http://127.0.0.1"),
+        "{root:?}"
+    );
     assert_eq!(support::status(&mut client).await.healthz, "ok");
     bao.freeze(false);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let info = support::info(&plugin).await;
-        if support::root_info(&info, "main").state == "ok" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no recovery:\n{}",
-            plugin.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_main(&plugin, Duration::from_secs(30), "recovery", |r| {
+        r.state == "ok"
+    })
+    .await;
 }
 
 /// A sealed Vault (503) makes the root degraded with Vault's reason while cached local
 /// KEKs keep serving; unsealing heals it without a restart.
 #[tokio::test]
 async fn sealed_vault_is_unavailable_not_rejected() {
-    let bao = OpenBao::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    bao.create_key("main", "aes256-gcm96");
-    let token = openbao::secret_file(dir.path(), "token", &bao.plugin_token("main", "1h"));
+    let (bao, dir) = vault("aes256-gcm96");
+    let token = token_file(&dir, &bao.plugin_token("main", "1h"));
     let extra = "[health]\nroot_check_interval_seconds = 1\nretry_interval_seconds = 1\n";
-    let plugin = start_plugin(&bao, dir.path(), "main", &token, extra).await;
+    let plugin = start_plugin(&bao, &dir, &token, extra).await;
     let (sealed, seed) = round_trip(&plugin).await;
     bao.seal(true);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let info = support::info(&plugin).await;
-        let root = support::root_info(&info, "main");
-        if root.state != "ok" {
-            assert_eq!(root.state, "degraded", "{root:?}");
-            // While sealing, a probe may first time out (an unavailable root too); the
-            // reason must come to name the seal.
-            if root.last_error.contains("Vault is sealed") {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "sealing not reported: {root:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // While sealing, a probe may first time out (an unavailable root too); the reason must
+    // come to name the seal.
+    let root = wait_for_main(&plugin, Duration::from_secs(20), "sealing reported", |r| {
+        r.state != "ok" && (r.state != "degraded" || r.last_error.contains("Vault is sealed"))
+    })
+    .await;
+    assert_eq!(root.state, "degraded", "{root:?}");
     let mut client = plugin.client().await;
     assert_eq!(support::decrypt(&mut client, &sealed).await, seed);
     assert_eq!(support::status(&mut client).await.healthz, "ok");
     bao.seal(false);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let info = support::info(&plugin).await;
-        if support::root_info(&info, "main").state == "ok" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no recovery after unseal:\n{}",
-            plugin.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_main(
+        &plugin,
+        Duration::from_secs(30),
+        "recovery after unseal",
+        |r| r.state == "ok",
+    )
+    .await;
 }
 
 /// Vault active with a file key in also_wrap: Vault is lost for good (the server killed,
 /// its keys gone); a restart with the file key active still decrypts everything.
 #[tokio::test]
 async fn also_wrap_file_key_survives_losing_vault() {
-    let mut bao = OpenBao::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    bao.create_key("main", "aes256-gcm96");
-    let token = openbao::secret_file(dir.path(), "token", &bao.plugin_token("main", "1h"));
+    let (mut bao, dir) = vault("aes256-gcm96");
+    let token = token_file(&dir, &bao.plugin_token("main", "1h"));
     let file_key = dir.path().join("backup.key");
     let file_body = format!("provider = \"file\"\npath = \"{}\"", file_key.display());
     let socket = support::socket_in(dir.path());
@@ -468,10 +406,7 @@ async fn cert_auth_login_works_over_tls() {
         cert.display(),
         key.display()
     );
-    let socket = support::socket_in(dir.path());
-    let config = support::write_config(dir.path(), &socket, "main", &[("main", body.clone())], "");
-    let config = config.to_string_lossy().into_owned();
-    let plugin = Plugin::start(&socket, &["--config", &config], &[], dir.path()).await;
+    let plugin = start_with(dir.path(), body.clone(), "").await;
     let _ = round_trip(&plugin).await;
     assert_eq!(bao.audited(&bao.audit_log(), "auth/cert/login"), 1);
     drop(plugin);
@@ -482,11 +417,7 @@ async fn cert_auth_login_works_over_tls() {
         .filter(|l| !l.starts_with("ca_file"))
         .collect::<Vec<_>>()
         .join("\n");
-    support::write_config(dir.path(), &socket, "main", &[("main", untrusting)], "");
-    let mut plugin = Plugin::spawn(&socket, &["--config", &config], &[], dir.path());
-    assert!(!plugin.wait_exit(Duration::from_secs(20)).success());
-    let output = plugin.output();
-    assert!(output.contains("certificate"), "{output}");
+    start_fails_with(dir.path(), untrusting, "certificate");
 }
 
 /// `bao write -f transit/keys/main/rotate` is noticed without a restart: the key_id
@@ -494,12 +425,10 @@ async fn cert_auth_login_works_over_tls() {
 /// the old version still decrypt, cached or not (after a restart).
 #[tokio::test]
 async fn transit_rotation_changes_key_id_and_old_ciphertexts_decrypt() {
-    let bao = OpenBao::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    bao.create_key("main", "aes256-gcm96");
-    let token = openbao::secret_file(dir.path(), "token", &bao.plugin_token("main", "1h"));
+    let (bao, dir) = vault("aes256-gcm96");
+    let token = token_file(&dir, &bao.plugin_token("main", "1h"));
     let extra = "[health]\nroot_check_interval_seconds = 1\nretry_interval_seconds = 1\n";
-    let mut plugin = start_plugin(&bao, dir.path(), "main", &token, extra).await;
+    let mut plugin = start_plugin(&bao, &dir, &token, extra).await;
     let old_id = support::status(&mut plugin.client().await).await.key_id;
     let mut before = Vec::new();
     for _ in 0..3 {
@@ -514,19 +443,15 @@ async fn transit_rotation_changes_key_id_and_old_ciphertexts_decrypt() {
     );
 
     bao.rotate_key("main");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let new_id = loop {
+    let new_id = support::eventually(Duration::from_secs(30), "rotation noticed", async || {
         let id = support::status(&mut plugin.client().await).await.key_id;
-        if id != old_id {
-            break id;
+        if id == old_id {
+            Err(plugin.output())
+        } else {
+            Ok(id)
         }
-        assert!(
-            Instant::now() < deadline,
-            "rotation not noticed:\n{}",
-            plugin.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await;
     assert!(new_id.starts_with("vault-"), "{new_id}");
     let (after, seed) = round_trip(&plugin).await;
     assert_eq!(after.key_id, new_id);

@@ -39,6 +39,30 @@ pub fn root_info<'a>(info: &'a InfoResponse, name: &str) -> &'a RootInfo {
         .expect("root in Info")
 }
 
+/// Encrypts `n` fresh seeds on one connection; returns each response with its seed.
+pub async fn batch(plugin: &Plugin, n: usize) -> Vec<(EncryptResponse, Vec<u8>)> {
+    let mut client = plugin.client().await;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let seed = seed();
+        out.push((encrypt(&mut client, &seed).await, seed));
+    }
+    out
+}
+
+/// Decrypts every response of `batch` on one connection, expecting its seed back.
+pub async fn all_decrypt(plugin: &Plugin, batch: &[(EncryptResponse, Vec<u8>)]) {
+    let mut client = plugin.client().await;
+    for (sealed, seed) in batch {
+        assert_eq!(&decrypt(&mut client, sealed).await, seed);
+    }
+}
+
+/// The root named `name` as Info shows it now.
+pub async fn root(plugin: &Plugin, name: &str) -> RootInfo {
+    root_info(&info(plugin).await, name).clone()
+}
+
 pub async fn status(client: &mut KeyManagementServiceClient<Channel>) -> StatusResponse {
     client
         .status(StatusRequest {})

@@ -1,5 +1,5 @@
 //! The real `kms-plugin` binary: a serving process on a real Unix socket ([`Plugin`]) and
-//! one-shot CLI runs.
+//! one-shot CLI runs; waiting for a condition in it by polling.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -81,6 +81,35 @@ impl Plugin {
             .spawn()
             .expect("spawn kms-plugin");
         self.child = Some(child);
+    }
+
+    /// Runs `kms-plugin serve <args>` (logging to `log_dir`, as [`Plugin::start`]), which
+    /// must fail at start-up within 20 s; returns its output.
+    pub fn start_fails(
+        socket: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> String {
+        let mut plugin = Self::spawn(socket, args, env, log_dir);
+        let status = plugin.wait_exit(Duration::from_secs(20));
+        let output = plugin.output();
+        assert!(!status.success(), "started:\n{output}");
+        output
+    }
+
+    /// [`Plugin::start_fails`], with `message` in the output; returns the output for
+    /// further checks.
+    pub fn start_fails_with(
+        socket: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        log_dir: &Path,
+        message: &str,
+    ) -> String {
+        let output = Self::start_fails(socket, args, env, log_dir);
+        assert!(output.contains(message), "no {message:?} in:\n{output}");
+        output
     }
 
     /// Polls until Status answers (or the process dies, which fails the test).
@@ -178,6 +207,28 @@ impl Drop for Plugin {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Polls `probe` every 200 ms until it returns `Ok`, and returns that value. Once `limit`
+/// has passed, fails the test naming `what` was awaited and the last `Err` (what was seen
+/// instead).
+pub async fn eventually<T>(
+    limit: Duration,
+    what: &str,
+    mut probe: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        let seen = match probe().await {
+            Ok(value) => return value,
+            Err(seen) => seen,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {limit:?}; last seen: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -7,6 +7,11 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+// std-only parts shared with the library's unit tests.
+#[path = "softhsm_token.rs"]
+mod token;
+pub use token::module;
+
 /// The user PIN of every test token; distinctive, so tests can check it never leaks.
 pub const PIN: &str = "pin-Zq7x9Wk";
 pub const SO_PIN: &str = "so-4471";
@@ -17,27 +22,6 @@ pub struct SoftHsm {
     next: AtomicU32,
 }
 
-/// The SoftHSM2 module path, or a panic saying how to get it.
-pub fn module() -> PathBuf {
-    if let Ok(path) = std::env::var("SOFTHSM2_MODULE") {
-        return PathBuf::from(path);
-    }
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/local/lib/softhsm/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .unwrap_or_else(|| {
-        panic!(
-            "libsofthsm2.so not found: install softhsm2 (apt-get install softhsm2) or set SOFTHSM2_MODULE"
-        )
-    })
-}
-
 impl SoftHsm {
     /// A fresh, empty token directory with its own softhsm2.conf.
     pub fn new() -> Self {
@@ -45,17 +29,7 @@ impl SoftHsm {
             .prefix("softhsm")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .expect("tempdir");
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir(&tokens).expect("token dir");
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .expect("softhsm2.conf");
+        let conf = token::write_conf(dir.path());
         Self {
             dir,
             conf,
@@ -73,35 +47,7 @@ impl SoftHsm {
 
     /// Initialises a new token labelled `label` with [`PIN`].
     pub fn init_token(&self, label: &str) {
-        // Two `--init-token --free` at once in one token directory can pick the same free
-        // slot ("Could not get info about the token in slot 0"): one at a time per process.
-        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one = INIT
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let out = Command::new("softhsm2-util")
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                label,
-                "--so-pin",
-                SO_PIN,
-                "--pin",
-                PIN,
-            ])
-            .envs(self.env())
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run softhsm2-util ({e}): install softhsm2 (apt-get install softhsm2)"
-                )
-            });
-        assert!(
-            out.status.success(),
-            "softhsm2-util --init-token failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        token::init_token(&self.conf, label, SO_PIN, PIN);
     }
 
     /// A new token with a unique label.

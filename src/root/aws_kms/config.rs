@@ -8,6 +8,11 @@ use crate::root::validated::{Check, Validated};
 
 /// Encryption-context keys with this prefix belong to the plugin.
 pub const RESERVED_CONTEXT_PREFIX: &str = "kms-plugin/";
+/// Most `encryption_context` pairs an entry may add. The context goes with every KMS call
+/// (and into every CloudTrail record), so its size is bounded when the config is read.
+pub const MAX_CONTEXT_PAIRS: usize = 16;
+/// Longest `encryption_context` key or value, in bytes.
+pub const MAX_CONTEXT_ENTRY_LEN: usize = 256;
 
 /// `provider = "aws-kms"` as written in the config file. Credentials come only from the
 /// standard AWS chain (environment, profile, web identity / IRSA, instance metadata), never
@@ -89,7 +94,21 @@ impl Check for Fields {
         if let Some(endpoint) = &fields.endpoint {
             check_endpoint(endpoint, fields.allow_http)?;
         }
-        for key in fields.encryption_context.keys() {
+        if fields.encryption_context.len() > MAX_CONTEXT_PAIRS {
+            return Err(format!(
+                "encryption_context has {} pairs, more than the {MAX_CONTEXT_PAIRS} allowed: \
+                 it is sent with every KMS call; keep a few short pairs that identify the cluster",
+                fields.encryption_context.len()
+            ));
+        }
+        for (key, value) in &fields.encryption_context {
+            if key.len() > MAX_CONTEXT_ENTRY_LEN || value.len() > MAX_CONTEXT_ENTRY_LEN {
+                let shown: String = key.chars().take(40).collect();
+                return Err(format!(
+                    "encryption_context pair \"{shown}\" is longer than {MAX_CONTEXT_ENTRY_LEN} bytes \
+                     in its key or value: it is sent with every KMS call; shorten it"
+                ));
+            }
             if key.is_empty() {
                 return Err("encryption_context keys must not be empty".into());
             }
@@ -130,7 +149,7 @@ fn check_endpoint(endpoint: &str, allow_http: bool) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use crate::config::KeyConfig;
-    use crate::config::test_support::{error_of, parse};
+    use crate::config::test_support::{error_of, key_entry};
 
     const AWS: &str = r#"
         [kek]
@@ -142,10 +161,10 @@ mod tests {
     "#;
 
     fn aws(text: &str) -> super::Config {
-        match parse(text).keys.remove("aws") {
-            Some(KeyConfig::AwsKms(k)) => k,
-            _ => panic!("not aws-kms"),
-        }
+        let KeyConfig::AwsKms(k) = key_entry(text, "aws") else {
+            panic!("not aws-kms")
+        };
+        k
     }
 
     #[test]
@@ -187,6 +206,39 @@ mod tests {
         let clash =
             format!("{AWS}\n[keys.aws.encryption_context]\n\"kms-plugin/purpose\" = \"x\"\n");
         assert!(error_of(&clash).contains("reserved"));
+    }
+
+    #[test]
+    fn encryption_context_is_bounded() {
+        let pairs = |n: usize, len: usize| {
+            let mut text = format!("{AWS}\n[keys.aws.encryption_context]\n");
+            for i in 0..n {
+                text.push_str(&format!("k{i} = \"{}\"\n", "v".repeat(len)));
+            }
+            text
+        };
+        let most = aws(&pairs(
+            super::MAX_CONTEXT_PAIRS,
+            super::MAX_CONTEXT_ENTRY_LEN,
+        ));
+        assert_eq!(most.encryption_context.len(), super::MAX_CONTEXT_PAIRS);
+        let e = error_of(&pairs(super::MAX_CONTEXT_PAIRS + 1, 1));
+        assert!(
+            e.contains("[keys.aws]") && e.contains("17 pairs, more than the 16 allowed"),
+            "{e}"
+        );
+        let e = error_of(&pairs(1, super::MAX_CONTEXT_ENTRY_LEN + 1));
+        assert!(e.contains("pair \"k0\" is longer than 256 bytes"), "{e}");
+        let long_key = format!(
+            "{AWS}\n[keys.aws.encryption_context]\n{} = \"v\"\n",
+            "k".repeat(super::MAX_CONTEXT_ENTRY_LEN + 1)
+        );
+        let e = error_of(&long_key);
+        assert!(e.contains("longer than 256 bytes"), "{e}");
+        assert!(
+            !e.contains(&"k".repeat(41)),
+            "the message quotes at most 40 characters: {e}"
+        );
     }
 
     #[test]

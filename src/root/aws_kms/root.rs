@@ -19,8 +19,8 @@ use zeroize::Zeroizing;
 
 use super::Config;
 use crate::envelope::annotations::MAX_WRAPPED_LEN;
-use crate::root::{BoxFuture, ErrorKind, KeyId, RootError, RootKey, WrapContext};
-use crate::secret::{KEY_LEN, Key256};
+use crate::root::{BoxFuture, ErrorKind, KeyId, RootError, RootKey, WrapContext, unwrapped_key};
+use crate::secret::Key256;
 
 /// First backoff step; doubles per attempt up to [`MAX_BACKOFF`].
 const BASE_BACKOFF: Duration = Duration::from_millis(50);
@@ -260,10 +260,7 @@ impl RootKey for AwsKmsRoot {
                     .map(Blob::into_inner)
                     .unwrap_or_default(),
             );
-            if plain.len() != KEY_LEN {
-                return Err(RootError::bare(ErrorKind::NotAuthentic));
-            }
-            Key256::from_slice(&plain).ok_or_else(|| RootError::bare(ErrorKind::NotAuthentic))
+            unwrapped_key(&plain)
         })
     }
 }

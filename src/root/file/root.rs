@@ -4,19 +4,13 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{AeadCore, Aes256Gcm, KeyInit, Nonce};
+use aes_gcm::{Aes256Gcm, KeyInit};
 use hmac::{Hmac, Mac};
-use rand::rngs::OsRng;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::root::{BoxFuture, ErrorKind, KeyId, RootError, RootKey, WrapContext};
+use crate::root::{BoxFuture, ErrorKind, KeyId, RootError, RootKey, WrapContext, gcm};
 use crate::secret::{KEY_LEN, Key256};
-
-const NONCE_LEN: usize = 12;
-/// nonce + wrapped key + tag
-const WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + 16;
 
 /// A root key read from a file.
 pub struct FileRoot {
@@ -75,24 +69,7 @@ impl RootKey for FileRoot {
         kek: &'a Key256,
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Vec<u8>, RootError>> {
-        Box::pin(async move {
-            let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-            let aad = ctx.aad();
-            let body = self
-                .cipher
-                .encrypt(
-                    &nonce,
-                    Payload {
-                        msg: kek.expose_secret(),
-                        aad: &aad,
-                    },
-                )
-                .map_err(|_| RootError::new(ErrorKind::Misconfigured, "AES-GCM wrap failed"))?;
-            let mut out = Vec::with_capacity(WRAPPED_LEN);
-            out.extend_from_slice(&nonce);
-            out.extend_from_slice(&body);
-            Ok(out)
-        })
+        Box::pin(async move { gcm::seal(Vec::new(), &self.cipher, &ctx.aad(), kek) })
     }
 
     fn unwrap<'a>(
@@ -100,25 +77,7 @@ impl RootKey for FileRoot {
         wrapped: &'a [u8],
         ctx: &'a WrapContext,
     ) -> BoxFuture<'a, Result<Key256, RootError>> {
-        Box::pin(async move {
-            if wrapped.len() != WRAPPED_LEN {
-                return Err(RootError::bare(ErrorKind::NotAuthentic));
-            }
-            let (nonce, body) = wrapped.split_at(NONCE_LEN);
-            let aad = ctx.aad();
-            let plain = Zeroizing::new(
-                self.cipher
-                    .decrypt(
-                        Nonce::from_slice(nonce),
-                        Payload {
-                            msg: body,
-                            aad: &aad,
-                        },
-                    )
-                    .map_err(|_| RootError::bare(ErrorKind::NotAuthentic))?,
-            );
-            Key256::from_slice(&plain).ok_or_else(|| RootError::bare(ErrorKind::NotAuthentic))
-        })
+        Box::pin(async move { gcm::open(&self.cipher, &ctx.aad(), wrapped) })
     }
 }
 
@@ -295,7 +254,7 @@ mod tests {
         let ctx = WrapContext::new(root.key_id());
         let kek = Key256::generate();
         let wrapped = root.wrap(&kek, &ctx).await.expect("wrap");
-        assert_eq!(wrapped.len(), WRAPPED_LEN);
+        assert_eq!(wrapped.len(), gcm::SEALED_LEN);
         let back = root.unwrap(&wrapped, &ctx).await.expect("unwrap");
         assert_eq!(back.expose_secret(), kek.expose_secret());
 

@@ -137,7 +137,8 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::test_support::{error_of, parse};
+    use crate::config::KeyConfig;
+    use crate::config::test_support::{error_of, key_entry};
 
     const PKCS11: &str = r#"
         [kek]
@@ -151,10 +152,10 @@ mod tests {
     "#;
 
     fn pkcs11(text: &str) -> super::Config {
-        match parse(text).keys.remove("hsm") {
-            Some(crate::config::KeyConfig::Pkcs11(p)) => p,
-            _ => panic!("not pkcs11"),
-        }
+        let KeyConfig::Pkcs11(p) = key_entry(text, "hsm") else {
+            panic!("not pkcs11")
+        };
+        p
     }
 
     #[test]

@@ -17,13 +17,12 @@ use zeroize::Zeroizing;
 use super::config::Mechanism as WrapMechanism;
 use super::session::{MAX_SESSIONS, Token, describe, is_session_lost};
 use super::{Config, rsa_oaep};
-use crate::root::{BoxFuture, ErrorKind, KeyId, RootError, RootKey, WrapContext};
+use crate::root::{
+    BoxFuture, ErrorKind, KeyId, RootError, RootKey, WrapContext, gcm, unwrapped_key,
+};
 use crate::secret::{KEY_LEN, Key256};
 
-pub(super) const IV_LEN: usize = 12;
-const TAG_LEN: usize = 16;
-/// IV + encrypted key + tag.
-pub(super) const WRAPPED_LEN: usize = IV_LEN + KEY_LEN + TAG_LEN;
+use crate::root::gcm::{IV_LEN, TAG_LEN};
 /// The block the token encrypts to give the check value the key_id is derived from.
 pub(super) const CHECK_BLOCK: &[u8; 16] = b"kms-plugin kcv 1";
 /// Most time start-up work (load the module, log in, find the key, its check value; or
@@ -339,10 +338,7 @@ impl RootKey for Pkcs11Root {
                     ),
                 ));
             }
-            let mut out = Vec::with_capacity(WRAPPED_LEN);
-            out.extend_from_slice(&iv);
-            out.extend_from_slice(&body);
-            Ok(out)
+            Ok([&iv[..], &body].concat())
         })
     }
 
@@ -355,12 +351,8 @@ impl RootKey for Pkcs11Root {
             if let Some(rsa) = &self.rsa {
                 return self.unwrap_rsa(rsa, wrapped, ctx).await;
             }
-            if wrapped.len() != WRAPPED_LEN {
-                return Err(RootError::bare(ErrorKind::NotAuthentic));
-            }
-            let mut iv = [0u8; IV_LEN];
-            iv.copy_from_slice(&wrapped[..IV_LEN]);
-            let body = wrapped[IV_LEN..].to_vec();
+            let (iv, body) = gcm::split(wrapped)?;
+            let body = body.to_vec();
             let aad = ctx.aad();
             let plain = self
                 .run(move |session, keys| {
@@ -384,7 +376,7 @@ impl RootKey for Pkcs11Root {
                     )) => RootError::bare(ErrorKind::NotAuthentic),
                     other => self.failure(other, "unwrap"),
                 })?;
-            Key256::from_slice(&plain).ok_or_else(|| RootError::bare(ErrorKind::NotAuthentic))
+            unwrapped_key(&plain)
         })
     }
 }

@@ -29,16 +29,13 @@
 //! The key_id comes from the public key (modulus and exponent), so it is stable across
 //! restarts and differs for a re-created key pair.
 
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use aes_gcm::{Aes256Gcm, KeyInit};
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use hmac::{Hmac, Mac};
-use rand::RngCore;
-use rand::rngs::OsRng;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -46,14 +43,13 @@ use super::Config;
 use super::config::OaepHash;
 use super::root::{Failure, Keys, Pkcs11Root, blocking};
 use super::session::{Token, describe};
+use crate::root::gcm::{self, SEALED_LEN};
 use crate::root::{ErrorKind, RootError, WrapContext};
 use crate::secret::{KEY_LEN, Key256};
 
 /// Smallest modulus accepted, whatever `allow_extractable` says.
 const MIN_BITS: usize = 2048;
 const SEED_LEN: usize = 32;
-const NONCE_LEN: usize = 12;
-const TAG_LEN: usize = 16;
 /// First byte of a blob: format 1 with OAEP over SHA-256 ...
 const V1_SHA256: u8 = 1;
 /// ... or over SHA-1.
@@ -130,21 +126,8 @@ pub(super) fn seal(
     ctx_aad: &[u8],
     kek: &Key256,
 ) -> Result<Vec<u8>, RootError> {
-    let mut nonce = [0u8; NONCE_LEN];
-    OsRng.fill_bytes(&mut nonce);
-    let body = cipher(secret, seed, ctx_aad)?
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: kek.expose_secret(),
-                aad: &gcm_aad(&head, ctx_aad),
-            },
-        )
-        .map_err(|_| RootError::new(ErrorKind::Unavailable, "AES-GCM refused to encrypt"))?;
-    let mut blob = head;
-    blob.extend_from_slice(&nonce);
-    blob.extend_from_slice(&body);
-    Ok(blob)
+    let aad = gcm_aad(&head, ctx_aad);
+    gcm::seal(head, &cipher(secret, seed, ctx_aad)?, &aad, kek)
 }
 
 /// The local KEK in a blob whose seed the token has decrypted.
@@ -155,20 +138,12 @@ fn open_sealed(
     seed: &[u8],
     ctx_aad: &[u8],
 ) -> Result<Key256, RootError> {
-    let (head, rest) = blob.split_at(head_len);
-    let (nonce, body) = rest.split_at(NONCE_LEN);
-    let plain = Zeroizing::new(
-        cipher(secret, seed, ctx_aad)?
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: body,
-                    aad: &gcm_aad(head, ctx_aad),
-                },
-            )
-            .map_err(|_| RootError::bare(ErrorKind::NotAuthentic))?,
-    );
-    Key256::from_slice(&plain).ok_or_else(|| RootError::bare(ErrorKind::NotAuthentic))
+    let (head, sealed) = blob.split_at(head_len);
+    gcm::open(
+        &cipher(secret, seed, ctx_aad)?,
+        &gcm_aad(head, ctx_aad),
+        sealed,
+    )
 }
 
 impl Pkcs11Root {
@@ -198,7 +173,7 @@ impl Pkcs11Root {
                 ),
             ));
         }
-        let mut head = Vec::with_capacity(1 + encrypted.len() + NONCE_LEN + KEY_LEN + TAG_LEN);
+        let mut head = Vec::with_capacity(1 + encrypted.len() + SEALED_LEN);
         head.push(version(hash));
         head.extend_from_slice(&encrypted);
         seal(head, &rsa.secret, seed.expose_secret(), &ctx.aad(), kek)
@@ -211,7 +186,7 @@ impl Pkcs11Root {
         ctx: &WrapContext,
     ) -> Result<Key256, RootError> {
         let head_len = 1 + rsa.shape.modulus_len;
-        if wrapped.len() != head_len + NONCE_LEN + KEY_LEN + TAG_LEN {
+        if wrapped.len() != head_len + SEALED_LEN {
             return Err(RootError::bare(ErrorKind::NotAuthentic));
         }
         let hash = hash_of(wrapped[0]).ok_or_else(|| RootError::bare(ErrorKind::NotAuthentic))?;
@@ -689,7 +664,7 @@ mod tests {
             h
         };
         let blob = seal(head, &secret, seed.expose_secret(), &ctx(b"a"), &kek).expect("seal");
-        assert_eq!(blob.len(), 1 + 256 + NONCE_LEN + KEY_LEN + TAG_LEN);
+        assert_eq!(blob.len(), 1 + 256 + SEALED_LEN);
         let opened =
             open_sealed(&blob, 257, &secret, seed.expose_secret(), &ctx(b"a")).expect("open");
         assert_eq!(opened.expose_secret(), kek.expose_secret());

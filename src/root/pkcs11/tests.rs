@@ -3,7 +3,6 @@
 //! own key labels.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use tokio::sync::{Mutex, MutexGuard};
@@ -18,6 +17,7 @@ use super::config::Fields;
 use super::root::*;
 use super::session::context;
 use super::*;
+use crate::root::gcm::{IV_LEN, SEALED_LEN as WRAPPED_LEN};
 use crate::root::{ErrorKind, RootError, RootKey, WrapContext};
 use crate::secret::{KEY_LEN, Key256};
 
@@ -42,69 +42,24 @@ async fn shared() -> MutexGuard<'static, ()> {
     EXCLUSIVE.lock().await
 }
 
-/// The SoftHSM2 module, or a panic saying how to get it: tests never skip silently.
-pub(crate) fn softhsm_module() -> PathBuf {
-    if let Ok(path) = std::env::var("SOFTHSM2_MODULE") {
-        return PathBuf::from(path);
-    }
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/local/lib/softhsm/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .unwrap_or_else(|| panic!("libsofthsm2.so not found: install softhsm2 (apt-get install softhsm2) or set SOFTHSM2_MODULE"))
-}
+// Finding SoftHSM2 and making a token: one copy, shared with the integration tests.
+#[path = "../../../tests/support/softhsm_token.rs"]
+mod softhsm;
 
 #[allow(unsafe_code)] // set_var before any PKCS#11 initialisation, see SAFETY
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let module = softhsm_module();
+        let module = softhsm::module();
         let dir = tempfile::tempdir().expect("tempdir");
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir(&tokens).expect("token dir");
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .expect("write conf");
+        let conf = softhsm::write_conf(dir.path());
         // SAFETY: runs once, before this process initialises any PKCS#11 module (SoftHSM
         // reads the variable in C_Initialize); std's own env accesses are serialised.
         unsafe {
             std::env::set_var("SOFTHSM2_CONF", &conf);
             std::env::set_var(PIN_ENV, PIN);
         }
-        let out = Command::new("softhsm2-util")
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                TOKEN,
-                "--so-pin",
-                "1234",
-                "--pin",
-                PIN,
-            ])
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run softhsm2-util ({e}): install softhsm2 (apt-get install softhsm2)"
-                )
-            });
-        assert!(
-            out.status.success(),
-            "softhsm2-util failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        softhsm::init_token(&conf, TOKEN, "1234", PIN);
         let pin_file = dir.path().join("pin");
         std::fs::write(&pin_file, format!("{PIN}\n")).expect("pin file");
         Fixture {
@@ -159,13 +114,28 @@ fn raw_session(module: &Path) -> Session {
     session
 }
 
-fn find(session: &Session, label: &str) -> Vec<ObjectHandle> {
+/// The `class` objects labelled `label` on the test token.
+fn find_class(session: &Session, label: &str, class: ObjectClass) -> Vec<ObjectHandle> {
     session
         .find_objects(&[
-            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Class(class),
             Attribute::Label(label.as_bytes().to_vec()),
         ])
         .expect("find")
+}
+
+/// Deletes every `classes` object labelled `label`.
+fn destroy_all(session: &Session, label: &str, classes: &[ObjectClass]) {
+    for &class in classes {
+        for key in find_class(session, label, class) {
+            session.destroy_object(key).expect("destroy");
+        }
+    }
+}
+
+/// The secret keys labelled `label`.
+fn find(session: &Session, label: &str) -> Vec<ObjectHandle> {
+    find_class(session, label, ObjectClass::SECRET_KEY)
 }
 
 async fn open_err(config: &Config) -> RootError {
@@ -175,49 +145,161 @@ async fn open_err(config: &Config) -> RootError {
     }
 }
 
+/// `keygen` on `c` makes its key once and the key opens.
+async fn keygen_once(c: &Config) {
+    assert!(Pkcs11Root::create(c).await.expect("create"));
+    assert!(
+        !Pkcs11Root::create(c).await.expect("second create"),
+        "keygen must not make a second key"
+    );
+    Pkcs11Root::open(c).await.expect("open");
+}
+
+/// Asserts that `key` has every attribute in `want`; returns them and the `extra` ones.
+fn assert_attributes(
+    session: &Session,
+    key: ObjectHandle,
+    want: &[Attribute],
+    extra: &[AttributeType],
+) -> Vec<Attribute> {
+    let types: Vec<AttributeType> = want
+        .iter()
+        .map(Attribute::attribute_type)
+        .chain(extra.iter().copied())
+        .collect();
+    let attrs = session.get_attributes(key, &types).expect("attributes");
+    for want in want {
+        assert!(attrs.contains(want), "missing {want:?} in {attrs:?}");
+    }
+    attrs
+}
+
+/// Asserts that `wrapped` unwraps under `root` and `ctx` to `kek`.
+async fn assert_unwraps(root: &Pkcs11Root, wrapped: &[u8], ctx: &WrapContext, kek: &Key256) {
+    let got = root.unwrap(wrapped, ctx).await.expect("unwrap");
+    assert_eq!(got.expose_secret(), kek.expose_secret());
+}
+
+/// Wraps a fresh local KEK under `root` and checks that it unwraps; returns both.
+async fn round_trip(root: &Pkcs11Root, ctx: &WrapContext) -> (Key256, Vec<u8>) {
+    let kek = Key256::generate();
+    let wrapped = root.wrap(&kek, ctx).await.expect("wrap");
+    assert_unwraps(root, &wrapped, ctx, &kek).await;
+    (kek, wrapped)
+}
+
+/// Asserts that `root` refuses `blob` under `ctx` as not authentic; `what` names the blob.
+async fn assert_not_authentic(root: &Pkcs11Root, blob: &[u8], ctx: &WrapContext, what: &str) {
+    match root.unwrap(blob, ctx).await {
+        Err(e) if e.kind() == ErrorKind::NotAuthentic => {}
+        Err(e) => panic!("{what}: expected NotAuthentic, got {e}"),
+        Ok(_) => panic!("{what}: unwrapped"),
+    }
+}
+
+/// Copies of `wrapped` with one bit flipped at each of `at`.
+fn flipped(wrapped: &[u8], at: &[usize]) -> Vec<Vec<u8>> {
+    at.iter()
+        .map(|&i| {
+            let mut tampered = wrapped.to_vec();
+            tampered[i] ^= 1;
+            tampered
+        })
+        .collect()
+}
+
+/// The wrap contract for two keys `a` and `b` made by keygen: distinct `pkcs11-` key_ids;
+/// blobs of `len` bytes, fresh per wrap, that unwrap only under `a` and its context; the
+/// `forgeries` of a blob and its truncations refused as not authentic; and the token still
+/// working after those failures (no operation left active).
+async fn check_wrap_and_binding(
+    a: &Config,
+    b: &Config,
+    len: usize,
+    forgeries: impl Fn(&[u8]) -> Vec<Vec<u8>>,
+) {
+    Pkcs11Root::create(a).await.expect("create a");
+    Pkcs11Root::create(b).await.expect("create b");
+    let root = Pkcs11Root::open(a).await.expect("open a");
+    let other = Pkcs11Root::open(b).await.expect("open b");
+    assert_ne!(root.key_id(), other.key_id());
+    assert!(root.key_id().as_str().starts_with("pkcs11-"));
+
+    let ctx = WrapContext::new(root.key_id());
+    let (kek, wrapped) = round_trip(&root, &ctx).await;
+    assert_eq!(wrapped.len(), len);
+    assert_ne!(
+        root.wrap(&kek, &ctx).await.expect("wrap again"),
+        wrapped,
+        "fresh IV per wrap"
+    );
+
+    // Moved to another key_id / context, or to another key.
+    let wrong_ctx = WrapContext::new(other.key_id());
+    assert_not_authentic(&root, &wrapped, &wrong_ctx, "another context").await;
+    assert_not_authentic(&other, &wrapped, &ctx, "another key").await;
+    for (i, forged) in forgeries(&wrapped).iter().enumerate() {
+        assert_not_authentic(&root, forged, &ctx, &format!("forgery {i}")).await;
+    }
+    for short in [&wrapped[1..], &wrapped[..len - 1], &[][..]] {
+        let what = format!("{} bytes", short.len());
+        assert_not_authentic(&root, short, &ctx, &what).await;
+    }
+    assert_unwraps(&root, &wrapped, &ctx, &kek).await;
+}
+
+/// The key_id of the key keygen makes for `c` is stable across opens and follows the key
+/// material: after `destroy` deletes the key and keygen re-creates it under the same
+/// label, the key_id differs, old blobs do not unwrap, and the running root refuses to
+/// use the new key under the old key_id.
+async fn check_key_id_follows_the_key(c: &Config, destroy: impl FnOnce(&Session)) {
+    Pkcs11Root::create(c).await.expect("create");
+    let first = Pkcs11Root::open(c).await.expect("open");
+    let again = Pkcs11Root::open(c).await.expect("reopen");
+    assert_eq!(first.key_id(), again.key_id());
+    let ctx = WrapContext::new(first.key_id());
+    let wrapped = first.wrap(&Key256::generate(), &ctx).await.expect("wrap");
+
+    destroy(&raw_session(&c.module));
+    assert!(Pkcs11Root::create(c).await.expect("re-create"));
+    let recreated = Pkcs11Root::open(c).await.expect("open re-created");
+    assert_ne!(first.key_id(), recreated.key_id());
+    assert_not_authentic(&recreated, &wrapped, &ctx, "under the re-created key").await;
+
+    // The running instance notices the swap instead of using the new key under the old id.
+    match first.wrap(&Key256::generate(), &ctx).await {
+        Err(e) if e.kind() == ErrorKind::KeyDisabled => {
+            assert!(e.detail().contains("no longer the key"), "{e}");
+        }
+        other => panic!("expected KeyDisabled, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn keygen_creates_a_sensitive_non_extractable_key() {
     let _g = shared().await;
     let c = config("keygen");
-    assert!(Pkcs11Root::create(&c).await.expect("create"));
-    assert!(
-        !Pkcs11Root::create(&c).await.expect("second create"),
-        "keygen must not make a second key"
-    );
-    Pkcs11Root::open(&c).await.expect("open");
+    keygen_once(&c).await;
 
     let session = raw_session(&c.module);
     let keys = find(&session, "keygen");
     assert_eq!(keys.len(), 1);
-    let attrs = session
-        .get_attributes(
-            keys[0],
-            &[
-                AttributeType::KeyType,
-                AttributeType::ValueLen,
-                AttributeType::Token,
-                AttributeType::Sensitive,
-                AttributeType::Extractable,
-                AttributeType::AlwaysSensitive,
-                AttributeType::NeverExtractable,
-                AttributeType::Encrypt,
-                AttributeType::Decrypt,
-            ],
-        )
-        .expect("attributes");
-    for want in [
-        Attribute::KeyType(KeyType::AES),
-        Attribute::ValueLen(32u64.into()),
-        Attribute::Token(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::AlwaysSensitive(true),
-        Attribute::NeverExtractable(true),
-        Attribute::Encrypt(true),
-        Attribute::Decrypt(true),
-    ] {
-        assert!(attrs.contains(&want), "missing {want:?} in {attrs:?}");
-    }
+    assert_attributes(
+        &session,
+        keys[0],
+        &[
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32u64.into()),
+            Attribute::Token(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::AlwaysSensitive(true),
+            Attribute::NeverExtractable(true),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+        ],
+        &[],
+    );
     // The key value cannot be read out: the token withholds CKA_VALUE.
     let value = session
         .get_attributes(keys[0], &[AttributeType::Value])
@@ -247,67 +329,10 @@ async fn keygen_creates_a_sensitive_non_extractable_key() {
 #[tokio::test]
 async fn wrap_round_trip_and_binding() {
     let _g = shared().await;
-    let (a, b) = (config("wrap-a"), config("wrap-b"));
-    Pkcs11Root::create(&a).await.expect("create a");
-    Pkcs11Root::create(&b).await.expect("create b");
-    let root = Pkcs11Root::open(&a).await.expect("open a");
-    let other = Pkcs11Root::open(&b).await.expect("open b");
-    assert_ne!(root.key_id(), other.key_id());
-    assert!(root.key_id().as_str().starts_with("pkcs11-"));
-
-    let ctx = WrapContext::new(root.key_id());
-    let kek = Key256::generate();
-    let wrapped = root.wrap(&kek, &ctx).await.expect("wrap");
-    assert_eq!(wrapped.len(), WRAPPED_LEN);
-    assert_ne!(
-        root.wrap(&kek, &ctx).await.expect("wrap again"),
-        wrapped,
-        "fresh IV per wrap"
-    );
-    assert_eq!(
-        root.unwrap(&wrapped, &ctx)
-            .await
-            .expect("unwrap")
-            .expose_secret(),
-        kek.expose_secret()
-    );
-
-    let wrong_ctx = WrapContext::new(other.key_id());
-    assert!(matches!(
-        root.unwrap(&wrapped, &wrong_ctx).await,
-        Err(e) if e.kind() == ErrorKind::NotAuthentic
-    ));
-    assert!(matches!(
-        other.unwrap(&wrapped, &ctx).await,
-        Err(e) if e.kind() == ErrorKind::NotAuthentic
-    ));
-    for i in [0, IV_LEN, IV_LEN + KEY_LEN, WRAPPED_LEN - 1] {
-        let mut tampered = wrapped.clone();
-        tampered[i] ^= 1;
-        assert!(
-            matches!(
-                root.unwrap(&tampered, &ctx).await,
-                Err(e) if e.kind() == ErrorKind::NotAuthentic
-            ),
-            "byte {i}"
-        );
-    }
-    assert!(matches!(
-        root.unwrap(&wrapped[1..], &ctx).await,
-        Err(e) if e.kind() == ErrorKind::NotAuthentic
-    ));
-    assert!(matches!(
-        root.unwrap(&[], &ctx).await,
-        Err(e) if e.kind() == ErrorKind::NotAuthentic
-    ));
-    // The token still works after failed decryptions (no operation left active).
-    assert_eq!(
-        root.unwrap(&wrapped, &ctx)
-            .await
-            .expect("unwrap after failures")
-            .expose_secret(),
-        kek.expose_secret()
-    );
+    check_wrap_and_binding(&config("wrap-a"), &config("wrap-b"), WRAPPED_LEN, |w| {
+        flipped(w, &[0, IV_LEN, IV_LEN + KEY_LEN, WRAPPED_LEN - 1])
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -320,16 +345,7 @@ async fn concurrent_calls_share_the_session_pool() {
     for _ in 0..32 {
         let root = root.clone();
         tasks.push(tokio::spawn(async move {
-            let ctx = WrapContext::new(root.key_id());
-            let kek = Key256::generate();
-            let wrapped = root.wrap(&kek, &ctx).await.expect("wrap");
-            assert_eq!(
-                root.unwrap(&wrapped, &ctx)
-                    .await
-                    .expect("unwrap")
-                    .expose_secret(),
-                kek.expose_secret()
-            );
+            round_trip(&root, &WrapContext::new(root.key_id())).await;
         }));
     }
     for t in tasks {
@@ -340,34 +356,10 @@ async fn concurrent_calls_share_the_session_pool() {
 #[tokio::test]
 async fn key_id_is_stable_and_follows_the_key_material() {
     let _g = shared().await;
-    let c = config("recreated");
-    Pkcs11Root::create(&c).await.expect("create");
-    let first = Pkcs11Root::open(&c).await.expect("open");
-    let again = Pkcs11Root::open(&c).await.expect("reopen");
-    assert_eq!(first.key_id(), again.key_id());
-    let ctx = WrapContext::new(first.key_id());
-    let wrapped = first.wrap(&Key256::generate(), &ctx).await.expect("wrap");
-
-    // Delete and re-create under the same label: a different key, so a different key_id.
-    let session = raw_session(&c.module);
-    for key in find(&session, "recreated") {
-        session.destroy_object(key).expect("destroy");
-    }
-    assert!(Pkcs11Root::create(&c).await.expect("re-create"));
-    let recreated = Pkcs11Root::open(&c).await.expect("open re-created");
-    assert_ne!(first.key_id(), recreated.key_id());
-    assert!(matches!(
-        recreated.unwrap(&wrapped, &ctx).await,
-        Err(e) if e.kind() == ErrorKind::NotAuthentic
-    ));
-
-    // The running instance notices the swap instead of using the new key under the old id.
-    match first.wrap(&Key256::generate(), &ctx).await {
-        Err(e) if e.kind() == ErrorKind::KeyDisabled => {
-            assert!(e.detail().contains("no longer the key"), "{e}");
-        }
-        other => panic!("expected Rejected, got {other:?}"),
-    }
+    check_key_id_follows_the_key(&config("recreated"), |session| {
+        destroy_all(session, "recreated", &[ObjectClass::SECRET_KEY]);
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -551,16 +543,7 @@ async fn extractable_or_readable_keys_are_refused() {
         ..Fields::clone(&config("extractable"))
     });
     let root = Pkcs11Root::open(&allowed).await.expect("allowed");
-    let ctx = WrapContext::new(root.key_id());
-    let kek = Key256::generate();
-    let wrapped = root.wrap(&kek, &ctx).await.expect("wrap");
-    assert_eq!(
-        root.unwrap(&wrapped, &ctx)
-            .await
-            .expect("unwrap")
-            .expose_secret(),
-        kek.expose_secret()
-    );
+    round_trip(&root, &WrapContext::new(root.key_id())).await;
 }
 
 #[tokio::test]
@@ -593,18 +576,11 @@ async fn recovers_after_the_login_is_lost() {
     Pkcs11Root::create(&c).await.expect("create");
     let root = Pkcs11Root::open(&c).await.expect("open");
     let ctx = WrapContext::new(root.key_id());
-    let kek = Key256::generate();
-    let wrapped = root.wrap(&kek, &ctx).await.expect("wrap");
+    let (kek, wrapped) = round_trip(&root, &ctx).await;
 
     let session = raw_session(&c.module);
     session.logout().expect("logout");
     // The pooled session is no longer logged in; the root logs in afresh and retries.
-    assert_eq!(
-        root.unwrap(&wrapped, &ctx)
-            .await
-            .expect("unwrap after logout")
-            .expose_secret(),
-        kek.expose_secret()
-    );
+    assert_unwraps(&root, &wrapped, &ctx, &kek).await;
     root.wrap(&kek, &ctx).await.expect("wrap after logout");
 }

@@ -2,7 +2,7 @@
 //! these keys use `oaep_hash = "sha1"`; the software TPM runs SHA-256 in tests/.
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 
 use super::super::config::{Mechanism as WrapMechanism, OaepHash};
 use super::*;
@@ -14,15 +14,6 @@ fn rsa_config(key_label: &str) -> Config {
         rsa_bits: 2048,
         ..(*config(key_label)).clone()
     })
-}
-
-fn find_class(session: &Session, label: &str, class: ObjectClass) -> Vec<ObjectHandle> {
-    session
-        .find_objects(&[
-            Attribute::Class(class),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ])
-        .expect("find")
 }
 
 /// A pair made directly on the token, with the given private-key attributes.
@@ -51,12 +42,7 @@ fn make_pair(label: &str, bits: u64, private_extra: &[Attribute]) {
 async fn keygen_creates_a_pair_whose_private_key_stays_in_the_token() {
     let _g = shared().await;
     let c = rsa_config("rsa-keygen");
-    assert!(Pkcs11Root::create(&c).await.expect("create"));
-    assert!(
-        !Pkcs11Root::create(&c).await.expect("second create"),
-        "keygen must not make a second pair"
-    );
-    Pkcs11Root::open(&c).await.expect("open");
+    keygen_once(&c).await;
     let session = raw_session(&c.module);
     let private = find_class(&session, "rsa-keygen", ObjectClass::PRIVATE_KEY);
     assert_eq!(private.len(), 1);
@@ -64,30 +50,19 @@ async fn keygen_creates_a_pair_whose_private_key_stays_in_the_token() {
         find_class(&session, "rsa-keygen", ObjectClass::PUBLIC_KEY).len(),
         1
     );
-    let attrs = session
-        .get_attributes(
-            private[0],
-            &[
-                AttributeType::KeyType,
-                AttributeType::Token,
-                AttributeType::Sensitive,
-                AttributeType::Extractable,
-                AttributeType::NeverExtractable,
-                AttributeType::Decrypt,
-                AttributeType::Modulus,
-            ],
-        )
-        .expect("attributes");
-    for want in [
-        Attribute::KeyType(KeyType::RSA),
-        Attribute::Token(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::NeverExtractable(true),
-        Attribute::Decrypt(true),
-    ] {
-        assert!(attrs.contains(&want), "missing {want:?} in {attrs:?}");
-    }
+    let attrs = assert_attributes(
+        &session,
+        private[0],
+        &[
+            Attribute::KeyType(KeyType::RSA),
+            Attribute::Token(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::NeverExtractable(true),
+            Attribute::Decrypt(true),
+        ],
+        &[AttributeType::Modulus],
+    );
     assert!(
         attrs
             .iter()
@@ -100,69 +75,16 @@ async fn keygen_creates_a_pair_whose_private_key_stays_in_the_token() {
 async fn rsa_wrap_round_trip_and_binding() {
     let _g = shared().await;
     let (a, b) = (rsa_config("rsa-wrap-a"), rsa_config("rsa-wrap-b"));
-    Pkcs11Root::create(&a).await.expect("create a");
-    Pkcs11Root::create(&b).await.expect("create b");
-    let root = Pkcs11Root::open(&a).await.expect("open a");
-    let other = Pkcs11Root::open(&b).await.expect("open b");
-    assert_ne!(root.key_id(), other.key_id());
-    assert!(root.key_id().as_str().starts_with("pkcs11-"));
-
-    let ctx = WrapContext::new(root.key_id());
-    let kek = Key256::generate();
-    let wrapped = root.wrap(&kek, &ctx).await.expect("wrap");
-    assert_eq!(wrapped.len(), 1 + 256 + 12 + 32 + 16);
-    assert_ne!(root.wrap(&kek, &ctx).await.expect("wrap again"), wrapped);
-    assert_eq!(
-        root.unwrap(&wrapped, &ctx)
-            .await
-            .expect("unwrap")
-            .expose_secret(),
-        kek.expose_secret()
-    );
-
-    // Moved to another key_id / context, or to another key pair.
-    let wrong_ctx = WrapContext::new(other.key_id());
-    assert!(matches!(
-        root.unwrap(&wrapped, &wrong_ctx).await,
-        Err(e) if e.kind() == ErrorKind::NotAuthentic
-    ));
-    assert!(matches!(
-        other.unwrap(&wrapped, &ctx).await,
-        Err(e) if e.kind() == ErrorKind::NotAuthentic
-    ));
-    // A flipped bit anywhere: version byte, the OAEP part (start, middle, end), nonce, body.
-    for i in [0, 1, 100, 256, 257, 269, wrapped.len() - 1] {
-        let mut tampered = wrapped.clone();
-        tampered[i] ^= 1;
-        assert!(
-            matches!(
-                root.unwrap(&tampered, &ctx).await,
-                Err(e) if e.kind() == ErrorKind::NotAuthentic
-            ),
-            "byte {i}"
-        );
-    }
-    // A blob announcing SHA-256, which this token refuses: a forged blob, not a broken root.
-    let mut other_hash = wrapped.clone();
-    other_hash[0] = 1;
-    assert!(matches!(
-        root.unwrap(&other_hash, &ctx).await,
-        Err(e) if e.kind() == ErrorKind::NotAuthentic
-    ));
-    for short in [&wrapped[1..], &wrapped[..wrapped.len() - 1], &[][..]] {
-        assert!(matches!(
-            root.unwrap(short, &ctx).await,
-            Err(e) if e.kind() == ErrorKind::NotAuthentic
-        ));
-    }
-    // The token still works after failed decryptions (no operation left active).
-    assert_eq!(
-        root.unwrap(&wrapped, &ctx)
-            .await
-            .expect("unwrap after failures")
-            .expose_secret(),
-        kek.expose_secret()
-    );
+    check_wrap_and_binding(&a, &b, 1 + 256 + 12 + 32 + 16, |w| {
+        // A flipped bit anywhere: version byte, the OAEP part (start, middle, end), nonce, body.
+        let mut forged = flipped(w, &[0, 1, 100, 256, 257, 269, w.len() - 1]);
+        // A blob announcing SHA-256, which this token refuses: a forged blob, not a broken root.
+        let mut other_hash = w.to_vec();
+        other_hash[0] = 1;
+        forged.push(other_hash);
+        forged
+    })
+    .await;
 }
 
 /// What anyone with the public key can do: encrypt a seed of their own and seal a local KEK
@@ -203,10 +125,7 @@ async fn a_blob_made_with_only_the_public_key_is_refused() {
             &Key256::generate(),
         )
         .expect("seal");
-        assert!(matches!(
-            root.unwrap(&forged, &ctx).await,
-            Err(e) if e.kind() == ErrorKind::NotAuthentic
-        ));
+        assert_not_authentic(&root, &forged, &ctx, "forged with the public key").await;
     }
 }
 
@@ -229,33 +148,11 @@ async fn a_private_key_that_cannot_sign_is_refused() {
 #[tokio::test]
 async fn rsa_key_id_is_stable_and_follows_the_key_pair() {
     let _g = shared().await;
-    let c = rsa_config("rsa-recreated");
-    Pkcs11Root::create(&c).await.expect("create");
-    let first = Pkcs11Root::open(&c).await.expect("open");
-    let again = Pkcs11Root::open(&c).await.expect("reopen");
-    assert_eq!(first.key_id(), again.key_id());
-    let ctx = WrapContext::new(first.key_id());
-    let wrapped = first.wrap(&Key256::generate(), &ctx).await.expect("wrap");
-
-    let session = raw_session(&c.module);
-    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
-        for key in find_class(&session, "rsa-recreated", class) {
-            session.destroy_object(key).expect("destroy");
-        }
-    }
-    assert!(Pkcs11Root::create(&c).await.expect("re-create"));
-    let recreated = Pkcs11Root::open(&c).await.expect("open re-created");
-    assert_ne!(first.key_id(), recreated.key_id());
-    assert!(matches!(
-        recreated.unwrap(&wrapped, &ctx).await,
-        Err(e) if e.kind() == ErrorKind::NotAuthentic
-    ));
-    match first.wrap(&Key256::generate(), &ctx).await {
-        Err(e) if e.kind() == ErrorKind::KeyDisabled => {
-            assert!(e.detail().contains("no longer the key"), "{e}");
-        }
-        other => panic!("expected Rejected, got {other:?}"),
-    }
+    let pair = [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY];
+    check_key_id_follows_the_key(&rsa_config("rsa-recreated"), |session| {
+        destroy_all(session, "rsa-recreated", &pair);
+    })
+    .await;
 }
 
 #[tokio::test]
