@@ -45,7 +45,8 @@ pub fn missing(root: &str) -> Option<String> {
         "vault" => &["bao"],
         "tpm" => &[
             "swtpm",
-            "swtpm_setup",
+            "tpm2_getcap",
+            "pkcs11-tool",
             "tpm2-abrmd",
             "tpm2_ptool",
             "dbus-daemon",
@@ -56,21 +57,19 @@ pub fn missing(root: &str) -> Option<String> {
     if !absent.is_empty() {
         return Some(format!("{} not installed", absent.join(", ")));
     }
-    let module = match root {
-        "pkcs11" | "pkcs11_rsa_oaep" => [
+    let modules: &[&str] = match root {
+        "pkcs11" | "pkcs11_rsa_oaep" => &[
             "/usr/lib/softhsm/libsofthsm2.so",
             "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
             "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-        ]
-        .iter()
-        .any(|p| Path::new(p).exists())
-        .then_some(())
-        .map_or(Some("libsofthsm2.so"), |()| None),
-        "tpm" => (!Path::new("/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so").exists())
-            .then_some("libtpm2_pkcs11.so"),
-        _ => None,
+            "/usr/local/lib/softhsm/libsofthsm2.so",
+        ],
+        "tpm" => &[crate::support::swtpm::MODULE],
+        _ => return None,
     };
-    module.map(|m| format!("{m} not found"))
+    let found = std::env::var_os("SOFTHSM2_MODULE").is_some() && root != "tpm"
+        || modules.iter().any(|m| Path::new(m).exists());
+    (!found).then(|| format!("{} not found", modules.join(" or ")))
 }
 
 /// Median, p90 and count of a set of durations.
