@@ -8,12 +8,14 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kms_plugin::config::{Config, Source};
+use kms_plugin::envelope::KekCipher;
 use kms_plugin::keyring::cache::KekCache;
 use kms_plugin::keyring::{Keyring, Retired};
 use kms_plugin::plugin::Plugin;
 use kms_plugin::proto::v2::key_management_service_client::KeyManagementServiceClient;
 use kms_plugin::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use kms_plugin::proto::v2::{DecryptRequest, EncryptRequest};
+use kms_plugin::secret::Key256;
 use kms_plugin::server::socket::Endpoint;
 use kms_plugin::service::Service;
 use tonic::transport::Channel;
@@ -62,6 +64,27 @@ fn keyring(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             keyring
                 .decrypt(&key_id, &sealed.ciphertext, &sealed.annotations)
+                .await
+                .expect("decrypt")
+        });
+    });
+    // The same with 10,000 other local KEKs cached: Decrypt must not slow down with them.
+    let big = rt.block_on(async {
+        let keyring = Keyring::open(
+            &config,
+            Arc::new(filled(10_000)),
+            &Default::default(),
+            Retired::Require,
+        )
+        .await
+        .expect("open");
+        keyring.start().await.expect("start");
+        keyring
+    });
+    let sealed = big.encrypt(&seed).expect("encrypt");
+    group.bench_function("decrypt_32B_cache_hit_of_10000", |b| {
+        b.to_async(&rt).iter(|| async {
+            big.decrypt(&sealed.key_id, &sealed.ciphertext, &sealed.annotations)
                 .await
                 .expect("decrypt")
         });
@@ -166,32 +189,49 @@ fn grpc_over_socket(c: &mut Criterion) {
     }
 }
 
-/// The unwrap cache alone: a hit (lookup, LRU bump) and a miss (single-flight slot, the
+/// A cache of `size` keys, all distinct, with ids `id("file-bench", i)` for i in 0..size.
+fn filled(size: usize) -> KekCache {
+    let cache = KekCache::new(size);
+    for i in 0..size as u64 {
+        let id = KekCache::id("file-bench", &i.to_le_bytes());
+        cache.insert(id, Arc::new(KekCipher::new(&Key256::generate())));
+    }
+    cache
+}
+
+/// The unwrap cache alone: a hit (lookup, LRU bump) among 10, 1,000 and 10,000 keys, and a miss (single-flight slot, the
 /// unwrap — here only an AES key schedule, a root call in production — insert, evicting the
 /// oldest of a full cache). Misses through Decrypt are bounded by the unwrap budget; the
 /// root call dominates them.
 fn cache(c: &mut Criterion) {
-    use kms_plugin::envelope::KekCipher;
-    use kms_plugin::secret::Key256;
     let rt = runtime();
-    let capacity = 1024;
-    let cache = KekCache::new(capacity);
-    for i in 0..capacity as u64 {
-        let id = KekCache::id("file-bench", &i.to_le_bytes());
-        cache.insert(id, Arc::new(KekCipher::new(&Key256::generate())));
-    }
-    let hit = KekCache::id("file-bench", &7u64.to_le_bytes());
     let key = Key256::generate();
     let mut group = c.benchmark_group("cache");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("hit_of_1024", |b| {
-        b.to_async(&rt).iter(|| async {
-            cache
-                .get_or_unwrap(hit, || async { Ok(KekCipher::new(&key)) })
-                .await
-                .expect("hit")
+    // A hit must cost the same whatever the number of cached keys (issue 15: 10,000). Each
+    // iteration looks up another key (a prime stride through all of them), so a large cache
+    // is not measured on one hot entry.
+    for size in [10u64, 1_000, 10_000] {
+        let cache = filled(size as usize);
+        let ids: Vec<_> = (0..size)
+            .map(|i| KekCache::id("file-bench", &i.to_le_bytes()))
+            .collect();
+        let mut next = 0usize;
+        group.bench_function(format!("hit_of_{size}"), |b| {
+            b.to_async(&rt).iter(|| {
+                next = (next + 7919) % ids.len();
+                let (cache, key, id) = (&cache, &key, ids[next]);
+                async move {
+                    cache
+                        .get_or_unwrap(id, || async { Ok(KekCipher::new(key)) })
+                        .await
+                        .expect("hit")
+                }
+            });
         });
-    });
+    }
+    let capacity = 1024;
+    let cache = filled(capacity);
     let mut n = capacity as u64;
     group.bench_function("miss_evicting_of_1024", |b| {
         b.to_async(&rt).iter(|| {
