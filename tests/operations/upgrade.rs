@@ -1,6 +1,7 @@
 //! Upgrades: ciphertexts that an earlier build returned must decrypt with this one. Each
 //! folder of `tests/compat/` holds the root key material an earlier build made (a file root
-//! key, the embedded default's state directory, SoftHSM2 token files), the config it ran with,
+//! key, the embedded default's state directory, SoftHSM2 token files, a software TPM's state
+//! and its tpm2-pkcs11 store), the config it ran with,
 //! and what its Encrypts returned (`sealed.json`); the tests start the current binary on a copy
 //! and Decrypt every recorded answer. A change to the envelope, the wrapped-KEK layout of any
 //! provider or the key_id derivation fails here, where the round-trip suites cannot see it
@@ -11,7 +12,8 @@
 //!
 //! New fixtures (after a release, keeping the old folders):
 //! `cargo test --test operations upgrade::make_fixtures -- --ignored`, with `COMPAT_TAG` naming
-//! the folder suffix.
+//! the folder suffix and `COMPAT_CASES` (comma-separated stems, e.g. `tpm-rsa-oaep`) which
+//! cases to record (default all).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ use kms_plugin::proto::v2::{DecryptRequest, EncryptResponse};
 use serde_json::{Value, json};
 
 use crate::support::softhsm::{self, SoftHsm};
+use crate::support::swtpm::{self, SwTpm};
 use crate::support::{self, Plugin, encrypt, seed, status, uid};
 
 const COMPAT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/compat");
@@ -95,6 +98,7 @@ fn localize(template: &str, dir: &Path, socket: &str) -> String {
         .replace("@DIR@", &dir.to_string_lossy())
         .replace("@SOCKET@", socket)
         .replace("@MODULE@", &softhsm::module().to_string_lossy())
+        .replace("@TPM_MODULE@", swtpm::MODULE)
 }
 
 /// A SoftHSM2 config over the token files in `dir/tokens`, and the environment naming it.
@@ -123,9 +127,16 @@ async fn decrypts_what_an_earlier_build_sealed(case: &str) {
     copy_private(&fixture.join("files"), dir.path());
     let socket = support::socket_in(dir.path());
     let mut env = Vec::new();
+    let mut _tpm = None; // kept alive while the plugin runs
     if dir.path().join("tokens").exists() {
         env = softhsm_env(dir.path());
         std::fs::write(dir.path().join("pin"), format!("{}\n", softhsm::PIN)).expect("pin");
+    }
+    if dir.path().join("tpm").exists() {
+        let tpm = SwTpm::restore(&dir.path().join("tpm"));
+        env = tpm.env();
+        std::fs::write(dir.path().join("pin"), format!("{}\n", swtpm::PIN)).expect("pin");
+        _tpm = Some(tpm);
     }
     let plugin = match recorded["config"].as_str() {
         Some(template) => {
@@ -181,10 +192,24 @@ async fn pkcs11_rsa_oaep_decrypts_an_earlier_builds_ciphertexts() {
     decrypts_what_an_earlier_build_sealed("pkcs11-rsa-oaep-0.1.0").await;
 }
 
+#[tokio::test]
+async fn tpm_rsa_oaep_decrypts_an_earlier_builds_ciphertexts() {
+    decrypts_what_an_earlier_build_sealed("tpm-rsa-oaep-0.1.0").await;
+}
+
+/// Where a case's key lives besides files: nowhere, a SoftHSM2 token or a software TPM
+/// (each with a token labelled `compat`).
+#[derive(Clone, Copy, PartialEq)]
+enum Token {
+    None,
+    SoftHsm,
+    Tpm,
+}
+
 /// The cases `make_fixtures` records: folder stem, config template (None: the embedded
-/// default), whether it needs a SoftHSM2 token.
-const CASES: &[(&str, Option<&str>, bool)] = &[
-    ("embedded", None, false),
+/// default), the token it needs.
+const CASES: &[(&str, Option<&str>, Token)] = &[
+    ("embedded", None, Token::None),
     (
         "file-also-wrap",
         Some(
@@ -192,7 +217,7 @@ const CASES: &[(&str, Option<&str>, bool)] = &[
              [keys.main]\nprovider = \"file\"\npath = \"@DIR@/keys/main.key\"\n\n\
              [keys.backup]\nprovider = \"file\"\npath = \"@DIR@/keys/backup.key\"\n",
         ),
-        false,
+        Token::None,
     ),
     (
         "pkcs11-aes-gcm",
@@ -201,7 +226,7 @@ const CASES: &[(&str, Option<&str>, bool)] = &[
              provider = \"pkcs11\"\nmodule = \"@MODULE@\"\ntoken_label = \"compat\"\n\
              key_label = \"main\"\npin_file = \"@DIR@/pin\"\n",
         ),
-        true,
+        Token::SoftHsm,
     ),
     (
         "pkcs11-rsa-oaep",
@@ -211,7 +236,18 @@ const CASES: &[(&str, Option<&str>, bool)] = &[
              key_label = \"main\"\npin_file = \"@DIR@/pin\"\nmechanism = \"rsa-oaep\"\n\
              oaep_hash = \"sha1\"\nrsa_bits = 2048\n",
         ),
-        true,
+        Token::SoftHsm,
+    ),
+    (
+        // The default oaep_hash (SHA-256), as the TPM tests use it.
+        "tpm-rsa-oaep",
+        Some(
+            "socket = \"@SOCKET@\"\n[kek]\nactive = \"main\"\n\n[keys.main]\n\
+             provider = \"pkcs11\"\nmodule = \"@TPM_MODULE@\"\ntoken_label = \"compat\"\n\
+             key_label = \"main\"\npin_file = \"@DIR@/pin\"\nmechanism = \"rsa-oaep\"\n\
+             rsa_bits = 2048\n",
+        ),
+        Token::Tpm,
     ),
 ];
 
@@ -220,21 +256,36 @@ const CASES: &[(&str, Option<&str>, bool)] = &[
 #[ignore = "writes tests/compat/; run by hand after a release"]
 async fn make_fixtures() {
     let tag = std::env::var("COMPAT_TAG").unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into());
+    let only = std::env::var("COMPAT_CASES").ok();
     for &(stem, template, token) in CASES {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.split(',').any(|c| c == stem))
+        {
+            continue;
+        }
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
         let files = dir.path().join("files");
         std::fs::create_dir(&files).expect("mkdir");
         let socket = support::socket_in(dir.path());
         let mut env = Vec::new();
-        let _hsm; // kept alive while the plugin runs
-        if token {
-            let hsm = SoftHsm::new();
-            env = hsm.env();
-            hsm.init_token("compat");
-            _hsm = Some(hsm);
-            std::fs::write(files.join("pin"), format!("{}\n", softhsm::PIN)).expect("pin");
-        } else {
-            _hsm = None;
+        let (mut _hsm, mut tpm) = (None, None); // kept alive while the plugin runs
+        match token {
+            Token::None => {}
+            Token::SoftHsm => {
+                let hsm = SoftHsm::new();
+                env = hsm.env();
+                hsm.init_token("compat");
+                _hsm = Some(hsm);
+                std::fs::write(files.join("pin"), format!("{}\n", softhsm::PIN)).expect("pin");
+            }
+            Token::Tpm => {
+                let t = SwTpm::start();
+                env = t.env();
+                t.add_token("compat");
+                tpm = Some(t);
+                std::fs::write(files.join("pin"), format!("{}\n", swtpm::PIN)).expect("pin");
+            }
         }
         let plugin = match template {
             Some(template) => {
@@ -268,7 +319,12 @@ async fn make_fixtures() {
         let out = PathBuf::from(COMPAT).join(format!("{stem}-{tag}"));
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(out.join("files")).expect("mkdir fixture");
-        if token {
+        if let Some(mut tpm) = tpm {
+            // The TPM's persistent state and the tpm2-pkcs11 store, swtpm stopped first.
+            tpm.stop();
+            tpm.save(&out.join("files/tpm"));
+        }
+        if token == Token::SoftHsm {
             // The SoftHSM2 token files (the config and the plugin's log are not part of it).
             let hsm_tokens = _hsm.as_ref().map(|h| h.env()[0].1.clone()).expect("hsm");
             let tokens = Path::new(&hsm_tokens).with_file_name("tokens");

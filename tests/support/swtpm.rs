@@ -51,6 +51,17 @@ fn logs(dir: &Path) -> String {
         .join("\n")
 }
 
+/// Copies the files of `from` into a new directory `to`, leaving out swtpm's lock file.
+fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read TPM dir") {
+        let entry = entry.expect("dir entry");
+        if entry.file_type().expect("file type").is_file() && entry.file_name() != ".lock" {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy TPM file");
+        }
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
@@ -91,6 +102,36 @@ impl SwTpm {
         tpm.boot();
         tpm.ptool(&["init"]);
         tpm
+    }
+
+    /// A TPM booted on copies of the state and store [`SwTpm::save`] wrote to `from`: the
+    /// same seeds, persistent primary key and tokens (an upgrade test's recorded TPM).
+    pub fn restore(from: &Path) -> Self {
+        assert!(Path::new(MODULE).exists(), "{MODULE} not found: {PACKAGES}");
+        let dir = tempfile::Builder::new()
+            .prefix("swtpm")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("tempdir");
+        for sub in ["state", "store"] {
+            copy_files(&from.join(sub), &dir.path().join(sub));
+        }
+        let mut tpm = Self {
+            dir,
+            children: Vec::new(),
+            port: 0,
+            next: AtomicU32::new(0),
+        };
+        tpm.boot();
+        tpm
+    }
+
+    /// Copies the TPM's persistent state (swtpm's state directory) and the tpm2-pkcs11
+    /// store to `to/state` and `to/store`. Call after [`SwTpm::stop`]: swtpm writes its
+    /// permanent state as it changes, so nothing is lost by killing it first.
+    pub fn save(&self, to: &Path) {
+        for sub in ["state", "store"] {
+            copy_files(&self.dir.path().join(sub), &to.join(sub));
+        }
     }
 
     /// Starts swtpm (on the existing state), D-Bus and tpm2-abrmd.
@@ -243,6 +284,12 @@ impl SwTpm {
     /// A new token with a unique label and [`PIN`], as an operator makes one.
     pub fn new_token(&self) -> String {
         let label = format!("tpm-{}", self.next.fetch_add(1, Ordering::Relaxed));
+        self.add_token(&label);
+        label
+    }
+
+    /// A new token labelled `label`, with [`PIN`].
+    pub fn add_token(&self, label: &str) {
         self.ptool(&[
             "addtoken",
             "--pid=1",
@@ -250,7 +297,6 @@ impl SwTpm {
             &format!("--userpin={PIN}"),
             &format!("--sopin={SO_PIN}"),
         ]);
-        label
     }
 
     /// Writes the PIN to a file in `dir` the way an operator would.
