@@ -294,10 +294,23 @@ impl Fields {
     }
 }
 
+/// Longest `key` or `cert_role`, and each name of a mount or namespace path.
+const MAX_NAME_LEN: usize = 128;
+/// Longest `mount`, `namespace` or `auth_mount` (slashes at the ends dropped). They go with
+/// every Vault call (in the path, in `X-Vault-Namespace`): a config must not make each
+/// request carry kilobytes.
+const MAX_PATH_LEN: usize = 256;
+
 /// One name as Vault allows it in a path: letters, digits, `-`, `_`, `.`; not `.` or `..`.
+/// Nothing else, so a name cannot add a path segment, a query or a percent-escape.
 fn name(field: &str, value: &str) -> Result<String, String> {
+    if value.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "{field} is {} bytes long: give at most {MAX_NAME_LEN} letters, digits, '-', '_' or '.'",
+            value.len()
+        ));
+    }
     let ok = !value.is_empty()
-        && value.len() <= 128
         && value != "."
         && value != ".."
         && value
@@ -307,7 +320,7 @@ fn name(field: &str, value: &str) -> Result<String, String> {
         Ok(value.to_string())
     } else {
         Err(format!(
-            "{field} \"{value}\" must be 1 to 128 letters, digits, '-', '_' or '.'"
+            "{field} {value:?} must be 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.'"
         ))
     }
 }
@@ -318,9 +331,16 @@ fn path_segments(field: &str, value: &str) -> Result<String, String> {
     if trimmed.is_empty() {
         return Err(format!("{field} must not be empty"));
     }
+    if trimmed.len() > MAX_PATH_LEN {
+        return Err(format!(
+            "{field} is {} bytes long: give at most {MAX_PATH_LEN} (names of letters, digits, \
+             '-', '_' or '.' separated by '/')",
+            trimmed.len()
+        ));
+    }
     for part in trimmed.split('/') {
         name(field, part).map_err(|_| {
-            format!("{field} \"{value}\" must be names of letters, digits, '-', '_' or '.' separated by '/'")
+            format!("{field} {value:?} must be names of 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.' separated by '/'")
         })?;
     }
     Ok(trimmed.to_string())
@@ -444,5 +464,66 @@ mod tests {
             "address = \"http://127.0.0.1:8200\"\nallow_http = true\nkey = \"k\"\ntoken_file = \"/t\"",
         );
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    const TOKEN: &str = "address = \"https://v\"\ntoken_file = \"/t\"\n";
+
+    /// The error for `field = value` (with a valid key when the field is not the key), or
+    /// None if accepted.
+    fn refused(field: &str, value: &str) -> Option<String> {
+        let key = if field == "key" { "" } else { "key = \"k\"\n" };
+        parse(&format!("{TOKEN}{key}{field} = \"{value}\"")).err()
+    }
+
+    #[test]
+    fn key_is_one_name_of_at_most_128_bytes() {
+        assert_eq!(refused("key", &"k".repeat(128)), None);
+        let err = refused("key", &"k".repeat(129)).expect("129 bytes refused");
+        assert!(
+            err.contains("key is 129 bytes long: give at most 128"),
+            "{err}"
+        );
+        let err = name("key", &"k".repeat(10_000)).expect_err("10,000 bytes refused");
+        assert!(!err.contains("kkkk"), "the value is not echoed: {err}");
+        for bad in ["a/b", "k?x=1", "k#f", "k%2F", "k y", "..", "k\\n"] {
+            let err = refused("key", bad).expect(bad);
+            assert!(err.contains("must be 1 to 128 letters"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn mount_is_at_most_256_bytes_of_names() {
+        let at_limit = ["m".repeat(128), "m".repeat(127)].join("/");
+        assert_eq!(refused("mount", &format!("/{at_limit}/")), None);
+        let err = refused("mount", &format!("{at_limit}x")).expect("257 bytes refused");
+        assert!(
+            err.contains("mount is 257 bytes long: give at most 256"),
+            "{err}"
+        );
+        let many = vec!["m"; 200].join("/");
+        let err = refused("mount", &many).expect("many short names refused");
+        assert!(err.contains("mount is 399 bytes long"), "{err}");
+        for bad in ["a//b", "a/../b", "t?x", "t%2e", "t x"] {
+            let err = refused("mount", bad).expect(bad);
+            assert!(err.contains("separated by '/'"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn namespace_is_at_most_256_bytes_of_names() {
+        let at_limit = ["n".repeat(128), "n".repeat(127)].join("/");
+        assert_eq!(refused("namespace", &at_limit), None);
+        let err = refused("namespace", &format!("{at_limit}n")).expect("257 bytes refused");
+        assert!(
+            err.contains("namespace is 257 bytes long: give at most 256"),
+            "{err}"
+        );
+        for bad in ["team a", "a/./b", "ns\\r\\nX-Vault-Token: x", "ns:1"] {
+            let err = refused("namespace", bad).expect(bad);
+            assert!(err.contains("separated by '/'"), "{bad}: {err}");
+        }
+        // The message escapes what it quotes (the config parser's own snippet aside).
+        let err = path_segments("namespace", "ns\r\nX-Vault-Token: x").expect_err("CRLF");
+        assert!(err.contains(r#""ns\r\nX-Vault-Token: x""#), "{err}");
     }
 }
