@@ -16,7 +16,7 @@
 //!
 //! Beside them: [`cmd`] (one module per subcommand; `main.rs` only parses and calls it),
 //! [`config`] (composition of the config file), [`secret`], [`metrics`], [`systemd`],
-//! [`process`], [`secure_path`], [`proto`], [`client`].
+//! [`process`], [`secure_path`], [`proto`], [`client`], [`log_writer`].
 
 pub mod client;
 pub mod cmd;
@@ -24,6 +24,7 @@ pub mod config;
 pub mod envelope;
 pub mod h2authority;
 pub mod keyring;
+pub mod log_writer;
 pub mod metrics;
 pub mod plugin;
 pub mod process;
