@@ -16,8 +16,9 @@
 //!
 //! Beside them: [`cmd`] (one module per subcommand; `main.rs` only parses and calls it),
 //! [`config`] (composition of the config file), [`secret`], [`metrics`], [`systemd`],
-//! [`process`], [`secure_path`], [`proto`], [`client`], [`log_writer`].
+//! [`process`], [`secure_path`], [`proto`], [`client`], [`log_writer`], [`audit_line`].
 
+pub mod audit_line;
 pub mod client;
 pub mod cmd;
 pub mod config;

@@ -56,10 +56,18 @@ impl Service {
             Op::Decrypt => "decrypt",
             Op::Status => "status",
         };
-        let (uid, key_id) = (loggable(uid), loggable(key_id));
         match result {
-            Ok(_) => tracing::info!(op, uid = %uid, key_id = %key_id, outcome = "ok", micros),
+            // The audit line, formatted without tracing's formatter when that gives the
+            // same bytes (see audit_line); tracing's filter still decides whether it is due.
+            Ok(_)
+                if tracing::enabled!(tracing::Level::INFO)
+                    && crate::audit_line::write_ok(op, uid, key_id, micros) => {}
+            Ok(_) => {
+                let (uid, key_id) = (loggable(uid), loggable(key_id));
+                tracing::info!(op, uid = %uid, key_id = %key_id, outcome = "ok", micros);
+            }
             Err(e) => {
+                let (uid, key_id) = (loggable(uid), loggable(key_id));
                 tracing::warn!(op, uid = %uid, key_id = %key_id, outcome = "error", error = %e, micros);
             }
         }
@@ -244,7 +252,7 @@ impl std::fmt::Display for Loggable<'_> {
         let end = self
             .0
             .char_indices()
-            .nth(80)
+            .nth(crate::audit_line::MAX_LOGGED_CHARS)
             .map_or(self.0.len(), |(i, _)| i);
         let text = self.0.get(..end).unwrap_or_default();
         // Printable runs are written whole, each other character as `?`.
@@ -338,6 +346,21 @@ mod tests {
         ] {
             m.insert("grpc-timeout", text.parse().expect("ascii"));
             assert_eq!(grpc_timeout(&m), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn audit_line_shows_caller_strings_as_loggable_does() {
+        for text in [
+            "a\nb\u{7}c",
+            "é x\u{1}",
+            &"é".repeat(100),
+            &"x".repeat(500),
+            "k-1.a_b",
+        ] {
+            let mut out = Vec::new();
+            crate::audit_line::push_loggable(&mut out, text, false);
+            assert_eq!(out, loggable(text).to_string().as_bytes(), "{text}");
         }
     }
 

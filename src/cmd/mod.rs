@@ -273,7 +273,12 @@ fn init_logging(format: LogFormat) -> Option<crate::log_writer::Guard> {
     match crate::log_writer::LogWriter::spawn(std::io::stderr()) {
         Ok((writer, guard)) => {
             crate::metrics::count_dropped_log_lines(writer.dropped());
-            install_subscriber(format, ansi, writer);
+            let audit = writer.clone();
+            // Encrypt's and Decrypt's info line, byte for byte what the subscriber would
+            // write; not with colours, which only the subscriber adds.
+            if install_subscriber(format, ansi, writer) && !ansi {
+                crate::audit_line::install(audit, matches!(format, LogFormat::Json));
+            }
             Some(guard)
         }
         Err(e) => {
