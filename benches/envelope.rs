@@ -178,7 +178,7 @@ fn cache(c: &mut Criterion) {
     let cache = KekCache::new(capacity);
     for i in 0..capacity as u64 {
         let id = KekCache::id("file-bench", &i.to_le_bytes());
-        cache.insert(id, Arc::new(KekCipher::new(&Key256::generate())));
+        cache.insert(id, &[id], Arc::new(KekCipher::new(&Key256::generate())));
     }
     let hit = KekCache::id("file-bench", &7u64.to_le_bytes());
     let key = Key256::generate();
@@ -187,7 +187,7 @@ fn cache(c: &mut Criterion) {
     group.bench_function("hit_of_1024", |b| {
         b.to_async(&rt).iter(|| async {
             cache
-                .get_or_unwrap(hit, || async { Ok(KekCipher::new(&key)) })
+                .get_or_unwrap(hit, hit, || async { Ok(KekCipher::new(&key)) })
                 .await
                 .expect("hit")
         });
@@ -200,7 +200,7 @@ fn cache(c: &mut Criterion) {
             let (cache, key) = (&cache, &key);
             async move {
                 cache
-                    .get_or_unwrap(id, || async { Ok(KekCipher::new(key)) })
+                    .get_or_unwrap(id, id, || async { Ok(KekCipher::new(key)) })
                     .await
                     .expect("miss")
             }

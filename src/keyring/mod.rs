@@ -472,7 +472,10 @@ impl Keyring {
         if candidates.is_empty() {
             return Err(KeyringError::UnknownKeyId);
         }
-        let aad = associated_data(key_id, &annotations::digest(annotations));
+        // The annotations digest is bound into the associated data and keys the cache
+        // (see cache.rs: it covers every copy's exact bytes and key_id).
+        let set = annotations::digest(annotations);
+        let aad = associated_data(key_id, &set);
         let open = |cipher: &KekCipher, root: &Arc<Root>| {
             let plaintext = cipher.open(&aad, ciphertext).map_err(|e| match requested {
                 // The copy came from a configured root but the key_id is not ours: the
@@ -483,13 +486,11 @@ impl Keyring {
             requested.unwrap_or(root).stats.note_decrypt();
             Ok(plaintext)
         };
-        // Any copy already unwrapped wins: with the preferred root down, Decrypt must not
-        // wait for it on every call once another root has opened the local KEK.
-        for (root, id, wrapped) in &candidates {
-            if let Some(cipher) = self.cache.get(&KekCache::id(id.as_str(), wrapped)) {
-                crate::metrics::cache_hit();
-                return open(&cipher, root);
-            }
+        // Already unwrapped, through any copy: with the preferred root down, Decrypt must
+        // not wait for it on every call once another root has opened the local KEK.
+        if let (Some(cipher), Some((root, _, _))) = (self.cache.get(&set), candidates.first()) {
+            crate::metrics::cache_hit();
+            return open(&cipher, root);
         }
         crate::metrics::cache_miss();
         let mut failure = None;
@@ -497,7 +498,7 @@ impl Keyring {
             let id = KekCache::id(copy_id.as_str(), wrapped);
             let unwrapped = self
                 .cache
-                .get_or_unwrap(id, || async {
+                .get_or_unwrap(set, id, || async {
                     match root.unwrap_for_decrypt(&copy_id, wrapped).await {
                         Some(key) => key.map(|k| KekCipher::new(&k)),
                         None => Err(RootError::bare(ErrorKind::Throttled)),
@@ -694,11 +695,10 @@ impl Keyring {
         let cipher = Arc::new(KekCipher::new(&kek));
         // The key schedule passed through stack temporaries on its way into the Arc.
         crate::secret::wipe_stack();
-        for id in ids {
-            self.cache.insert(id, cipher.clone());
-        }
+        let set = annotations::digest(&annotations);
+        self.cache.insert(set, &ids, cipher.clone());
         Ok(Sealer {
-            aad: associated_data(self.key_id().as_str(), &annotations::digest(&annotations)),
+            aad: associated_data(self.key_id().as_str(), &set),
             cipher,
             annotations,
         })
