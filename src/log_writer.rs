@@ -1,11 +1,13 @@
 //! The log's writer: a call appends its line to a shared buffer and returns; one thread
-//! writes the buffer to stderr, at most every [`FLUSH_INTERVAL`] while lines keep coming.
+//! writes the buffer to stderr.
 //!
 //! tracing-appender's non-blocking writer (used before) sent every line over a channel and
 //! woke its thread for each: a futex wake and a context switch per Encrypt on a 2-core
 //! node. Here a call wakes the thread only when it was idle (the first line after a quiet
-//! spell) or when [`WAKE_LINES`] lines are waiting; under load the thread wakes on its
-//! timer and writes everything gathered in one `write(2)`.
+//! spell, written at once) or when [`WAKE_LINES`] lines are waiting; while lines keep
+//! coming the thread wakes on its own timer, every [`FLUSH_INTERVAL`], and writes
+//! everything gathered in one `write(2)`. A line therefore reaches stderr at once after a
+//! quiet spell and at most [`FLUSH_INTERVAL`] later under load.
 //!
 //! Never blocking a call and never losing a line silently still hold: a reader that stops
 //! reading (a stuck journald, a full pipe) blocks only the writer thread; lines beyond
@@ -19,8 +21,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// How long lines gather before the writer thread writes them.
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
+/// How long lines gather, while they keep coming, before the writer thread writes them.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 /// Lines waiting beyond which new lines are dropped (the reader is not keeping up).
 pub const MAX_LINES: usize = 16 * 1024;
 /// Lines waiting at which a call wakes the writer thread before its timer.
@@ -113,21 +115,16 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The writer thread: waits for a line, lets more gather for [`FLUSH_INTERVAL`] (or
-    /// until [`WAKE_LINES`]), writes them all, and again; on close, writes what is left.
+    /// The writer thread: waits for a line and writes it at once; then, while lines keep
+    /// coming, writes what gathered every [`FLUSH_INTERVAL`] (or at [`WAKE_LINES`]) without
+    /// being woken for each; after an interval with no line it waits idle again. On close,
+    /// writes what is left.
     fn run<W: Write>(&self, mut out: W) {
         let mut writing = Vec::new();
+        let mut lingering = false;
         loop {
             let mut state = self.lock();
-            while state.buf.is_empty() && !state.closing {
-                state.idle = true;
-                state = self
-                    .wake
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
-            state.idle = false;
-            if !state.closing {
+            if lingering && !state.closing {
                 state = self
                     .wake
                     .wait_timeout_while(state, FLUSH_INTERVAL, |s| {
@@ -136,6 +133,14 @@ impl Shared {
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
+            while state.buf.is_empty() && !state.closing {
+                state.idle = true;
+                state = self
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            state.idle = false;
             std::mem::swap(&mut state.buf, &mut writing);
             let lines = std::mem::take(&mut state.lines);
             let done = state.closing && writing.is_empty();
@@ -149,6 +154,7 @@ impl Shared {
             }
             writing.clear();
             writing.shrink_to(KEEP_BYTES);
+            lingering = true;
         }
     }
 }
