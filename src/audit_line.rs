@@ -107,6 +107,12 @@ fn format_ok(
 /// A caller-supplied string as every log line shows it: its first [`MAX_LOGGED_CHARS`]
 /// characters, each one that is not printable ASCII as `?`; in JSON, `"` and `\` escaped.
 pub fn push_loggable(out: &mut Vec<u8>, text: &str, json: bool) {
+    // The usual case (a UUID, a key_id): short printable ASCII with nothing to escape.
+    let plain = |b: &u8| b.is_ascii_graphic() && !(json && (*b == b'"' || *b == b'\\'));
+    if text.len() <= MAX_LOGGED_CHARS && text.as_bytes().iter().all(plain) {
+        out.extend_from_slice(text.as_bytes());
+        return;
+    }
     for c in text.chars().take(MAX_LOGGED_CHARS) {
         match c {
             '"' | '\\' if json => {
@@ -120,8 +126,33 @@ pub fn push_loggable(out: &mut Vec<u8>, text: &str, json: bool) {
 }
 
 /// `2026-11-30T04:32:43.921776Z`: UTC, microseconds, as tracing-subscriber prints it.
+/// The part up to the seconds is computed once per second per thread.
 fn push_timestamp(out: &mut Vec<u8>, since_epoch: std::time::Duration) {
+    thread_local! {
+        static SECOND: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+    }
     let secs = since_epoch.as_secs();
+    let cached = SECOND.with(|second| {
+        let Ok(mut second) = second.try_borrow_mut() else {
+            return false;
+        };
+        if second.0 != secs {
+            second.1.clear();
+            push_seconds(&mut second.1, secs);
+            second.0 = secs;
+        }
+        out.extend_from_slice(&second.1);
+        true
+    });
+    if !cached {
+        push_seconds(out, secs);
+    }
+    push_padded(out, u64::from(since_epoch.subsec_micros()), 6);
+    out.push(b'Z');
+}
+
+/// `2026-11-30T04:32:43.` for `secs` since the epoch.
+fn push_seconds(out: &mut Vec<u8>, secs: u64) {
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     let of_day = secs % 86_400;
     push_padded(out, year.max(0) as u64, 4);
@@ -136,8 +167,6 @@ fn push_timestamp(out: &mut Vec<u8>, since_epoch: std::time::Duration) {
     out.push(b':');
     push_padded(out, of_day % 60, 2);
     out.push(b'.');
-    push_padded(out, u64::from(since_epoch.subsec_micros()), 6);
-    out.push(b'Z');
 }
 
 /// (year, month, day) of a day counted from 1970-01-01, proleptic Gregorian calendar
@@ -216,6 +245,15 @@ mod tests {
         out.clear();
         push_loggable(&mut out, &"é".repeat(100), false);
         assert_eq!(out, "?".repeat(80).as_bytes());
+        out.clear();
+        push_loggable(&mut out, &"x".repeat(81), false);
+        assert_eq!(out, "x".repeat(80).as_bytes());
+        out.clear();
+        push_loggable(&mut out, "a\"b\\c", true);
+        assert_eq!(out, b"a\\\"b\\\\c");
+        out.clear();
+        push_loggable(&mut out, "a\"b\\c", false);
+        assert_eq!(out, b"a\"b\\c");
     }
 
     #[test]
@@ -231,6 +269,16 @@ mod tests {
             let mut out = Vec::new();
             push_timestamp(&mut out, Duration::from_secs(secs));
             assert_eq!(String::from_utf8(out).expect("utf-8"), want, "{secs}");
+        }
+        // The per-second cache: same second twice, then the next.
+        for (secs, micros, want) in [
+            (1_704_067_199, 5, "2023-12-31T23:59:59.000005Z"),
+            (1_704_067_199, 999_999, "2023-12-31T23:59:59.999999Z"),
+            (1_704_067_200, 0, "2024-01-01T00:00:00.000000Z"),
+        ] {
+            let mut out = Vec::new();
+            push_timestamp(&mut out, Duration::new(secs, micros * 1000));
+            assert_eq!(String::from_utf8(out).expect("utf-8"), want);
         }
         let mut out = Vec::new();
         push_u64(&mut out, u64::MAX);
