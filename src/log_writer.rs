@@ -13,7 +13,8 @@
 //! reading (a stuck journald, a full pipe) blocks only the writer thread; lines beyond
 //! [`MAX_LINES`] waiting are dropped and counted ([`LogWriter::dropped`], exported as
 //! `kms_plugin_log_lines_dropped_total`), as are lines whose write failed. Dropping the
-//! [`Guard`] (a clean stop) writes out every line appended before it.
+//! [`Guard`] (a clean stop) writes out every line appended before it, waiting at most
+//! [`STOP_TIMEOUT`] for a reader that does not read.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +28,8 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 pub const MAX_LINES: usize = 16 * 1024;
 /// Lines waiting at which a call wakes the writer thread before its timer.
 const WAKE_LINES: usize = 1024;
+/// How long dropping the [`Guard`] waits for the last lines to be written.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Buffer capacity kept between writes; a larger one (after a burst) is released.
 const KEEP_BYTES: usize = 256 * 1024;
 
@@ -54,7 +57,8 @@ struct State {
     stopped: bool,
 }
 
-/// Stops the writer thread when dropped, after it wrote every line appended so far.
+/// Stops the writer thread when dropped, after it wrote every line appended so far (or
+/// after [`STOP_TIMEOUT`], if the reader does not take them).
 pub struct Guard {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -147,6 +151,7 @@ impl Shared {
             state.stopped = done;
             drop(state);
             if done {
+                self.wake.notify_all();
                 return;
             }
             if out.write_all(&writing).and_then(|()| out.flush()).is_err() {
@@ -160,10 +165,22 @@ impl Shared {
 }
 
 impl Drop for Guard {
+    /// Waits for the writer thread to write what is left, but at most [`STOP_TIMEOUT`]: a
+    /// reader that stopped reading must not keep a stopping plugin from exiting.
     fn drop(&mut self) {
-        self.shared.lock().closing = true;
+        let mut state = self.shared.lock();
+        state.closing = true;
         self.shared.wake.notify_all();
-        if let Some(thread) = self.thread.take() {
+        let (state, _) = self
+            .shared
+            .wake
+            .wait_timeout_while(state, STOP_TIMEOUT, |s| !s.stopped)
+            .unwrap_or_else(PoisonError::into_inner);
+        let stopped = state.stopped;
+        drop(state);
+        if let Some(thread) = self.thread.take()
+            && stopped
+        {
             let _ = thread.join();
         }
     }
@@ -279,5 +296,23 @@ mod tests {
         drop(held);
         drop(guard);
         assert_eq!(sink.text().lines().count(), 1 + MAX_LINES);
+    }
+
+    #[test]
+    fn a_stuck_reader_does_not_keep_the_guard_from_returning() {
+        let sink = Sink::default();
+        let held = sink.gate.lock().expect("gate");
+        let (writer, guard) = LogWriter::spawn(sink.clone()).expect("spawn");
+        writer.append(b"never read\n");
+        let (done, returned) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(guard);
+            let _ = done.send(());
+        });
+        assert!(
+            returned.recv_timeout(Duration::from_secs(30)).is_ok(),
+            "dropping the guard hung behind a blocked write"
+        );
+        drop(held);
     }
 }
