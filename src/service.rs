@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroize;
 
-use crate::keyring::{KeyringError, RootReport};
+use crate::keyring::{Decrypted, KeyringError, RootReport};
 use crate::metrics::Op;
 use crate::plugin::Plugin;
 use crate::proto::admin::admin_server::Admin;
@@ -124,21 +124,29 @@ impl KeyManagementService for Service {
     ) -> Result<Response<DecryptResponse>, Status> {
         let _in_flight = self.plugin.call_started();
         let started = std::time::Instant::now();
-        let deadline = grpc_timeout(request.metadata())
-            .map_or(DEFAULT_DEADLINE, |d| d.saturating_sub(DEADLINE_MARGIN));
-        let request = request.into_inner();
+        let (metadata, _, request) = request.into_parts();
         let keyring = self.plugin.keyring();
-        let call = keyring.decrypt(&request.key_id, &request.ciphertext, &request.annotations);
-        let result = match tokio::time::timeout(deadline, call).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.plugin
-                    .metrics()
-                    .observe(Op::Decrypt, false, started.elapsed());
-                tracing::warn!(op = "decrypt", uid = %loggable(&request.uid), "deadline exceeded waiting for a root key");
-                return Err(Status::deadline_exceeded(
-                    "timed out waiting for the root key",
-                ));
+        let cached =
+            keyring.decrypt_cached(&request.key_id, &request.ciphertext, &request.annotations);
+        let result = match cached {
+            Ok(Decrypted::Plaintext(plaintext)) => Ok(plaintext),
+            Err(e) => Err(e),
+            // Only a root call can take long: the deadline is armed for it alone.
+            Ok(Decrypted::NeedsRoot(unwrap)) => {
+                let deadline = grpc_timeout(&metadata)
+                    .map_or(DEFAULT_DEADLINE, |d| d.saturating_sub(DEADLINE_MARGIN));
+                match tokio::time::timeout(deadline, unwrap.finish()).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        self.plugin
+                            .metrics()
+                            .observe(Op::Decrypt, false, started.elapsed());
+                        tracing::warn!(op = "decrypt", uid = %loggable(&request.uid), "deadline exceeded waiting for a root key");
+                        return Err(Status::deadline_exceeded(
+                            "timed out waiting for the root key",
+                        ));
+                    }
+                }
             }
         };
         self.log_call(Op::Decrypt, &request.uid, &request.key_id, &result, started);
