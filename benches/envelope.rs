@@ -194,7 +194,7 @@ fn filled(size: usize) -> KekCache {
     let cache = KekCache::new(size);
     for i in 0..size as u64 {
         let id = KekCache::id("file-bench", &i.to_le_bytes());
-        cache.insert(id, Arc::new(KekCipher::new(&Key256::generate())));
+        cache.insert(id, &[id], Arc::new(KekCipher::new(&Key256::generate())));
     }
     cache
 }
@@ -223,7 +223,7 @@ fn cache(c: &mut Criterion) {
                 let (cache, key, id) = (&cache, &key, ids[next]);
                 async move {
                     cache
-                        .get_or_unwrap(id, || async { Ok(KekCipher::new(key)) })
+                        .get_or_unwrap(id, id, || async { Ok(KekCipher::new(key)) })
                         .await
                         .expect("hit")
                 }
@@ -240,7 +240,7 @@ fn cache(c: &mut Criterion) {
             let (cache, key) = (&cache, &key);
             async move {
                 cache
-                    .get_or_unwrap(id, || async { Ok(KekCipher::new(key)) })
+                    .get_or_unwrap(id, id, || async { Ok(KekCipher::new(key)) })
                     .await
                     .expect("miss")
             }

@@ -16,14 +16,16 @@
 //!
 //! Beside them: [`cmd`] (one module per subcommand; `main.rs` only parses and calls it),
 //! [`config`] (composition of the config file), [`secret`], [`metrics`], [`systemd`],
-//! [`process`], [`secure_path`], [`proto`], [`client`].
+//! [`process`], [`secure_path`], [`proto`], [`client`], [`log_writer`], [`audit_line`].
 
+pub mod audit_line;
 pub mod client;
 pub mod cmd;
 pub mod config;
 pub mod envelope;
 pub mod h2authority;
 pub mod keyring;
+pub mod log_writer;
 pub mod metrics;
 pub mod plugin;
 pub mod process;

@@ -6,7 +6,8 @@
 //! by `server::metrics_http` when `metrics_listen` is set. Every metric is listed in
 //! README.md ("Metrics and health probes").
 
-use std::sync::{LazyLock, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
@@ -16,7 +17,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
-use tracing_appender::non_blocking::ErrorCounter;
 
 use crate::keyring::Keyring;
 
@@ -205,17 +205,17 @@ pub fn connection_refused(reason: Refusal) {
     SHARED.refused[reason as usize].inc();
 }
 
-/// The log writer's count of lines it dropped (its buffer was full).
-static LOG_DROPS: OnceLock<ErrorCounter> = OnceLock::new();
+/// The log writer's count of lines it dropped (its buffer was full, or a write failed).
+static LOG_DROPS: OnceLock<Arc<AtomicU64>> = OnceLock::new();
 
 /// Registers the log writer's drop counter (once, when logging is set up).
-pub fn count_dropped_log_lines(counter: ErrorCounter) {
+pub fn count_dropped_log_lines(counter: Arc<AtomicU64>) {
     let _ = LOG_DROPS.set(counter);
 }
 
 /// Log lines dropped so far because the log's reader did not keep up.
 pub fn log_lines_dropped() -> u64 {
-    LOG_DROPS.get().map_or(0, |c| c.dropped_lines() as u64)
+    LOG_DROPS.get().map_or(0, |c| c.load(Ordering::Relaxed))
 }
 
 /// The request counters. One per process, shared by the services.

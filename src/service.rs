@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroize;
 
-use crate::keyring::{KeyringError, RootReport};
+use crate::keyring::{Decrypted, KeyringError, RootReport};
 use crate::metrics::Op;
 use crate::plugin::Plugin;
 use crate::proto::admin::admin_server::Admin;
@@ -56,10 +56,18 @@ impl Service {
             Op::Decrypt => "decrypt",
             Op::Status => "status",
         };
-        let (uid, key_id) = (loggable(uid), loggable(key_id));
         match result {
-            Ok(_) => tracing::info!(op, uid = %uid, key_id = %key_id, outcome = "ok", micros),
+            // The audit line, formatted without tracing's formatter when that gives the
+            // same bytes (see audit_line); tracing's filter still decides whether it is due.
+            Ok(_)
+                if tracing::enabled!(tracing::Level::INFO)
+                    && crate::audit_line::write_ok(op, uid, key_id, micros) => {}
+            Ok(_) => {
+                let (uid, key_id) = (loggable(uid), loggable(key_id));
+                tracing::info!(op, uid = %uid, key_id = %key_id, outcome = "ok", micros);
+            }
             Err(e) => {
+                let (uid, key_id) = (loggable(uid), loggable(key_id));
                 tracing::warn!(op, uid = %uid, key_id = %key_id, outcome = "error", error = %e, micros);
             }
         }
@@ -116,21 +124,29 @@ impl KeyManagementService for Service {
     ) -> Result<Response<DecryptResponse>, Status> {
         let _in_flight = self.plugin.call_started();
         let started = std::time::Instant::now();
-        let deadline = grpc_timeout(request.metadata())
-            .map_or(DEFAULT_DEADLINE, |d| d.saturating_sub(DEADLINE_MARGIN));
-        let request = request.into_inner();
+        let (metadata, _, request) = request.into_parts();
         let keyring = self.plugin.keyring();
-        let call = keyring.decrypt(&request.key_id, &request.ciphertext, &request.annotations);
-        let result = match tokio::time::timeout(deadline, call).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.plugin
-                    .metrics()
-                    .observe(Op::Decrypt, false, started.elapsed());
-                tracing::warn!(op = "decrypt", uid = %loggable(&request.uid), "deadline exceeded waiting for a root key");
-                return Err(Status::deadline_exceeded(
-                    "timed out waiting for the root key",
-                ));
+        let cached =
+            keyring.decrypt_cached(&request.key_id, &request.ciphertext, &request.annotations);
+        let result = match cached {
+            Ok(Decrypted::Plaintext(plaintext)) => Ok(plaintext),
+            Err(e) => Err(e),
+            // Only a root call can take long: the deadline is armed for it alone.
+            Ok(Decrypted::NeedsRoot(unwrap)) => {
+                let deadline = grpc_timeout(&metadata)
+                    .map_or(DEFAULT_DEADLINE, |d| d.saturating_sub(DEADLINE_MARGIN));
+                match tokio::time::timeout(deadline, unwrap.finish()).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        self.plugin
+                            .metrics()
+                            .observe(Op::Decrypt, false, started.elapsed());
+                        tracing::warn!(op = "decrypt", uid = %loggable(&request.uid), "deadline exceeded waiting for a root key");
+                        return Err(Status::deadline_exceeded(
+                            "timed out waiting for the root key",
+                        ));
+                    }
+                }
             }
         };
         self.log_call(Op::Decrypt, &request.uid, &request.key_id, &result, started);
@@ -244,7 +260,7 @@ impl std::fmt::Display for Loggable<'_> {
         let end = self
             .0
             .char_indices()
-            .nth(80)
+            .nth(crate::audit_line::MAX_LOGGED_CHARS)
             .map_or(self.0.len(), |(i, _)| i);
         let text = self.0.get(..end).unwrap_or_default();
         // Printable runs are written whole, each other character as `?`.
@@ -338,6 +354,21 @@ mod tests {
         ] {
             m.insert("grpc-timeout", text.parse().expect("ascii"));
             assert_eq!(grpc_timeout(&m), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn audit_line_shows_caller_strings_as_loggable_does() {
+        for text in [
+            "a\nb\u{7}c",
+            "é x\u{1}",
+            &"é".repeat(100),
+            &"x".repeat(500),
+            "k-1.a_b",
+        ] {
+            let mut out = Vec::new();
+            crate::audit_line::push_loggable(&mut out, text, false);
+            assert_eq!(out, loggable(text).to_string().as_bytes(), "{text}");
         }
     }
 

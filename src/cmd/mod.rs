@@ -263,37 +263,48 @@ pub(crate) fn write_out(line: std::fmt::Arguments<'_>) {
     }
 }
 
-/// Sets up the log on stderr, written by a worker thread: a slow or stuck reader (journald,
-/// a full pipe) never delays a call. Lines beyond the buffer are dropped and counted
-/// ([`crate::metrics::log_lines_dropped`]). The returned guard flushes the log when dropped.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KMS_PLUGIN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Sets up the log on stderr, written by a worker thread ([`crate::log_writer`]): a slow or
+/// stuck reader (journald, a full pipe) never delays a call. Lines beyond its buffer are
+/// dropped and counted ([`crate::metrics::log_lines_dropped`]). The returned guard writes
+/// out the log when dropped.
+fn init_logging(format: LogFormat) -> Option<crate::log_writer::Guard> {
     // Colour only on a terminal: journald and log collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_BUFFER_LINES)
-        .thread_name("kms-plugin-log")
-        // The worker writes every line waiting and then flushes: one write(2) per batch
-        // rather than per line, and never half a line (each line is far below the buffer).
-        .finish(std::io::BufWriter::with_capacity(
-            LOG_WRITE_BUFFER,
-            std::io::stderr(),
-        ));
-    crate::metrics::count_dropped_log_lines(writer.error_counter());
+    match crate::log_writer::LogWriter::spawn(std::io::stderr()) {
+        Ok((writer, guard)) => {
+            crate::metrics::count_dropped_log_lines(writer.dropped());
+            let audit = writer.clone();
+            // Encrypt's and Decrypt's info line, byte for byte what the subscriber would
+            // write; not with colours, which only the subscriber adds.
+            if install_subscriber(format, ansi, writer) && !ansi {
+                crate::audit_line::install(audit, matches!(format, LogFormat::Json));
+            }
+            Some(guard)
+        }
+        Err(e) => {
+            tell(format_args!(
+                "kms-plugin: cannot start the log writer thread ({e}); logging straight to stderr"
+            ));
+            install_subscriber(format, ansi, std::io::stderr);
+            None
+        }
+    }
+}
+
+/// The global tracing subscriber, level from `KMS_PLUGIN_LOG` (default info); false when
+/// one was already installed.
+fn install_subscriber<W>(format: LogFormat, ansi: bool, writer: W) -> bool
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KMS_PLUGIN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(writer);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    guard
+    match format {
+        LogFormat::Text => builder.try_init().is_ok(),
+        LogFormat::Json => builder.json().try_init().is_ok(),
+    }
 }
-
-/// Log lines held for the writer thread (a few MiB at most).
-const LOG_BUFFER_LINES: usize = 16 * 1024;
-/// Bytes the writer thread gathers into one write to stderr.
-const LOG_WRITE_BUFFER: usize = 64 * 1024;

@@ -5,7 +5,7 @@ use super::frame::{
     FLAG_END_HEADERS, FLAG_END_STREAM, FLAG_PADDED, FLAG_PRIORITY, FrameHeader, HEADER_LEN,
     PREFACE, PRIORITY_LEN, TYPE_CONTINUATION, TYPE_HEADERS, write_header_block,
 };
-use super::hpack::{Decoder, Field, encode_block};
+use super::hpack::{Decoder, FieldList, FieldRef, encode_fields};
 
 /// Limit on the summed HEADERS + CONTINUATION payloads of one header block.
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
@@ -38,7 +38,8 @@ pub struct Rewriter {
     raw: Vec<u8>,
     /// Header block fragments of the current block, padding removed.
     fragment: Vec<u8>,
-    fields: Vec<Field>,
+    /// The decoded fields of the current block.
+    fields: FieldList,
     encoded: Vec<u8>,
     failed: Option<RewriteError>,
 }
@@ -92,7 +93,7 @@ impl Rewriter {
             payload: Vec::new(),
             raw: Vec::new(),
             fragment: Vec::new(),
-            fields: Vec::new(),
+            fields: FieldList::default(),
             encoded: Vec::new(),
             failed: None,
         }
@@ -283,23 +284,24 @@ impl Rewriter {
             return Ok(());
         };
         self.fields.clear();
-        self.decoder.decode(&self.fragment, &mut self.fields)?;
-        let mut replaced = false;
-        for f in &mut self.fields {
-            if f.name == b":authority"
-                && http::uri::Authority::try_from(f.value.as_slice()).is_err()
-            {
-                f.value = REPLACEMENT_AUTHORITY.to_vec();
-                replaced = true;
-            }
-        }
-        if replaced {
+        self.decoder.decode_list(&self.fragment, &mut self.fields)?;
+        if self.fields.iter().any(|f| is_invalid_authority(&f)) {
             self.reencode = true;
             self.rewritten += 1;
         }
         if self.reencode {
             self.encoded.clear();
-            encode_block(&self.fields, &mut self.encoded);
+            let fixed = self.fields.iter().map(|f| {
+                if is_invalid_authority(&f) {
+                    FieldRef {
+                        value: REPLACEMENT_AUTHORITY,
+                        ..f
+                    }
+                } else {
+                    f
+                }
+            });
+            encode_fields(fixed, &mut self.encoded);
             write_header_block(
                 out,
                 block.stream_id,
@@ -316,7 +318,7 @@ impl Rewriter {
 
     /// Keeps an idle connection small after an unusually large header block.
     fn release_buffers(&mut self) {
-        self.fields.clear();
+        self.fields.release(KEEP_CAPACITY);
         for buf in [
             &mut self.payload,
             &mut self.raw,
@@ -326,8 +328,12 @@ impl Rewriter {
             buf.clear();
             buf.shrink_to(KEEP_CAPACITY);
         }
-        self.fields.shrink_to(256);
     }
+}
+
+/// An `:authority` that h2 would refuse (and so must be replaced).
+fn is_invalid_authority(field: &FieldRef<'_>) -> bool {
+    field.name == b":authority" && http::uri::Authority::try_from(field.value).is_err()
 }
 
 #[cfg(test)]

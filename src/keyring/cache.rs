@@ -1,4 +1,4 @@
-//! Unwrapped local KEKs, keyed by a hash of (root key_id, wrapped bytes).
+//! Unwrapped local KEKs, keyed by the annotations they travel with.
 //!
 //! Decrypt costs one root unwrap per distinct local KEK, not per call; concurrent misses
 //! for the same wrapped key share one unwrap (single flight). Three separate places, so
@@ -7,6 +7,15 @@
 //! - `pending`: unwraps in flight (bounded by the callers waiting on them);
 //! - `failed`: a bounded LRU of wrapped keys that did not authenticate, answered without
 //!   another root call.
+//!
+//! `ready` is keyed by a [`SetId`]: the digest of the whole annotation map
+//! ([`crate::envelope::annotations::digest`], which Decrypt computes anyway for the
+//! ciphertext's associated data). It covers every annotation key (each names the root
+//! key_id a copy is wrapped under) and every wrapped copy's exact bytes, so an entry is
+//! found only for byte-identical wrapped copies under the same key_ids, as with the
+//! per-copy id used before, and a cache hit needs no second SHA-256. All ciphertexts of
+//! one local KEK carry the same annotations, so there is one entry per local KEK.
+//! `pending` and `failed` stay per wrapped copy ([`KekCache::id`]): a root unwraps one copy.
 //!
 //! An evicted cipher is dropped as soon as the last in-flight user lets go, and dropping
 //! zeroizes its key schedule.
@@ -25,6 +34,9 @@ use crate::root::{ErrorKind, RootError};
 /// Identifies one wrapped local KEK under one root.
 pub type CacheId = [u8; 32];
 
+/// Identifies the annotations a local KEK travels with: their digest.
+pub type SetId = [u8; 32];
+
 /// Wrapped keys remembered as not authenticating (32 bytes each).
 pub const FAILED_CAPACITY: usize = 4096;
 
@@ -37,7 +49,7 @@ pub struct KekCache {
 }
 
 struct Inner {
-    ready: LruCache<CacheId, Arc<KekCipher>>,
+    ready: LruCache<SetId, Arc<KekCipher>>,
     pending: HashMap<CacheId, Slot>,
     failed: LruCache<CacheId, ()>,
 }
@@ -62,26 +74,32 @@ impl KekCache {
         fingerprint(b"kms-plugin kek cache", &[key_id.as_bytes(), wrapped])
     }
 
-    /// Stores a key this plugin just made (and verified), so Decrypt of fresh data needs
-    /// no root call.
-    pub fn insert(&self, id: CacheId, cipher: Arc<KekCipher>) {
+    /// Stores a key this plugin just made (and verified), with the annotations digest
+    /// `set` and the ids of its wrapped `copies`, so Decrypt of fresh data needs no root
+    /// call.
+    pub fn insert(&self, set: SetId, copies: &[CacheId], cipher: Arc<KekCipher>) {
         let mut inner = self.lock();
-        inner.failed.pop(&id);
-        inner.ready.put(id, cipher);
+        for id in copies {
+            inner.failed.pop(id);
+        }
+        inner.ready.put(set, cipher);
     }
 
-    /// The cached key, if it is already unwrapped (never waits, never unwraps).
-    pub fn get(&self, id: &CacheId) -> Option<Arc<KekCipher>> {
-        self.lock().ready.get(id).cloned()
+    /// The cached key for these annotations, if it is already unwrapped (never waits,
+    /// never unwraps).
+    pub fn get(&self, set: &SetId) -> Option<Arc<KekCipher>> {
+        self.lock().ready.get(set).cloned()
     }
 
-    /// Returns the cached key, or runs `unwrap` once for all concurrent callers.
+    /// Returns the cached key for the annotations `set`, or runs `unwrap` of the copy `id`
+    /// once for all concurrent callers.
     ///
     /// A wrapped key that failed to authenticate is remembered and refused from then on
     /// without calling `unwrap`; any other failure is not remembered (the root may be back
     /// on the next call).
     pub async fn get_or_unwrap<F, Fut>(
         &self,
+        set: SetId,
         id: CacheId,
         unwrap: F,
     ) -> Result<Arc<KekCipher>, RootError>
@@ -91,7 +109,7 @@ impl KekCache {
     {
         let slot = {
             let mut inner = self.lock();
-            if let Some(cipher) = inner.ready.get(&id) {
+            if let Some(cipher) = inner.ready.get(&set) {
                 return Ok(cipher.clone());
             }
             if inner.failed.get(&id).is_some() {
@@ -125,7 +143,7 @@ impl KekCache {
         }
         match &result {
             Ok(cipher) => {
-                inner.ready.put(id, cipher.clone());
+                inner.ready.put(set, cipher.clone());
             }
             Err(e) if e.kind() == ErrorKind::NotAuthentic => {
                 inner.failed.put(id, ());
@@ -187,7 +205,7 @@ mod tests {
             let (cache, calls) = (cache.clone(), calls.clone());
             tasks.push(tokio::spawn(async move {
                 cache
-                    .get_or_unwrap(id, || async {
+                    .get_or_unwrap(id, id, || async {
                         calls.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         Ok(cipher())
@@ -212,7 +230,7 @@ mod tests {
         let id = KekCache::id("file-a", b"w");
         assert!(cache.get(&id).is_none());
         let cipher = cache
-            .get_or_unwrap(id, || async { Ok(cipher()) })
+            .get_or_unwrap(id, id, || async { Ok(cipher()) })
             .await
             .expect("ok");
         assert!(cache.get(&id).is_some_and(|c| Arc::ptr_eq(&c, &cipher)));
@@ -224,13 +242,13 @@ mod tests {
         let id = KekCache::id("file-a", b"w");
         assert!(
             cache
-                .get_or_unwrap(id, || async { Err(down()) })
+                .get_or_unwrap(id, id, || async { Err(down()) })
                 .await
                 .is_err()
         );
         assert!(cache.is_empty());
         assert_eq!(cache.failed_len(), 0);
-        let ok = cache.get_or_unwrap(id, || async { Ok(cipher()) }).await;
+        let ok = cache.get_or_unwrap(id, id, || async { Ok(cipher()) }).await;
         assert!(ok.is_ok());
         assert_eq!(cache.len(), 1);
     }
@@ -242,7 +260,7 @@ mod tests {
         let id = KekCache::id("file-a", b"junk");
         for _ in 0..3 {
             let got = cache
-                .get_or_unwrap(id, || async {
+                .get_or_unwrap(id, id, || async {
                     calls.fetch_add(1, Ordering::SeqCst);
                     Err(RootError::bare(ErrorKind::NotAuthentic))
                 })
@@ -258,7 +276,7 @@ mod tests {
         let cache = KekCache::new(2);
         let good: Vec<CacheId> = (0u8..2).map(|i| KekCache::id("file-a", &[i])).collect();
         for id in &good {
-            cache.insert(*id, Arc::new(cipher()));
+            cache.insert(*id, &[*id], Arc::new(cipher()));
         }
         for i in 0u32..10_000 {
             let junk = KekCache::id("file-a", &i.to_be_bytes());
@@ -269,7 +287,7 @@ mod tests {
             };
             assert!(
                 cache
-                    .get_or_unwrap(junk, || async { Err(error) })
+                    .get_or_unwrap(junk, junk, || async { Err(error) })
                     .await
                     .is_err()
             );
@@ -284,11 +302,11 @@ mod tests {
         let ids: Vec<CacheId> = (0u8..3).map(|i| KekCache::id("file-a", &[i])).collect();
         let second = Arc::new(cipher());
         let weak_second = Arc::downgrade(&second);
-        cache.insert(ids[0], Arc::new(cipher()));
-        cache.insert(ids[1], second);
+        cache.insert(ids[0], &[], Arc::new(cipher()));
+        cache.insert(ids[1], &[], second);
         // Use the oldest entry: least recently used is now ids[1] (a FIFO would drop ids[0]).
         assert!(cache.get(&ids[0]).is_some());
-        cache.insert(ids[2], Arc::new(cipher()));
+        cache.insert(ids[2], &[], Arc::new(cipher()));
         assert_eq!(cache.len(), 2);
         assert!(
             cache.get(&ids[0]).is_some(),
@@ -299,7 +317,9 @@ mod tests {
             weak_second.upgrade().is_none(),
             "evicted key must be dropped"
         );
-        let refetch = cache.get_or_unwrap(ids[1], || async { Err(down()) }).await;
+        let refetch = cache
+            .get_or_unwrap(ids[1], ids[1], || async { Err(down()) })
+            .await;
         assert!(refetch.is_err(), "evicted entry must need a new unwrap");
     }
 

@@ -452,6 +452,21 @@ impl Keyring {
         ciphertext: &[u8],
         annotations: &HashMap<String, Vec<u8>>,
     ) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
+        match self.decrypt_cached(key_id, ciphertext, annotations)? {
+            Decrypted::Plaintext(plaintext) => Ok(plaintext),
+            Decrypted::NeedsRoot(unwrap) => unwrap.finish().await,
+        }
+    }
+
+    /// [`Keyring::decrypt`] as far as it goes without a root call: every check, then the
+    /// cache. The usual Decrypt ends here, synchronously (no timer, no task state); a
+    /// cache miss returns the root unwrap still to do, for the caller to bound in time.
+    pub fn decrypt_cached<'a>(
+        &'a self,
+        key_id: &'a str,
+        ciphertext: &'a [u8],
+        annotations: &'a HashMap<String, Vec<u8>>,
+    ) -> Result<Decrypted<'a>, KeyringError> {
         check_format(ciphertext)?;
         if key_id.is_empty() || key_id.len() > MAX_KEY_ID_LEN {
             return Err(KeyringError::InvalidRequest(
@@ -459,7 +474,6 @@ impl Keyring {
             ));
         }
         let copies = annotations::wrapped_copies(annotations)?;
-        let requested = self.root_by_key_id(key_id);
         // Each copy with the key_id it was wrapped under: a root may answer to older ones.
         let mut candidates: Vec<(&Arc<Root>, KeyId, &[u8])> = copies
             .iter()
@@ -472,59 +486,27 @@ impl Keyring {
         if candidates.is_empty() {
             return Err(KeyringError::UnknownKeyId);
         }
-        let aad = associated_data(key_id, &annotations::digest(annotations));
-        let open = |cipher: &KekCipher, root: &Arc<Root>| {
-            let plaintext = cipher.open(&aad, ciphertext).map_err(|e| match requested {
-                // The copy came from a configured root but the key_id is not ours: the
-                // key_id is what is wrong.
-                None => KeyringError::UnknownKeyId,
-                Some(_) => KeyringError::Envelope(e),
-            })?;
-            requested.unwrap_or(root).stats.note_decrypt();
-            Ok(plaintext)
+        // The annotations digest is bound into the associated data and keys the cache
+        // (see cache.rs: it covers every copy's exact bytes and key_id).
+        let set = annotations::digest(annotations);
+        let opening = Opening {
+            requested: self.root_by_key_id(key_id),
+            aad: associated_data(key_id, &set),
+            ciphertext,
         };
-        // Any copy already unwrapped wins: with the preferred root down, Decrypt must not
-        // wait for it on every call once another root has opened the local KEK.
-        for (root, id, wrapped) in &candidates {
-            if let Some(cipher) = self.cache.get(&KekCache::id(id.as_str(), wrapped)) {
-                crate::metrics::cache_hit();
-                return open(&cipher, root);
-            }
+        // Already unwrapped, through any copy: with the preferred root down, Decrypt must
+        // not wait for it on every call once another root has opened the local KEK.
+        if let (Some(cipher), Some((root, _, _))) = (self.cache.get(&set), candidates.first()) {
+            crate::metrics::cache_hit();
+            return opening.open(&cipher, root).map(Decrypted::Plaintext);
         }
         crate::metrics::cache_miss();
-        let mut failure = None;
-        for (root, copy_id, wrapped) in candidates {
-            let id = KekCache::id(copy_id.as_str(), wrapped);
-            let unwrapped = self
-                .cache
-                .get_or_unwrap(id, || async {
-                    match root.unwrap_for_decrypt(&copy_id, wrapped).await {
-                        Some(key) => key.map(|k| KekCipher::new(&k)),
-                        None => Err(RootError::bare(ErrorKind::Throttled)),
-                    }
-                })
-                .await;
-            // An unwrap's key schedule passed through stack temporaries (see make_local_kek).
-            crate::secret::wipe_stack();
-            match unwrapped {
-                Ok(cipher) => return open(&cipher, root),
-                Err(e) => {
-                    // Root health changes are logged by the root itself; a forged or
-                    // throttled copy is the caller's doing and must not flood the log.
-                    tracing::debug!(root = %root.name, key_id = %root.key_id(), error = %e, "cannot unwrap local KEK");
-                    failure = Some(match e.kind() {
-                        ErrorKind::NotAuthentic => {
-                            KeyringError::Envelope(EnvelopeError::Authentication)
-                        }
-                        kind => KeyringError::Root {
-                            name: root.name.clone(),
-                            kind,
-                        },
-                    });
-                }
-            }
-        }
-        Err(failure.unwrap_or(KeyringError::UnknownKeyId))
+        Ok(Decrypted::NeedsRoot(RootUnwrap {
+            keyring: self,
+            candidates,
+            set,
+            opening,
+        }))
     }
 
     /// What Status reports. In-memory only: never calls a root.
@@ -694,11 +676,10 @@ impl Keyring {
         let cipher = Arc::new(KekCipher::new(&kek));
         // The key schedule passed through stack temporaries on its way into the Arc.
         crate::secret::wipe_stack();
-        for id in ids {
-            self.cache.insert(id, cipher.clone());
-        }
+        let set = annotations::digest(&annotations);
+        self.cache.insert(set, &ids, cipher.clone());
         Ok(Sealer {
-            aad: associated_data(self.key_id().as_str(), &annotations::digest(&annotations)),
+            aad: associated_data(self.key_id().as_str(), &set),
             cipher,
             annotations,
         })
@@ -855,5 +836,95 @@ fn name_error(name: &str, provider: &str, e: RootError) -> RootError {
 
 #[cfg(test)]
 mod memory_tests;
+
+/// What [`Keyring::decrypt_cached`] got to.
+pub enum Decrypted<'a> {
+    /// Opened with a cached local KEK.
+    Plaintext(Zeroizing<Vec<u8>>),
+    /// Not cached: a root must unwrap a copy first.
+    NeedsRoot(RootUnwrap<'a>),
+}
+
+/// The rest of a Decrypt whose local KEK is not cached: one root unwrap (shared with
+/// concurrent callers), then the open.
+pub struct RootUnwrap<'a> {
+    keyring: &'a Keyring,
+    candidates: Vec<(&'a Arc<Root>, KeyId, &'a [u8])>,
+    set: cache::SetId,
+    opening: Opening<'a>,
+}
+
+/// What opening the ciphertext needs, whichever way the local KEK was found.
+struct Opening<'a> {
+    requested: Option<&'a Arc<Root>>,
+    aad: Vec<u8>,
+    ciphertext: &'a [u8],
+}
+
+impl Opening<'_> {
+    fn open(
+        &self,
+        cipher: &KekCipher,
+        root: &Arc<Root>,
+    ) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
+        let plaintext =
+            cipher
+                .open(&self.aad, self.ciphertext)
+                .map_err(|e| match self.requested {
+                    // The copy came from a configured root but the key_id is not ours: the
+                    // key_id is what is wrong.
+                    None => KeyringError::UnknownKeyId,
+                    Some(_) => KeyringError::Envelope(e),
+                })?;
+        self.requested.unwrap_or(root).stats.note_decrypt();
+        Ok(plaintext)
+    }
+}
+
+impl RootUnwrap<'_> {
+    /// Unwraps a copy (the requested root's first), caches the local KEK and opens.
+    pub async fn finish(self) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
+        let Self {
+            keyring,
+            candidates,
+            set,
+            opening,
+        } = self;
+        let mut failure = None;
+        for (root, copy_id, wrapped) in candidates {
+            let id = KekCache::id(copy_id.as_str(), wrapped);
+            let unwrapped = keyring
+                .cache
+                .get_or_unwrap(set, id, || async {
+                    match root.unwrap_for_decrypt(&copy_id, wrapped).await {
+                        Some(key) => key.map(|k| KekCipher::new(&k)),
+                        None => Err(RootError::bare(ErrorKind::Throttled)),
+                    }
+                })
+                .await;
+            // An unwrap's key schedule passed through stack temporaries (see make_local_kek).
+            crate::secret::wipe_stack();
+            match unwrapped {
+                Ok(cipher) => return opening.open(&cipher, root),
+                Err(e) => {
+                    // Root health changes are logged by the root itself; a forged or
+                    // throttled copy is the caller's doing and must not flood the log.
+                    tracing::debug!(root = %root.name, key_id = %root.key_id(), error = %e, "cannot unwrap local KEK");
+                    failure = Some(match e.kind() {
+                        ErrorKind::NotAuthentic => {
+                            KeyringError::Envelope(EnvelopeError::Authentication)
+                        }
+                        kind => KeyringError::Root {
+                            name: root.name.clone(),
+                            kind,
+                        },
+                    });
+                }
+            }
+        }
+        Err(failure.unwrap_or(KeyringError::UnknownKeyId))
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -240,3 +240,44 @@ fn the_successor_threshold_is_exact() {
         assert_eq!(f.keyring.prepare_count(), want, "{max} at {percent} %");
     }
 }
+
+/// The cache is keyed by the annotations digest: a hit needs the exact wrapped bytes (and
+/// key_ids) the key was cached with. One changed byte in a copy is a miss that goes to the
+/// root (and fails there), never a hit on the cached local KEK.
+#[tokio::test]
+async fn a_cache_hit_needs_the_exact_wrapped_copies() {
+    let f = fixture(&["main", "backup"], |_| {}).await;
+    f.keyring.start().await.expect("start");
+    let sealed = f.keyring.encrypt(b"seed").expect("encrypt");
+    let key_id = f.keyring.key_id().to_string();
+    let before = (unwraps(&f.keyring, "main"), unwraps(&f.keyring, "backup"));
+    assert_eq!(
+        f.keyring
+            .decrypt(&key_id, &sealed.ciphertext, &sealed.annotations)
+            .await
+            .expect("hit")
+            .as_slice(),
+        b"seed"
+    );
+    assert_eq!(
+        (unwraps(&f.keyring, "main"), unwraps(&f.keyring, "backup")),
+        before,
+        "a hit made a root call"
+    );
+    for name in sealed.annotations.keys() {
+        let mut changed = sealed.annotations.clone();
+        if let Some(copy) = changed.get_mut(name) {
+            copy[0] ^= 1;
+        }
+        let got = f
+            .keyring
+            .decrypt(&key_id, &sealed.ciphertext, &changed)
+            .await;
+        assert!(got.is_err(), "{name}");
+    }
+    let after = (unwraps(&f.keyring, "main"), unwraps(&f.keyring, "backup"));
+    assert!(
+        after.0 + after.1 > before.0 + before.1,
+        "a changed copy was served from the cache"
+    );
+}

@@ -284,6 +284,10 @@ async fn callers_outside_allowed_uids_are_closed_at_accept() {
     assert!(!answered, "a refused uid got a Status");
     let out = support::run_cli(&["status", "--socket", &socket], &[]);
     assert!(!out.status.success());
+    // The log is written by the plugin's writer thread: wait for the line.
+    plugin
+        .wait_for_output("connection refused: peer uid not in allowed_uids")
+        .await;
     let log = plugin.output();
     let refusals: Vec<&str> = log
         .lines()

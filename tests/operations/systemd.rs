@@ -132,7 +132,13 @@ async fn serves_on_the_socket_systemd_passes() {
 
     // The plugin says so, and the one listener on the path is descriptor 3 of the plugin
     // (systemd-socket-activate exec()s it in place: same pid).
-    let log = output();
+    // The log is written by the plugin's writer thread: wait for the line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut log = output();
+    while !log.contains("listening on the socket systemd passed") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        log = output();
+    }
     assert!(
         log.contains("listening on the socket systemd passed (socket activation)")
             && log.contains("fd=3"),

@@ -1,7 +1,7 @@
 //! HPACK header block decoding (RFC 7541 §5, §6).
 
 use super::table::{DynamicTable, ENTRY_OVERHEAD};
-use super::{Field, HpackError, huffman};
+use super::{Field, FieldList, HpackError, huffman};
 
 /// Initial dynamic table size: the SETTINGS_HEADER_TABLE_SIZE default (RFC 9113 §6.5.2).
 pub const DEFAULT_TABLE_SIZE: usize = 4096;
@@ -46,21 +46,33 @@ impl Decoder {
     /// On error the dynamic table may be partly updated; the connection must
     /// then be dropped.
     pub fn decode(&mut self, block: &[u8], fields: &mut Vec<Field>) -> Result<(), HpackError> {
+        let mut list = FieldList::default();
+        self.decode_list(block, &mut list)?;
+        fields.extend(list.iter().map(|f| Field {
+            name: f.name.to_vec(),
+            value: f.value.to_vec(),
+            never_indexed: f.never_indexed,
+        }));
+        Ok(())
+    }
+
+    /// [`Decoder::decode`] into a reusable [`FieldList`] (appended to): no allocation per
+    /// field, only for entries added to the dynamic table.
+    pub fn decode_list(&mut self, block: &[u8], list: &mut FieldList) -> Result<(), HpackError> {
         let mut src = block;
         let mut list_size: usize = 0;
         let mut seen_field = false;
         while let Some(&first) = src.first() {
+            let start = list.bytes_mut().len();
             if first & 0x80 != 0 {
                 // §6.1 indexed header field.
                 let index = decode_int(&mut src, 7)?;
                 let (n, v) = self.table.get(index)?;
-                let field = Field {
-                    name: n.to_vec(),
-                    value: v.to_vec(),
-                    never_indexed: false,
-                };
-                self.push(fields, field, &mut list_size)?;
-                seen_field = true;
+                let bytes = list.bytes_mut();
+                bytes.extend_from_slice(n);
+                let name_end = bytes.len();
+                bytes.extend_from_slice(v);
+                list.finish(start, name_end, false);
             } else if first & 0xe0 == 0x20 {
                 // §6.3 dynamic table size update: only before the first field.
                 if seen_field {
@@ -74,6 +86,7 @@ impl Decoder {
                     });
                 }
                 self.table.set_max_size(size);
+                continue;
             } else {
                 // §6.2 literals: 01 = incremental indexing (6-bit prefix),
                 // 0000 = without indexing, 0001 = never indexed (4-bit prefix).
@@ -83,43 +96,29 @@ impl Decoder {
                     (4, false, first & 0x10 != 0)
                 };
                 let name_index = decode_int(&mut src, prefix)?;
-                let name = if name_index == 0 {
-                    decode_string(&mut src)?
+                if name_index == 0 {
+                    decode_string(&mut src, list.bytes_mut())?;
                 } else {
-                    self.table.get(name_index)?.0.to_vec()
-                };
-                let value = decode_string(&mut src)?;
-                if indexing {
-                    self.table.insert(name.clone(), value.clone());
+                    let name = self.table.get(name_index)?.0;
+                    list.bytes_mut().extend_from_slice(name);
                 }
-                let field = Field {
-                    name,
-                    value,
-                    never_indexed,
-                };
-                self.push(fields, field, &mut list_size)?;
-                seen_field = true;
+                let name_end = list.bytes_mut().len();
+                decode_string(&mut src, list.bytes_mut())?;
+                list.finish(start, name_end, never_indexed);
+                if indexing && let Some((name, value)) = list.last() {
+                    self.table.insert(name.to_vec(), value.to_vec());
+                }
+            }
+            seen_field = true;
+            list_size = list_size
+                .saturating_add(list.field_len())
+                .saturating_add(ENTRY_OVERHEAD);
+            if list_size > self.max_list_size {
+                return Err(HpackError::HeaderListTooLarge {
+                    limit: self.max_list_size,
+                });
             }
         }
-        Ok(())
-    }
-
-    fn push(
-        &self,
-        fields: &mut Vec<Field>,
-        field: Field,
-        list_size: &mut usize,
-    ) -> Result<(), HpackError> {
-        *list_size = list_size
-            .saturating_add(field.name.len())
-            .saturating_add(field.value.len())
-            .saturating_add(ENTRY_OVERHEAD);
-        if *list_size > self.max_list_size {
-            return Err(HpackError::HeaderListTooLarge {
-                limit: self.max_list_size,
-            });
-        }
-        fields.push(field);
         Ok(())
     }
 }
@@ -157,8 +156,9 @@ pub fn decode_int(src: &mut &[u8], prefix_bits: u8) -> Result<usize, HpackError>
     }
 }
 
-/// Decodes a string literal (§5.2), Huffman-coded or raw, advancing `src`.
-fn decode_string(src: &mut &[u8]) -> Result<Vec<u8>, HpackError> {
+/// Decodes a string literal (§5.2), Huffman-coded or raw, advancing `src` and appending
+/// the string to `out`.
+fn decode_string(src: &mut &[u8], out: &mut Vec<u8>) -> Result<(), HpackError> {
     let huffman_coded = src.first().ok_or(HpackError::Truncated)? & 0x80 != 0;
     let len = decode_int(src, 7)?;
     if len > src.len() {
@@ -167,11 +167,10 @@ fn decode_string(src: &mut &[u8]) -> Result<Vec<u8>, HpackError> {
     let (data, rest) = src.split_at(len);
     *src = rest;
     if huffman_coded {
-        let mut out = Vec::new();
-        huffman::decode(data, &mut out)?;
-        Ok(out)
+        huffman::decode(data, out)
     } else {
-        Ok(data.to_vec())
+        out.extend_from_slice(data);
+        Ok(())
     }
 }
 
@@ -391,5 +390,34 @@ mod tests {
             decode_one(&mut d, &block),
             Err(HpackError::HeaderListTooLarge { limit: 64 * 1024 })
         );
+    }
+
+    #[test]
+    fn reused_field_list_matches_owned_fields() {
+        let blocks = [
+            "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff",
+            "8286 84be 5886 a8eb 1064 9cbf",
+            "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
+            "1008 7061 7373 776f 7264 0673 6563 7265 74",
+        ];
+        let (mut owned, mut borrowed) = (Decoder::default(), Decoder::default());
+        let mut list = FieldList::default();
+        for block in blocks {
+            let want = decode_one(&mut owned, &hex(block)).unwrap();
+            list.clear();
+            borrowed.decode_list(&hex(block), &mut list).unwrap();
+            let got: Vec<Field> = list
+                .iter()
+                .map(|f| Field {
+                    name: f.name.to_vec(),
+                    value: f.value.to_vec(),
+                    never_indexed: f.never_indexed,
+                })
+                .collect();
+            assert_eq!(got, want, "{block}");
+            assert_eq!(borrowed.table().size(), owned.table().size());
+        }
+        list.release(0);
+        assert!(list.is_empty());
     }
 }

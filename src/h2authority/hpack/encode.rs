@@ -4,21 +4,26 @@
 //! table no longer matches the client's. Encoding only with the static table
 //! and literals-without-indexing keeps it frozen and never references it.
 
-use super::Field;
 use super::table::STATIC;
+use super::{Field, FieldRef};
 
 /// Appends the HPACK encoding of `fields` to `out` without using the dynamic table.
 pub fn encode_block(fields: &[Field], out: &mut Vec<u8>) {
+    encode_fields(fields.iter().map(Field::as_ref), out);
+}
+
+/// [`encode_block`] of borrowed fields (a [`super::FieldList`]'s).
+pub fn encode_fields<'a>(fields: impl IntoIterator<Item = FieldRef<'a>>, out: &mut Vec<u8>) {
     for field in fields {
         encode_field(field, out);
     }
 }
 
-fn encode_field(field: &Field, out: &mut Vec<u8>) {
+fn encode_field(field: FieldRef<'_>, out: &mut Vec<u8>) {
     let mut name_index = 0;
     for (i, (name, value)) in STATIC.iter().enumerate() {
-        if *name == field.name.as_slice() {
-            if *value == field.value.as_slice() && !field.never_indexed {
+        if *name == field.name {
+            if *value == field.value && !field.never_indexed {
                 // §6.1 indexed field, static entry (1-based).
                 encode_int(i + 1, 7, 0x80, out);
                 return;
@@ -32,9 +37,9 @@ fn encode_field(field: &Field, out: &mut Vec<u8>) {
     let flags = if field.never_indexed { 0x10 } else { 0x00 };
     encode_int(name_index, 4, flags, out);
     if name_index == 0 {
-        encode_raw_string(&field.name, out);
+        encode_raw_string(field.name, out);
     }
-    encode_raw_string(&field.value, out);
+    encode_raw_string(field.value, out);
 }
 
 /// §5.2 string literal, not Huffman-coded.

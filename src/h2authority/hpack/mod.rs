@@ -8,7 +8,7 @@ pub mod huffman;
 pub mod table;
 
 pub use decode::Decoder;
-pub use encode::encode_block;
+pub use encode::{encode_block, encode_fields};
 
 /// One decoded header field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +19,114 @@ pub struct Field {
     pub value: Vec<u8>,
     /// Sent as "literal never indexed": intermediaries must keep it that way (§6.2.3).
     pub never_indexed: bool,
+}
+
+impl Field {
+    /// The field as a [`FieldRef`].
+    pub fn as_ref(&self) -> FieldRef<'_> {
+        FieldRef {
+            name: &self.name,
+            value: &self.value,
+            never_indexed: self.never_indexed,
+        }
+    }
+}
+
+/// A decoded header field borrowed from a [`FieldList`] (or a [`Field`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldRef<'a> {
+    /// Field name.
+    pub name: &'a [u8],
+    /// Field value.
+    pub value: &'a [u8],
+    /// Sent as "literal never indexed".
+    pub never_indexed: bool,
+}
+
+/// The fields of one header block, all names and values in one byte buffer. Reused from
+/// block to block, it allocates nothing once its buffers have grown: the rewriter decodes
+/// every request's headers, and two `Vec`s per field were most of its cost.
+#[derive(Debug, Default)]
+pub struct FieldList {
+    bytes: Vec<u8>,
+    spans: Vec<Span>,
+}
+
+/// Where one field's name and value are in [`FieldList::bytes`]: `start..name_end` and
+/// `name_end..value_end`.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: usize,
+    name_end: usize,
+    value_end: usize,
+    never_indexed: bool,
+}
+
+impl FieldList {
+    /// Empties the list, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.spans.clear();
+    }
+
+    /// Empties the list and gives back buffer capacity above `bytes` (an idle connection
+    /// stays small after an unusually large block).
+    pub fn release(&mut self, bytes: usize) {
+        self.clear();
+        self.bytes.shrink_to(bytes);
+        self.spans.shrink_to(bytes / 64);
+    }
+
+    /// Number of fields.
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// True when the list holds no field.
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The fields in block order.
+    pub fn iter(&self) -> impl Iterator<Item = FieldRef<'_>> + '_ {
+        self.spans.iter().map(|s| FieldRef {
+            name: self.bytes.get(s.start..s.name_end).unwrap_or_default(),
+            value: self.bytes.get(s.name_end..s.value_end).unwrap_or_default(),
+            never_indexed: s.never_indexed,
+        })
+    }
+
+    /// The last field's name and value (the one [`FieldList::finish`] just ended).
+    fn last(&self) -> Option<(&[u8], &[u8])> {
+        let s = self.spans.last()?;
+        Some((
+            self.bytes.get(s.start..s.name_end)?,
+            self.bytes.get(s.name_end..s.value_end)?,
+        ))
+    }
+
+    /// The byte buffer names and values are appended to.
+    fn bytes_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.bytes
+    }
+
+    /// Ends a field whose name starts at `start` and ends at `name_end`, and whose value
+    /// is the rest of the buffer.
+    fn finish(&mut self, start: usize, name_end: usize, never_indexed: bool) {
+        self.spans.push(Span {
+            start,
+            name_end,
+            value_end: self.bytes.len(),
+            never_indexed,
+        });
+    }
+
+    /// Bytes in use (for the header list size: names and values).
+    fn field_len(&self) -> usize {
+        self.spans
+            .last()
+            .map_or(0, |s| s.value_end.saturating_sub(s.start))
+    }
 }
 
 /// Malformed or over-limit HPACK input.
