@@ -166,12 +166,5 @@ async fn bench() {
 }
 
 fn main() {
-    if !common::invoked_as_bench() {
-        return;
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(bench());
+    common::run_bench(bench);
 }

@@ -27,7 +27,7 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 /// Lines waiting beyond which new lines are dropped (the reader is not keeping up).
 pub const MAX_LINES: usize = 16 * 1024;
 /// Lines waiting at which a call wakes the writer thread before its timer.
-const WAKE_LINES: usize = 1024;
+pub const WAKE_LINES: usize = 1024;
 /// How long dropping the [`Guard`] waits for the last lines to be written.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Buffer capacity kept between writes; a larger one (after a burst) is released.

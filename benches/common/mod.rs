@@ -19,6 +19,18 @@ pub fn invoked_as_bench() -> bool {
     std::env::args().any(|a| a == "--bench")
 }
 
+/// Runs `bench` on a multi-threaded runtime when invoked by `cargo bench`; nothing otherwise.
+pub fn run_bench<F: std::future::Future>(bench: impl FnOnce() -> F) {
+    if !invoked_as_bench() {
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(bench());
+}
+
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
