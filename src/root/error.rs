@@ -157,6 +157,7 @@ impl std::error::Error for RootError {}
 
 /// A provider error's message with its sources, "outer: inner: innermost", each part once and
 /// without a Debug dump: these messages end up in the 400-byte Status healthz string.
+#[cfg(any(feature = "aws-kms", feature = "vault-transit"))]
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
