@@ -103,15 +103,7 @@ fn localize(template: &str, dir: &Path, socket: &str) -> String {
 
 /// A SoftHSM2 config over the token files in `dir/tokens`, and the environment naming it.
 fn softhsm_env(dir: &Path) -> Vec<(String, String)> {
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            dir.join("tokens").display()
-        ),
-    )
-    .expect("softhsm2.conf");
+    let conf = softhsm::token::write_conf(dir);
     vec![("SOFTHSM2_CONF".into(), conf.to_string_lossy().into_owned())]
 }
 

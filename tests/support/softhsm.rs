@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 // std-only parts shared with the library's unit tests.
 #[path = "softhsm_token.rs"]
-mod token;
+pub mod token;
 pub use token::module;
 
 /// The user PIN of every test token; distinctive, so tests can check it never leaks.

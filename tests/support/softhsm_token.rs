@@ -27,10 +27,11 @@ pub fn module() -> PathBuf {
     })
 }
 
-/// Writes a softhsm2.conf in `dir` whose tokens live in `dir/tokens`; returns its path.
+/// Writes a softhsm2.conf in `dir` whose tokens live in `dir/tokens` (made if missing);
+/// returns its path.
 pub fn write_conf(dir: &Path) -> PathBuf {
     let tokens = dir.join("tokens");
-    std::fs::create_dir(&tokens).expect("token dir");
+    std::fs::create_dir_all(&tokens).expect("token dir");
     let conf = dir.join("softhsm2.conf");
     std::fs::write(
         &conf,

@@ -85,21 +85,11 @@ fn wait(dir: &Path, what: &str, limit: Duration, mut ready: impl FnMut() -> bool
 impl SwTpm {
     /// A fresh TPM with an initialised tpm2-pkcs11 store (no token yet).
     pub fn start() -> Self {
-        assert!(Path::new(MODULE).exists(), "{MODULE} not found: {PACKAGES}");
-        let dir = tempfile::Builder::new()
-            .prefix("swtpm")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .expect("tempdir");
-        for sub in ["state", "store"] {
-            std::fs::create_dir(dir.path().join(sub)).expect("mkdir");
-        }
-        let mut tpm = Self {
-            dir,
-            children: Vec::new(),
-            port: 0,
-            next: AtomicU32::new(0),
-        };
-        tpm.boot();
+        let tpm = Self::boot_on(|dir| {
+            for sub in ["state", "store"] {
+                std::fs::create_dir(dir.join(sub)).expect("mkdir");
+            }
+        });
         tpm.ptool(&["init"]);
         tpm
     }
@@ -107,14 +97,22 @@ impl SwTpm {
     /// A TPM booted on copies of the state and store [`SwTpm::save`] wrote to `from`: the
     /// same seeds, persistent primary key and tokens (an upgrade test's recorded TPM).
     pub fn restore(from: &Path) -> Self {
+        Self::boot_on(|dir| {
+            for sub in ["state", "store"] {
+                copy_files(&from.join(sub), &dir.join(sub));
+            }
+        })
+    }
+
+    /// Boots the TPM and its daemons in a new directory that `fill` gives its `state` and
+    /// `store`.
+    fn boot_on(fill: impl FnOnce(&Path)) -> Self {
         assert!(Path::new(MODULE).exists(), "{MODULE} not found: {PACKAGES}");
         let dir = tempfile::Builder::new()
             .prefix("swtpm")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .expect("tempdir");
-        for sub in ["state", "store"] {
-            copy_files(&from.join(sub), &dir.path().join(sub));
-        }
+        fill(dir.path());
         let mut tpm = Self {
             dir,
             children: Vec::new(),
