@@ -53,25 +53,66 @@ pub fn init_token(conf: &Path, label: &str, so_pin: &str, pin: &str) {
     let _one = INIT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let out = Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            label,
-            "--so-pin",
-            so_pin,
-            "--pin",
-            pin,
-        ])
+    // softhsm2-util 2.6 reads every token's info to pick a free slot and again, after
+    // C_InitToken and C_InitPIN, to report the token's new slot. A token that another
+    // process (a parallel test's keygen) is writing at that moment can fail to load, and
+    // the tool then exits with this error, before or after it made the token. So on this
+    // error look for the label: made means done (a retry would make a second token with
+    // the same label), absent means try again. Any other failure is final.
+    const SCAN_RACE: &str = "Could not get info about the token in slot";
+    for attempt in 1..=5 {
+        let out = softhsm2_util(
+            conf,
+            &[
+                "--init-token",
+                "--free",
+                "--label",
+                label,
+                "--so-pin",
+                so_pin,
+                "--pin",
+                pin,
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            stderr.contains(SCAN_RACE),
+            "softhsm2-util --init-token failed: {stderr}"
+        );
+        match user_pin_set(conf, label) {
+            Some(true) => return,
+            Some(false) => panic!("token {label} was made without its user PIN: {stderr}"),
+            None => std::thread::sleep(std::time::Duration::from_millis(50 * attempt)),
+        }
+    }
+    panic!("softhsm2-util --init-token kept failing to read the other tokens in {conf:?}");
+}
+
+/// Whether the token labelled `label` has its user PIN set; `None` if there is no such
+/// token. `--show-slots` skips a token it cannot read, and nobody else writes a token
+/// this process is making, so the answer for `label` is reliable.
+fn user_pin_set(conf: &Path, label: &str) -> Option<bool> {
+    let out = softhsm2_util(conf, &["--show-slots"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    listing.split("\nSlot ").find_map(|slot| {
+        let field = |name: &str| {
+            slot.lines()
+                .find_map(|line| line.trim().strip_prefix(name))
+                .map(str::trim)
+        };
+        (field("Label:") == Some(label)).then(|| field("User PIN init.:") == Some("yes"))
+    })
+}
+
+fn softhsm2_util(conf: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("softhsm2-util")
+        .args(args)
         .env("SOFTHSM2_CONF", conf)
         .output()
         .unwrap_or_else(|e| {
             panic!("cannot run softhsm2-util ({e}): install softhsm2 (apt-get install softhsm2)")
-        });
-    assert!(
-        out.status.success(),
-        "softhsm2-util --init-token failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        })
 }
