@@ -141,6 +141,49 @@ async fn missing_key_or_token_makes_serve_exit_with_the_reason() {
 }
 
 #[tokio::test]
+async fn two_tokens_with_one_label_are_refused_and_slot_picks_one() {
+    let (dir, hsm) = token_kms();
+    let (_, config) = setup(&hsm, dir.path(), PIN, "root");
+    let (ok, stdout, stderr) = keygen(&hsm, &config);
+    assert!(ok, "keygen failed: {stderr}");
+    let key_id = printed_key_id(&stdout);
+    // A second `--init-token --label kms`, as an operator retrying might do.
+    hsm.init_token("kms");
+
+    let stderr = serve_fails(&hsm, &config);
+    assert!(
+        stderr.contains("2 tokens are labelled \"kms\""),
+        "stderr: {stderr}"
+    );
+    let (ok, stdout, keygen_err) = keygen(&hsm, &config);
+    assert!(!ok, "keygen chose a token: {stdout}");
+    assert!(keygen_err.contains("2 tokens are labelled"), "{keygen_err}");
+
+    // The slots the message names: configured by slot, exactly one holds the key.
+    let slots: Vec<u64> = stderr
+        .split("(slots ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no slots in {stderr}"))
+        .split(", ")
+        .map(|id| id.parse().expect("slot id"))
+        .collect();
+    assert_eq!(slots.len(), 2, "{stderr}");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let mut served = Vec::new();
+    for slot in slots {
+        let by_slot = text.replace("token_label = \"kms\"", &format!("slot = {slot}"));
+        std::fs::write(&config, by_slot).expect("config");
+        let out = support::run_cli(&["check", "--config", &config], &hsm.env());
+        if out.status.success() {
+            served.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+    }
+    assert_eq!(served.len(), 1, "{served:?}");
+    assert!(served[0].contains(&key_id), "{}", served[0]);
+}
+
+#[tokio::test]
 async fn pin_env_and_an_independent_look_at_the_key() {
     let (dir, hsm) = token_kms();
     let socket = support::socket_in(dir.path());

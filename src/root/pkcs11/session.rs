@@ -164,14 +164,35 @@ impl Token {
         })?;
         match (&self.config.token_label, self.config.slot) {
             (Some(label), _) => {
-                let mut seen = Vec::new();
+                let (mut matches, mut seen, mut unreadable) = (Vec::new(), Vec::new(), 0);
                 for slot in slots {
-                    if let Ok(info) = self.ctx.get_token_info(slot) {
-                        if info.label().trim_end() == label {
-                            return Ok(slot);
-                        }
-                        seen.push(format!("\"{}\"", info.label().trim_end()));
+                    match self.ctx.get_token_info(slot) {
+                        Ok(info) if info.label().trim_end() == label => matches.push(slot),
+                        Ok(info) => seen.push(format!("\"{}\"", info.label().trim_end())),
+                        Err(_) => unreadable += 1,
                     }
+                }
+                // Two tokens with one label (a repeated `--init-token`) would let a restart,
+                // or a new session after a re-insert, pick the other one, whose key cannot
+                // unwrap what this one wrapped: refuse rather than choose.
+                match matches.as_slice() {
+                    [slot] => return Ok(*slot),
+                    [_, _, ..] => {
+                        let ids: Vec<String> = matches.iter().map(|s| s.id().to_string()).collect();
+                        return Err(RootError::new(
+                            ErrorKind::Misconfigured,
+                            format!(
+                                "{} tokens are labelled \"{label}\" in PKCS#11 module {} (slots {}): give the `slot` of the one that holds the key instead of token_label, or relabel the others",
+                                matches.len(),
+                                self.config.module.display(),
+                                ids.join(", ")
+                            ),
+                        ));
+                    }
+                    [] => {}
+                }
+                if unreadable > 0 {
+                    seen.push(format!("{unreadable} that could not be read"));
                 }
                 Err(RootError::new(
                     ErrorKind::Misconfigured,
