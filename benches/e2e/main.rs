@@ -4,13 +4,16 @@
 //! k8s.io/kms Go service framework with in-memory AES-GCM), each in its own process on a Unix
 //! socket. The client is grpc-go dialing as kube-apiserver does (`go/client`, built into
 //! target/e2e/go when `go` is on PATH) or tonic (`E2E_CLIENT=tonic`), one HTTP/2 connection
-//! per server. Rounds interleave the servers, rotating which goes first; the bench prints
-//! ops/s, p50 and p99 per op, concurrency and server, the ratios to the baseline, and writes
-//! a Markdown table and an SVG chart (`report.rs`).
+//! per server. Every instance starts all servers and clients afresh, and rounds within it
+//! interleave the servers, rotating which goes first; a second copy of the baseline
+//! (`baseline-2`, an A/A control) shows how far noise alone moves a ratio. The bench prints
+//! ops/s, p50 and p99 per op, concurrency and server (summed over instances and rounds), the
+//! ratios to the baseline, and writes a Markdown table and an SVG chart (`report.rs`).
 //!
-//! Run: `cargo bench --bench e2e`. Env: `E2E_ROUNDS` (default 5), `E2E_SECONDS` per
-//! measurement (default 2), `E2E_CONCURRENCY` (default `1,4,16,64`), `E2E_CLIENT` (`go` or
-//! `tonic`), `E2E_PEERS` (`go-kms` or `none`), `E2E_CHART` (where the SVG goes, the table
+//! Run: `cargo bench --bench e2e`. Env: `E2E_INSTANCES` (default 4), `E2E_ROUNDS` per
+//! instance (default 2), `E2E_SECONDS` per measurement (default 1.5), `E2E_CONCURRENCY`
+//! (default `1,4,16,64`), `E2E_CLIENT` (`go` or `tonic`), `E2E_PEERS` (`go-kms` or `none`),
+//! `E2E_CONTROL` (`0` leaves out `baseline-2`), `E2E_CHART` (where the SVG goes, the table
 //! next to it; default target/e2e/e2e.svg), `E2E_PLUGIN` another plugin binary (e.g. a copy
 //! from before a change). `E2E_LONG_CALLS=N` instead runs the memory check of `long.rs`.
 //!
@@ -298,21 +301,27 @@ fn plugin_command(dir: &Path, socket: &Path) -> Command {
     plugin
 }
 
-fn start(rt: &Runtime, setup: &Setup, dir: &Path) -> Vec<Server> {
+fn start(rt: &Runtime, setup: &Setup, dir: &Path, control: bool) -> Vec<Server> {
     let socket = dir.join("plugin.sock");
     let plugin = setup.server(rt, "plugin", plugin_command(dir, &socket), &socket);
 
-    let socket = dir.join("baseline.sock");
-    let mut baseline = Command::new(std::env::current_exe().expect("own path"));
-    baseline.arg("--serve-baseline").arg(&socket);
-    let baseline = setup.server(rt, "baseline", baseline, &socket);
-
-    let mut servers = vec![plugin, baseline];
+    let baseline = |name: &'static str| {
+        let socket = dir.join(format!("{name}.sock"));
+        let mut command = Command::new(std::env::current_exe().expect("own path"));
+        command.arg("--serve-baseline").arg(&socket);
+        setup.server(rt, name, command, &socket)
+    };
+    let mut servers = vec![plugin, baseline("baseline")];
     if let (Some(go), true) = (&setup.go, setup.peer) {
         let socket = dir.join("go-kms.sock");
         let mut peer = Command::new(&go.peer);
         peer.arg("-socket").arg(&socket);
         servers.push(setup.server(rt, "go-kms", peer, &socket));
+    }
+    if control {
+        // The same baseline again: its ratio to the first is what this machine's noise
+        // alone does to a ratio.
+        servers.push(baseline("baseline-2"));
     }
     servers
 }
@@ -335,8 +344,10 @@ fn bench(rt: &Runtime) {
     {
         return long::run(calls);
     }
-    let rounds: usize = env_or("E2E_ROUNDS", 5);
-    let seconds: f64 = env_or("E2E_SECONDS", 2.0);
+    let instances: usize = env_or("E2E_INSTANCES", 4).max(1);
+    let rounds: usize = env_or("E2E_ROUNDS", 2).max(1);
+    let seconds: f64 = env_or("E2E_SECONDS", 1.5);
+    let control = env_or("E2E_CONTROL", 1u8) != 0;
     let concurrency_list = std::env::var("E2E_CONCURRENCY").unwrap_or_else(|_| "1,4,16,64".into());
     let concurrency: Vec<usize> = concurrency_list
         .split(',')
@@ -344,9 +355,8 @@ fn bench(rt: &Runtime) {
         .collect();
     let load_before = report::load_average();
     let setup = Setup::from_env();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut servers = start(rt, &setup, dir.path());
     let command = command_line(&[
+        ("E2E_INSTANCES", instances.to_string()),
         ("E2E_ROUNDS", rounds.to_string()),
         ("E2E_SECONDS", seconds.to_string()),
         ("E2E_CONCURRENCY", concurrency_list.clone()),
@@ -358,48 +368,65 @@ fn bench(rt: &Runtime) {
             "E2E_PEERS",
             if setup.peer { "go-kms" } else { "none" }.into(),
         ),
+        ("E2E_CONTROL", u8::from(control).to_string()),
     ]);
     println!(
-        "e2e: {rounds} rounds x {seconds} s per (server, op, concurrency); client: {}; \
-         plugin log: {}",
-        setup.client_name(),
-        dir.path().join("plugin.log").display()
+        "e2e: {instances} instances x {rounds} rounds x {seconds} s per (server, op, \
+         concurrency); client: {}",
+        setup.client_name()
     );
     let ops = [Op::Encrypt, Op::Decrypt];
-    // Warm-up: connections, allocator, caches.
-    for op in ops {
-        for server in &mut servers {
-            server.measure(rt, op, 4, 0.5);
-        }
-    }
-    let rss_start = rss_kib(servers[0].child.id());
-    let n = servers.len();
+    let mut names: Vec<&'static str> = Vec::new();
     let mut results: Vec<((Op, usize), Vec<Samples>)> = Vec::new();
-    for &op in &ops {
-        for &c in &concurrency {
-            results.push(((op, c), (0..n).map(|_| Samples::default()).collect()));
-        }
-    }
-    for round in 0..rounds {
-        for ((op, c), samples) in &mut results {
-            // Rotate which server goes first, so drifts in machine load hit all of them.
-            for k in 0..n {
-                let i = (k + round) % n;
-                let s = servers[i].measure(rt, *op, *c, seconds);
-                samples[i].latencies.extend(s.latencies);
-                samples[i].elapsed += s.elapsed;
+    let mut rss = (None, None);
+    // Each instance starts every server and client afresh: how a process happens to land
+    // (threads on cores, memory layout) moved one instance's ratio by up to ±10 % in A/A
+    // runs of two identical baselines, far more than rounds within one instance vary.
+    for instance in 0..instances {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut servers = start(rt, &setup, dir.path(), control);
+        if names.is_empty() {
+            names = servers.iter().map(|s| s.name).collect();
+            for &op in &ops {
+                for &c in &concurrency {
+                    results.push(((op, c), names.iter().map(|_| Samples::default()).collect()));
+                }
             }
         }
-        eprintln!("round {} of {rounds} done", round + 1);
+        let n = servers.len();
+        // Warm-up: connections, allocator, caches.
+        for op in ops {
+            for server in &mut servers {
+                server.measure(rt, op, 4, 0.5);
+            }
+        }
+        let plugin = servers[0].child.id();
+        if instance + 1 == instances {
+            rss.0 = rss_kib(plugin);
+        }
+        for round in 0..rounds {
+            for ((op, c), samples) in &mut results {
+                // Rotate which server goes first, so drifts in machine load hit all of them.
+                for k in 0..n {
+                    let i = (k + round + instance) % n;
+                    let s = servers[i].measure(rt, *op, *c, seconds);
+                    samples[i].latencies.extend(s.latencies);
+                    samples[i].elapsed += s.elapsed;
+                }
+            }
+        }
+        if instance + 1 == instances {
+            rss.1 = rss_kib(plugin);
+        }
+        eprintln!("instance {} of {instances} done", instance + 1);
     }
-    let rss_end = rss_kib(servers[0].child.id());
     let mut rows = Vec::new();
     for ((op, c), samples) in &mut results {
-        for (server, s) in servers.iter().zip(samples.iter_mut()) {
+        for (name, s) in names.iter().zip(samples.iter_mut()) {
             rows.push(report::Row {
                 op: op.name(),
                 callers: *c,
-                server: server.name.into(),
+                server: (*name).into(),
                 ops: s.ops_per_second(),
                 p50_ms: ms(s.percentile(0.5)),
                 p99_ms: ms(s.percentile(0.99)),
@@ -409,17 +436,17 @@ fn bench(rt: &Runtime) {
     print_rows(&rows);
     let run = report::Run {
         rows,
-        servers: servers.iter().map(|s| s.name.to_string()).collect(),
+        servers: names.iter().map(ToString::to_string).collect(),
         command,
         client: setup.client_name().into(),
         load_before,
         load_after: report::load_average(),
-        rss_kib: (rss_start, rss_end),
+        rss_kib: rss,
     };
     println!(
-        "\nplugin RSS: {} KiB after warm-up, {} KiB at the end",
-        rss_start.map_or("?".into(), |v| v.to_string()),
-        rss_end.map_or("?".into(), |v| v.to_string())
+        "\nplugin RSS (last instance): {} KiB after warm-up, {} KiB at the end",
+        rss.0.map_or("?".into(), |v| v.to_string()),
+        rss.1.map_or("?".into(), |v| v.to_string())
     );
     write_report(&run);
 }
@@ -441,7 +468,10 @@ fn print_rows(rows: &[report::Row]) {
             r.op, r.callers, r.server, r.ops, r.p50_ms, r.p99_ms, ops, p50
         );
     }
-    println!("(target for the plugin: ops/base >= 0.95, p50/base <= 1.05)");
+    println!(
+        "(target for the plugin: ops/base >= 0.95, p50/base <= 1.05; baseline-2, the same \
+         baseline again, shows how far noise alone moves a ratio)"
+    );
 }
 
 /// The chart to E2E_CHART (default target/e2e/e2e.svg), the table next to it (.md).

@@ -88,7 +88,7 @@ pub fn markdown(run: &Run) -> String {
     let _ = writeln!(
         md,
         "\n{}; {}; load average {} before, {} after (client and servers share the machine); \
-         client: {}; plugin RSS {} after warm-up, {} at the end.\n\n`{}`",
+         client: {}; plugin RSS {} after warm-up, {} at the end (last instance).{}\n\n`{}`",
         machine(),
         date(),
         run.load_before,
@@ -96,6 +96,12 @@ pub fn markdown(run: &Run) -> String {
         run.client,
         kib(run.rss_kib.0),
         kib(run.rss_kib.1),
+        if run.servers.iter().any(|s| s == "baseline-2") {
+            " baseline-2 is the same baseline again, an A/A control: its ratios are what noise \
+             alone does to a ratio on this machine."
+        } else {
+            ""
+        },
         run.command
     );
     md
