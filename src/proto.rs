@@ -47,9 +47,14 @@ pub mod codec {
     use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
     use tonic_prost::{ProstCodec, ProstDecoder};
 
-    /// Initial encode and decode buffer: an Encrypt or Decrypt message of a file or
-    /// PKCS#11 root fits, an AWS KMS one grows once.
+    /// Initial encode buffer: the encoder then reserves the message's exact length.
     pub const BUFFER_SIZE: usize = 512;
+    /// Initial decode buffer. tonic reserves a message's announced length again once the
+    /// whole message is already in the buffer, so a message of L bytes needs about 2L: with
+    /// 512 bytes a Decrypt request of a file root (about 280 bytes) grew to 1 KiB on every
+    /// call (one more allocation, copy and wipe). 1 KiB holds a Decrypt of one root of any
+    /// kind, and two RSA-3072 or AWS KMS copies grow once.
+    pub const DECODE_BUFFER_SIZE: usize = 1024;
     /// tonic's default: how many bytes a streaming encoder gathers before yielding.
     const YIELD_THRESHOLD: usize = 32 * 1024;
 
@@ -82,7 +87,10 @@ pub mod codec {
         }
 
         fn decoder(&mut self) -> Self::Decoder {
-            ProstCodec::<T, U>::raw_decoder(settings())
+            ProstCodec::<T, U>::raw_decoder(BufferSettings::new(
+                DECODE_BUFFER_SIZE,
+                YIELD_THRESHOLD,
+            ))
         }
     }
 
