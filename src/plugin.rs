@@ -291,7 +291,7 @@ impl Drop for InFlight<'_> {
 fn hash_file(path: &std::path::Path) -> Option<[u8; 32]> {
     std::fs::read(path)
         .ok()
-        .map(|text| fingerprint(b"kms-plugin config", &[&text]))
+        .map(|text| fingerprint(b"kms-plugin config", [&text]))
 }
 
 #[cfg(test)]

@@ -152,11 +152,11 @@ impl KeyManagementService for Service {
             }
         };
         self.log_call(Op::Decrypt, &request.uid, &request.key_id, &result, started);
-        let plaintext = result.map_err(|e| to_status(&e))?;
+        let mut plaintext = result.map_err(|e| to_status(&e))?;
         Ok(Response::new(DecryptResponse {
-            // The response buffer is freed by tonic after encoding; the Zeroizing copy here
-            // is wiped when it drops.
-            plaintext: plaintext.to_vec(),
+            // Moved, not copied, into the response: tonic frees it after encoding, and the
+            // zeroizing allocator wipes every freed block.
+            plaintext: std::mem::take(&mut *plaintext),
         }))
     }
 }

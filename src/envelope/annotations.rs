@@ -23,17 +23,57 @@ pub fn wrapped_kek_key(key_id: &str) -> String {
     format!("{key_id}.{DOMAIN}")
 }
 
-/// Splits request annotations into `(root key_id, wrapped local KEK)` pairs.
+/// One wrapped copy of the local KEK in a request's annotations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WrappedCopy<'a> {
+    /// The annotation key, `<key_id>.kek.kms-plugin.dev`.
+    pub annotation: &'a str,
+    /// The key_id of the root that wrapped it.
+    pub key_id: &'a str,
+    /// The wrapped local KEK.
+    pub wrapped: &'a [u8],
+}
+
+const NO_COPY: WrappedCopy<'static> = WrappedCopy {
+    annotation: "",
+    key_id: "",
+    wrapped: &[],
+};
+
+/// A request's wrapped copies (at most [`MAX_COPIES`]), held without a heap allocation:
+/// Decrypt parses them on every call.
+pub struct Copies<'a> {
+    items: [WrappedCopy<'a>; MAX_COPIES],
+    len: usize,
+}
+
+impl<'a> Copies<'a> {
+    /// The copies, in the annotations map's order.
+    pub fn as_slice(&self) -> &[WrappedCopy<'a>] {
+        self.items.get(..self.len).unwrap_or_default()
+    }
+
+    /// The same value as [`digest`] of the annotations these copies came from.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut sorted = self.items;
+        let sorted = sorted.get_mut(..self.len).unwrap_or_default();
+        sorted.sort_unstable_by(|a, b| a.annotation.cmp(b.annotation));
+        digest_sorted(sorted.iter().map(|c| (c.annotation, c.wrapped)))
+    }
+}
+
+/// Splits request annotations into the wrapped copies of the local KEK.
 /// Rejects anything this plugin never writes: the annotations are authenticated as a
 /// whole anyway, so a foreign entry can only mean tampering or a wrong plugin.
-pub fn wrapped_copies(
-    annotations: &HashMap<String, Vec<u8>>,
-) -> Result<Vec<(&str, &[u8])>, EnvelopeError> {
+pub fn wrapped_copies(annotations: &HashMap<String, Vec<u8>>) -> Result<Copies<'_>, EnvelopeError> {
     if annotations.len() > MAX_COPIES {
         return Err(EnvelopeError::BadAnnotation);
     }
-    let mut copies = Vec::with_capacity(annotations.len());
-    for (key, value) in annotations {
+    let mut copies = Copies {
+        items: [NO_COPY; MAX_COPIES],
+        len: 0,
+    };
+    for ((key, value), slot) in annotations.iter().zip(copies.items.iter_mut()) {
         let key_id = key
             .strip_suffix(DOMAIN)
             .and_then(|rest| rest.strip_suffix('.'))
@@ -42,9 +82,14 @@ pub fn wrapped_copies(
         if value.is_empty() || value.len() > MAX_WRAPPED_LEN {
             return Err(EnvelopeError::BadAnnotation);
         }
-        copies.push((key_id, value.as_slice()));
+        *slot = WrappedCopy {
+            annotation: key,
+            key_id,
+            wrapped: value,
+        };
+        copies.len += 1;
     }
-    if copies.is_empty() {
+    if copies.len == 0 {
         return Err(EnvelopeError::MissingWrappedKek);
     }
     Ok(copies)
@@ -54,11 +99,15 @@ pub fn wrapped_copies(
 pub fn digest(annotations: &HashMap<String, Vec<u8>>) -> [u8; 32] {
     let mut entries: Vec<_> = annotations.iter().collect();
     entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    let parts: Vec<&[u8]> = entries
-        .iter()
-        .flat_map(|(k, v)| [k.as_bytes(), v.as_slice()])
-        .collect();
-    fingerprint(b"kms-plugin annotations v1", &parts)
+    digest_sorted(entries.into_iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+}
+
+/// The digest of entries already sorted by key: each key, then its value.
+fn digest_sorted<'a>(entries: impl Iterator<Item = (&'a str, &'a [u8])>) -> [u8; 32] {
+    fingerprint(
+        b"kms-plugin annotations v1",
+        entries.flat_map(|(k, v)| [k.as_bytes(), v]),
+    )
 }
 
 /// Sum of key and value lengths, as kube-apiserver counts it.
@@ -130,34 +179,43 @@ mod tests {
         let mut map = HashMap::new();
         map.insert(wrapped_kek_key("file-ab"), vec![1, 2, 3]);
         map.insert(wrapped_kek_key("aws-cd"), vec![4]);
-        let mut copies = wrapped_copies(&map).expect("valid");
+        let parsed = wrapped_copies(&map).expect("valid");
+        let mut copies: Vec<_> = parsed
+            .as_slice()
+            .iter()
+            .map(|c| (c.key_id, c.wrapped))
+            .collect();
         copies.sort();
         assert_eq!(
             copies,
             vec![("aws-cd", &[4u8][..]), ("file-ab", &[1, 2, 3][..])]
         );
+        assert_eq!(parsed.digest(), digest(&map));
 
         let mut foreign = map.clone();
         foreign.insert("other.example.com".into(), vec![1]);
-        assert_eq!(wrapped_copies(&foreign), Err(EnvelopeError::BadAnnotation));
+        assert_eq!(
+            wrapped_copies(&foreign).err(),
+            Some(EnvelopeError::BadAnnotation)
+        );
 
         let mut empty_value = HashMap::new();
         empty_value.insert(wrapped_kek_key("file-ab"), vec![]);
         assert_eq!(
-            wrapped_copies(&empty_value),
-            Err(EnvelopeError::BadAnnotation)
+            wrapped_copies(&empty_value).err(),
+            Some(EnvelopeError::BadAnnotation)
         );
 
         let mut bad_label = HashMap::new();
         bad_label.insert(format!("Bad.{DOMAIN}"), vec![1]);
         assert_eq!(
-            wrapped_copies(&bad_label),
-            Err(EnvelopeError::BadAnnotation)
+            wrapped_copies(&bad_label).err(),
+            Some(EnvelopeError::BadAnnotation)
         );
 
         assert_eq!(
-            wrapped_copies(&HashMap::new()),
-            Err(EnvelopeError::MissingWrappedKek)
+            wrapped_copies(&HashMap::new()).err(),
+            Some(EnvelopeError::MissingWrappedKek)
         );
     }
 

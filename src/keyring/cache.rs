@@ -71,7 +71,7 @@ impl KekCache {
 
     /// The id of `wrapped` as wrapped by the root with `key_id`.
     pub fn id(key_id: &str, wrapped: &[u8]) -> CacheId {
-        fingerprint(b"kms-plugin kek cache", &[key_id.as_bytes(), wrapped])
+        fingerprint(b"kms-plugin kek cache", [key_id.as_bytes(), wrapped])
     }
 
     /// Stores a key this plugin just made (and verified), with the annotations digest

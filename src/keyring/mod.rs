@@ -474,21 +474,23 @@ impl Keyring {
             ));
         }
         let copies = annotations::wrapped_copies(annotations)?;
-        // Each copy with the key_id it was wrapped under: a root may answer to older ones.
-        let mut candidates: Vec<(&Arc<Root>, KeyId, &[u8])> = copies
-            .iter()
-            .filter_map(|(id, wrapped)| {
-                let root = self.root_by_key_id(id)?;
-                Some((root, KeyId::parse(id)?, *wrapped))
-            })
-            .collect();
-        candidates.sort_by_key(|(_, id, _)| id.as_str() != key_id);
-        if candidates.is_empty() {
+        // The copies a configured root can open (a root may answer to older key_ids), the
+        // requested key_id's copy first; put in a Vec only when a root must be called.
+        let known = || {
+            copies
+                .as_slice()
+                .iter()
+                .filter_map(|c| Some((self.root_by_key_id(c.key_id)?, *c)))
+        };
+        let Some((first_root, _)) = known()
+            .find(|(_, c)| c.key_id == key_id)
+            .or_else(|| known().next())
+        else {
             return Err(KeyringError::UnknownKeyId);
-        }
+        };
         // The annotations digest is bound into the associated data and keys the cache
         // (see cache.rs: it covers every copy's exact bytes and key_id).
-        let set = annotations::digest(annotations);
+        let set = copies.digest();
         let opening = Opening {
             requested: self.root_by_key_id(key_id),
             aad: associated_data(key_id, &set),
@@ -496,11 +498,15 @@ impl Keyring {
         };
         // Already unwrapped, through any copy: with the preferred root down, Decrypt must
         // not wait for it on every call once another root has opened the local KEK.
-        if let (Some(cipher), Some((root, _, _))) = (self.cache.get(&set), candidates.first()) {
+        if let Some(cipher) = self.cache.get(&set) {
             crate::metrics::cache_hit();
-            return opening.open(&cipher, root).map(Decrypted::Plaintext);
+            return opening.open(&cipher, first_root).map(Decrypted::Plaintext);
         }
         crate::metrics::cache_miss();
+        let mut candidates: Vec<(&Arc<Root>, KeyId, &[u8])> = known()
+            .filter_map(|(root, c)| Some((root, KeyId::parse(c.key_id)?, c.wrapped)))
+            .collect();
+        candidates.sort_by_key(|(_, id, _)| id.as_str() != key_id);
         Ok(Decrypted::NeedsRoot(RootUnwrap {
             keyring: self,
             candidates,

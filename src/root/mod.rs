@@ -129,10 +129,7 @@ impl KeyId {
     /// Derives a key_id from a provider's identity material (a check value, an ARN):
     /// a hash, so nothing private shows and distinct identities get distinct ids.
     pub fn derive(provider_tag: &str, identity: &[u8]) -> Self {
-        let hash = fingerprint(
-            b"kms-plugin key_id v1",
-            &[provider_tag.as_bytes(), identity],
-        );
+        let hash = fingerprint(b"kms-plugin key_id v1", [provider_tag.as_bytes(), identity]);
         Self(format!("{provider_tag}-{}", hex::encode(&hash[..16])))
     }
 
