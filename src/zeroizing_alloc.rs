@@ -17,16 +17,19 @@ pub struct ZeroizingAlloc;
 // SAFETY: allocation is delegated to `System` unchanged; `dealloc` only writes to the block
 // it is given, which the caller owns and no longer uses, before freeing it with `System`.
 unsafe impl GlobalAlloc for ZeroizingAlloc {
+    #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller upholds `alloc`'s contract, passed on unchanged.
         unsafe { System.alloc(layout) }
     }
 
+    #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as for `alloc`.
         unsafe { System.alloc_zeroed(layout) }
     }
 
+    #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` is a live block of `layout.size()` bytes from this allocator.
         unsafe {
@@ -38,6 +41,7 @@ unsafe impl GlobalAlloc for ZeroizingAlloc {
 
 /// Zeroes `len` bytes at `ptr` in a way the compiler cannot drop as a dead store.
 #[allow(unsafe_code)]
+#[inline]
 unsafe fn wipe(ptr: *mut u8, len: usize) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: the caller guarantees `len` writable bytes at `ptr`. explicit_bzero is
