@@ -43,15 +43,19 @@ fuzz_target!(|data: &[u8]| {
 
     match wrapped_copies(&map) {
         Ok(copies) => {
-            assert_eq!(copies.len(), map.len());
-            assert!(!copies.is_empty() && copies.len() <= MAX_COPIES);
-            for (key_id, wrapped) in copies {
-                assert!(is_label(key_id), "{key_id:?}");
-                let key = wrapped_kek_key(key_id);
+            let list = copies.as_slice();
+            assert_eq!(list.len(), map.len());
+            assert!(!list.is_empty() && list.len() <= MAX_COPIES);
+            for copy in list {
+                assert!(is_label(copy.key_id), "{:?}", copy.key_id);
+                let key = wrapped_kek_key(copy.key_id);
+                assert_eq!(key, copy.annotation);
                 assert!(is_valid_key(&key), "{key:?}");
-                assert_eq!(map.get(&key).map(Vec::as_slice), Some(wrapped));
-                assert!(!wrapped.is_empty() && wrapped.len() <= MAX_WRAPPED_LEN);
+                assert_eq!(map.get(&key).map(Vec::as_slice), Some(copy.wrapped));
+                assert!(!copy.wrapped.is_empty() && copy.wrapped.len() <= MAX_WRAPPED_LEN);
             }
+            // The stack-sorted digest Decrypt uses equals the one a new local KEK gets.
+            assert_eq!(copies.digest(), digest(&map));
         }
         Err(EnvelopeError::MissingWrappedKek) => assert!(map.is_empty()),
         Err(EnvelopeError::BadAnnotation) => {
