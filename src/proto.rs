@@ -58,8 +58,8 @@ pub mod codec {
     /// tonic's default: how many bytes a streaming encoder gathers before yielding.
     const YIELD_THRESHOLD: usize = 32 * 1024;
 
-    fn settings() -> BufferSettings {
-        BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD)
+    fn settings(buffer_size: usize) -> BufferSettings {
+        BufferSettings::new(buffer_size, YIELD_THRESHOLD)
     }
 
     /// See the [module](self) documentation.
@@ -87,10 +87,7 @@ pub mod codec {
         }
 
         fn decoder(&mut self) -> Self::Decoder {
-            ProstCodec::<T, U>::raw_decoder(BufferSettings::new(
-                DECODE_BUFFER_SIZE,
-                YIELD_THRESHOLD,
-            ))
+            ProstCodec::<T, U>::raw_decoder(settings(DECODE_BUFFER_SIZE))
         }
     }
 
@@ -109,7 +106,7 @@ pub mod codec {
         }
 
         fn buffer_settings(&self) -> BufferSettings {
-            settings()
+            settings(BUFFER_SIZE)
         }
     }
 }

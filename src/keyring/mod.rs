@@ -482,9 +482,11 @@ impl Keyring {
                 .iter()
                 .filter_map(|c| Some((self.root_by_key_id(c.key_id)?, *c)))
         };
-        let Some((first_root, _)) = known()
-            .find(|(_, c)| c.key_id == key_id)
-            .or_else(|| known().next())
+        let requested = self.root_by_key_id(key_id);
+        let has_requested_copy = copies.as_slice().iter().any(|c| c.key_id == key_id);
+        let Some(first_root) = requested
+            .filter(|_| has_requested_copy)
+            .or_else(|| known().next().map(|(root, _)| root))
         else {
             return Err(KeyringError::UnknownKeyId);
         };
@@ -492,7 +494,7 @@ impl Keyring {
         // (see cache.rs: it covers every copy's exact bytes and key_id).
         let set = copies.digest();
         let opening = Opening {
-            requested: self.root_by_key_id(key_id),
+            requested,
             aad: associated_data(key_id, &set),
             ciphertext,
         };
