@@ -5,7 +5,9 @@
 # Repeatable to ~0.1 % on a busy machine where wall-clock numbers are not.
 #
 # Usage: benches/callgrind.sh [encrypt|decrypt] [N1] [N2]
-# Needs valgrind and a release build: `cargo bench --bench e2e --no-run` first.
+# Needs valgrind and a release build: `cargo bench --bench e2e --no-run` first. The client is
+# the bench's grpc-go one (kube-apiserver's headers, which the `:authority` rewriter decodes)
+# when `cargo bench --bench e2e` has built it, else the tonic one; GO_CLIENT=none forces tonic.
 set -euo pipefail
 op=${1:-encrypt}
 n1=${2:-500}
@@ -14,6 +16,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 plugin=${PLUGIN:-$root/target/release/kms-plugin}
 # The e2e bench binary: its --serve-baseline and --calls modes.
 e2e=${E2E:-$(ls -t "$root"/target/release/deps/e2e-* | grep -v '\.d$' | head -1)}
+go_client=${GO_CLIENT:-$root/target/e2e/go/client}
+[[ -x $go_client ]] || go_client=
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -25,7 +29,13 @@ run() {
     rm -f "$sock"
     valgrind --tool=callgrind --callgrind-out-file="$out" "$@" "$sock" >"$work/$name.$n.log" 2>&1 &
     local pid=$!
-    "$e2e" --calls "$sock" "$op" "$n" >/dev/null
+    if [[ -n $go_client ]]; then
+        # It waits for the server, makes a Status and an Encrypt (in both runs, so they
+        # cancel out), then the N calls.
+        echo "calls $op $n" | "$go_client" -socket "$sock" >/dev/null
+    else
+        "$e2e" --calls "$sock" "$op" "$n" >/dev/null
+    fi
     kill -TERM "$pid"
     wait "$pid" || true
     grep -h '^summary:\|^totals:' "$out" | head -1 | awk '{print $2}'
@@ -38,11 +48,13 @@ per_call() {
     t1=$(run "$name" "$n1" "$@")
     t2=$(run "$name" "$n2" "$@")
     echo $(((t2 - t1) / (n2 - n1)))
-    # keep the larger profile for callgrind_annotate
+    # keep both profiles: callgrind_annotate on the larger, or diff the two per function
     cp "$work/$name.$n2.out" "${CALLGRIND_KEEP:-/tmp}/callgrind.$name.$op.out"
+    cp "$work/$name.$n1.out" "${CALLGRIND_KEEP:-/tmp}/callgrind.$name.$op.$n1.out"
 }
 
 plugin_ir=$(per_call plugin "$plugin" serve --state-dir "$work/state" --socket)
 baseline_ir=$(per_call baseline "$e2e" --serve-baseline)
-echo "$op: plugin $plugin_ir instructions/call, baseline $baseline_ir, ratio $(echo "scale=3; $plugin_ir / $baseline_ir" | bc)"
+client=${go_client:+grpc-go}
+echo "$op (${client:-tonic} client): plugin $plugin_ir instructions/call, baseline $baseline_ir, ratio $(echo "scale=3; $plugin_ir / $baseline_ir" | bc)"
 echo "profiles: ${CALLGRIND_KEEP:-/tmp}/callgrind.{plugin,baseline}.$op.out (callgrind_annotate --inclusive=yes)"

@@ -1,7 +1,8 @@
 //! Feeds arbitrary bytes, split into arbitrary chunks, to the `:authority`
 //! rewriter. Checks: no panic, the result does not depend on how the input
-//! is chunked, and a connection that never needed a rewrite passes through
-//! byte-identical. Also runs the HPACK decoder on the raw bytes.
+//! is chunked, `feed_in_place` gives what `feed` gives, and a connection that
+//! never needed a rewrite passes through byte-identical. Also runs the HPACK
+//! decoder on the raw bytes.
 #![no_main]
 
 use kms_plugin::h2authority::Rewriter;
@@ -30,6 +31,10 @@ fuzz_target!(|data: &[u8]| {
     let mut chunked = Rewriter::new();
     let mut got = Vec::new();
     let mut chunked_result = Ok(());
+    // The same chunks through feed_in_place: what passed in place, then what it appended.
+    let mut in_place = Rewriter::new();
+    let mut in_place_got = Vec::new();
+    let mut in_place_result = Ok(());
     let mut remaining = &input[..];
     let mut k = usize::from(ctl);
     while !remaining.is_empty() {
@@ -38,6 +43,12 @@ fuzz_target!(|data: &[u8]| {
         let (chunk, tail) = remaining.split_at(n);
         remaining = tail;
         chunked_result = chunked.feed(chunk, &mut got);
+        let mut appended = Vec::new();
+        in_place_result = in_place.feed_in_place(chunk, &mut appended).map(|passed| {
+            in_place_got.extend_from_slice(&chunk[..passed]);
+            in_place_got.extend(appended);
+        });
+        assert_eq!(chunked_result, in_place_result);
         if chunked_result.is_err() {
             break;
         }
@@ -46,6 +57,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(whole_result, chunked_result);
     if whole_result.is_ok() {
         assert_eq!(expected, got);
+        assert_eq!(expected, in_place_got);
         assert_eq!(whole.is_reencoding(), chunked.is_reencoding());
         if !whole.is_reencoding() {
             // Incomplete header blocks are held back; the rest is verbatim.

@@ -48,13 +48,14 @@ pub use rewriter::{MAX_HEADER_BLOCK, REPLACEMENT_AUTHORITY, Rewriter};
 /// Logged (at debug) the first time a connection's `:authority` is rewritten.
 pub const REWROTE_LOG: &str = "rewrote an unparsable :authority to localhost on this connection";
 
-/// Size of the per-connection read buffer.
-const READ_CHUNK: usize = 8 * 1024;
+/// Capacity the rewriter's output buffer keeps between uses.
+const KEEP_PENDING: usize = 16 * 1024;
 
 /// Wraps a client connection so that reads see a rewritten `:authority`.
 ///
-/// Reads go through a [`Rewriter`]; writes, flushes and shutdown go straight
-/// to the inner stream. A rewrite error surfaces as an
+/// Reads land in the server's buffer and go through a [`Rewriter`], which
+/// leaves what needs no change where it is; writes, flushes and shutdown go
+/// straight to the inner stream. A rewrite error surfaces as an
 /// [`io::ErrorKind::InvalidData`] read error, so the server drops the
 /// connection. Pending output is drained before more is read, which keeps
 /// the per-connection memory bounded.
@@ -62,7 +63,6 @@ const READ_CHUNK: usize = 8 * 1024;
 pub struct AuthorityFix<S> {
     inner: S,
     rewriter: Rewriter,
-    read_buf: Box<[u8]>,
     pending: Vec<u8>,
     pending_pos: usize,
 }
@@ -73,7 +73,6 @@ impl<S> AuthorityFix<S> {
         Self {
             inner,
             rewriter: Rewriter::new(),
-            read_buf: vec![0; READ_CHUNK].into_boxed_slice(),
             pending: Vec::new(),
             pending_pos: 0,
         }
@@ -122,7 +121,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                     this.pending.fill(0);
                     this.pending.clear();
                     this.pending_pos = 0;
-                    this.pending.shrink_to(READ_CHUNK * 2);
+                    this.pending.shrink_to(KEEP_PENDING);
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -132,17 +131,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             if buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = ReadBuf::new(&mut this.read_buf);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
-            let filled = chunk.filled().len();
-            if filled == 0 {
+            // Read straight into the server's buffer: what passes unchanged (nearly every
+            // byte) is judged there and never copied.
+            let start = buf.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            if buf.filled().len() == start {
                 return Poll::Ready(Ok(())); // EOF
             }
             let rewritten_before = this.rewriter.rewritten_blocks();
-            let chunk = this.read_buf.get_mut(..filled).unwrap_or_default();
-            let fed = this.rewriter.feed(chunk, &mut this.pending);
-            // The chunk is in `pending` now: the read buffer keeps no copy of the request.
-            chunk.fill(0);
+            let read = buf.filled_mut().get_mut(start..).unwrap_or_default();
+            let fed = this.rewriter.feed_in_place(read, &mut this.pending);
+            let passed = fed.as_ref().map_or(0, |n| *n);
+            // The rest was consumed (into the rewriter or `pending`): the server must not
+            // read it here, and no copy of request bytes stays behind.
+            read.get_mut(passed..).unwrap_or_default().fill(0);
+            buf.set_filled(start + passed);
             if let Err(e) = fed {
                 this.pending.fill(0);
                 this.pending.clear();
@@ -153,7 +156,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             if rewritten_before == 0 && this.rewriter.rewritten_blocks() > 0 {
                 tracing::debug!("{REWROTE_LOG}");
             }
-            // Nothing to hand out yet (e.g. inside a header block): read on.
+            if passed > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Nothing passed in place: what this read gave is in `pending`, or held by the
+            // rewriter (part of a header block); hand that out or read on.
         }
     }
 }

@@ -130,6 +130,99 @@ impl Rewriter {
         result
     }
 
+    /// [`Rewriter::feed`] without copying what passes unchanged. Returns `n`: the server
+    /// is to read `input[..n]` as it is, followed by what this call appended to `out`.
+    ///
+    /// Whole frames that need no change are judged where they lie: DATA and other frames,
+    /// and a header block that arrives whole in one HEADERS frame (how clients send a
+    /// request) while every `:authority` on the connection parsed. From the first frame
+    /// that cannot be judged so (a frame cut by the end of `input`, CONTINUATION, padding
+    /// or priority, a block to re-encode, anything malformed) the rest of `input` goes
+    /// through [`Rewriter::feed`]. The same errors as `feed`, and the rewriter stays failed.
+    pub fn feed_in_place(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<usize, RewriteError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let result = self
+            .pass_in_place(input, out)
+            .and_then(|(passed, consumed)| {
+                let rest = input.get(consumed..).unwrap_or_default();
+                self.feed_inner(rest, out).map(|()| passed)
+            });
+        if let Err(e) = &result {
+            self.failed = Some(e.clone());
+        }
+        result
+    }
+
+    /// The in-place walk of [`Rewriter::feed_in_place`]: returns how many leading bytes
+    /// pass as they are, and how many it consumed (more when it re-encoded a block, which
+    /// is then in `out`).
+    fn pass_in_place(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, usize), RewriteError> {
+        let mut pos = 0;
+        while let Some(rest) = input.get(pos..).filter(|rest| !rest.is_empty()) {
+            match &mut self.state {
+                State::Passthrough { remaining } => {
+                    let n = (*remaining).min(rest.len());
+                    pos += n;
+                    *remaining -= n;
+                    if *remaining == 0 {
+                        self.state = NEXT_FRAME;
+                    }
+                }
+                State::FrameHeader { got: 0, .. } if self.block.is_none() => {
+                    let Some((raw, after)) = rest.split_first_chunk::<HEADER_LEN>() else {
+                        break;
+                    };
+                    let h = FrameHeader::parse(raw);
+                    if h.kind == TYPE_CONTINUATION {
+                        break;
+                    }
+                    if h.kind != TYPE_HEADERS {
+                        pos += HEADER_LEN;
+                        if h.length > 0 {
+                            self.state = State::Passthrough {
+                                remaining: h.length,
+                            };
+                        }
+                        continue;
+                    }
+                    let whole = h.flags & FLAG_END_HEADERS != 0
+                        && h.flags & (FLAG_PADDED | FLAG_PRIORITY) == 0
+                        && h.length <= MAX_HEADER_BLOCK;
+                    let Some(fragment) = after.get(..h.length).filter(|_| whole) else {
+                        break;
+                    };
+                    if self.reencode {
+                        break;
+                    }
+                    let end = pos + HEADER_LEN + h.length;
+                    let invalid = decode_block(&mut self.decoder, &mut self.fields, fragment)?;
+                    let reencode = self.must_reencode(invalid);
+                    if reencode {
+                        let end_stream = h.flags & FLAG_END_STREAM != 0;
+                        self.write_reencoded(h.stream_id, end_stream, None, out);
+                    }
+                    self.fields.release(KEEP_CAPACITY);
+                    if reencode {
+                        return Ok((pos, end));
+                    }
+                    pos = end;
+                }
+                _ => break,
+            }
+        }
+        Ok((pos, pos))
+    }
+
     fn feed_inner(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
         while !input.is_empty() {
             match &mut self.state {
@@ -283,37 +376,47 @@ impl Rewriter {
         let Some(block) = self.block.take() else {
             return Ok(());
         };
-        self.fields.clear();
-        self.decoder.decode_list(&self.fragment, &mut self.fields)?;
-        if self.fields.iter().any(|f| is_invalid_authority(&f)) {
-            self.reencode = true;
-            self.rewritten += 1;
-        }
-        if self.reencode {
-            self.encoded.clear();
-            let fixed = self.fields.iter().map(|f| {
-                if is_invalid_authority(&f) {
-                    FieldRef {
-                        value: REPLACEMENT_AUTHORITY,
-                        ..f
-                    }
-                } else {
-                    f
-                }
-            });
-            encode_fields(fixed, &mut self.encoded);
-            write_header_block(
-                out,
-                block.stream_id,
-                block.end_stream,
-                block.priority,
-                &self.encoded,
-            );
+        let invalid = decode_block(&mut self.decoder, &mut self.fields, &self.fragment)?;
+        if self.must_reencode(invalid) {
+            self.write_reencoded(block.stream_id, block.end_stream, block.priority, out);
         } else {
             out.extend_from_slice(&self.raw);
         }
         self.release_buffers();
         Ok(())
+    }
+
+    /// Records a decoded block's verdict; true when the block must be re-encoded (its own
+    /// `:authority` does not parse, or an earlier one on this connection did not).
+    fn must_reencode(&mut self, invalid_authority: bool) -> bool {
+        if invalid_authority {
+            self.reencode = true;
+            self.rewritten += 1;
+        }
+        self.reencode
+    }
+
+    /// Writes the decoded block's fields, `:authority` fixed, as a new header block.
+    fn write_reencoded(
+        &mut self,
+        stream_id: u32,
+        end_stream: bool,
+        priority: Option<[u8; PRIORITY_LEN]>,
+        out: &mut Vec<u8>,
+    ) {
+        self.encoded.clear();
+        let fixed = self.fields.iter().map(|f| {
+            if is_invalid_authority(&f) {
+                FieldRef {
+                    value: REPLACEMENT_AUTHORITY,
+                    ..f
+                }
+            } else {
+                f
+            }
+        });
+        encode_fields(fixed, &mut self.encoded);
+        write_header_block(out, stream_id, end_stream, priority, &self.encoded);
     }
 
     /// Keeps an idle connection small after an unusually large header block.
@@ -329,6 +432,18 @@ impl Rewriter {
             buf.shrink_to(KEEP_CAPACITY);
         }
     }
+}
+
+/// Decodes one whole header block into `fields`; true when one of its `:authority` values
+/// does not parse.
+fn decode_block(
+    decoder: &mut Decoder,
+    fields: &mut FieldList,
+    fragment: &[u8],
+) -> Result<bool, RewriteError> {
+    fields.clear();
+    decoder.decode_list(fragment, fields)?;
+    Ok(fields.iter().any(|f| is_invalid_authority(&f)))
 }
 
 /// An `:authority` that h2 would refuse (and so must be replaced).

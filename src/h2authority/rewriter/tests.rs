@@ -65,6 +65,26 @@ fn run_chunked(input: &[u8], chunk: usize) -> Result<Vec<u8>, RewriteError> {
     Ok(out)
 }
 
+/// [`run_chunked`] through `feed_in_place`: the output and how many bytes passed in place.
+fn run_in_place(input: &[u8], chunk: usize) -> Result<(Vec<u8>, usize), RewriteError> {
+    let mut r = Rewriter::new();
+    let (mut out, mut in_place) = (Vec::new(), 0);
+    for c in input.chunks(chunk) {
+        let mut appended = Vec::new();
+        let passed = r.feed_in_place(c, &mut appended)?;
+        out.extend_from_slice(&c[..passed]);
+        out.extend(appended);
+        in_place += passed;
+    }
+    Ok((out, in_place))
+}
+
+/// `feed_in_place` gives what `feed` gives, byte for byte and error for error.
+fn assert_in_place_matches_feed(input: &[u8], chunk: usize) {
+    let in_place = run_in_place(input, chunk).map(|(out, _)| out);
+    assert_eq!(in_place, run_chunked(input, chunk), "chunk {chunk}");
+}
+
 fn authorities_seen(out: &[u8]) -> Vec<String> {
     let (blocks, _) = server_view(&out[PREFACE.len()..]);
     blocks
@@ -81,6 +101,83 @@ fn valid_authorities_pass_through_byte_identical() {
     for chunk in [1, 2, 7, 9, 24, 100, input.len()] {
         assert_eq!(run_chunked(&input, chunk).unwrap(), input, "chunk {chunk}");
     }
+}
+
+#[test]
+fn in_place_feeding_matches_feed() {
+    let valid = client_stream(&["localhost", "kms.local:8443", "127.0.0.1", "localhost"]);
+    let invalid = client_stream(&["localhost", "/run/kms.sock", "", "localhost", "x"]);
+    let first_invalid = client_stream(&["/run/kms.sock", "localhost", "localhost"]);
+    for input in [&valid, &invalid, &first_invalid] {
+        for chunk in [1, 2, 7, 9, 10, 24, 33, 100, 333, input.len()] {
+            assert_in_place_matches_feed(input, chunk);
+        }
+    }
+    // Cut anywhere in the stream, including inside frame headers and header blocks.
+    for cut in 1..valid.len() {
+        let mut r = Rewriter::new();
+        let mut out = Vec::new();
+        let (a, b) = valid.split_at(cut);
+        for part in [a, b] {
+            let mut appended = Vec::new();
+            let passed = r.feed_in_place(part, &mut appended).unwrap();
+            out.extend_from_slice(&part[..passed]);
+            out.extend(appended);
+        }
+        assert_eq!(out, valid, "cut at {cut}");
+    }
+}
+
+#[test]
+fn whole_requests_pass_in_place_without_a_copy() {
+    let mut enc = IndexingEncoder::new(true);
+    let mut r = Rewriter::new();
+    let mut out = Vec::new();
+    let mut start = PREFACE.to_vec();
+    start.extend(frame(SETTINGS, 0, 0, &[]));
+    assert_eq!(r.feed_in_place(&start, &mut out), Ok(0));
+    assert_eq!(out, start, "the preface goes through feed");
+    for i in 0..50 {
+        // A request as grpc-go writes it: HEADERS and DATA in one write.
+        let id = 2 * i as u32 + 1;
+        let mut read = frame(
+            TYPE_HEADERS,
+            0x4,
+            id,
+            &encode(&mut enc, &request("localhost", i)),
+        );
+        read.extend(frame(DATA, 0x1, id, b"request bytes"));
+        read.extend(frame(PING, 0, 0, &[1; 8]));
+        out.clear();
+        assert_eq!(
+            r.feed_in_place(&read, &mut out),
+            Ok(read.len()),
+            "request {i}"
+        );
+        assert!(out.is_empty());
+    }
+    // The first unparsable authority: the bytes before its block pass, the block is
+    // re-encoded, and later blocks are re-encoded too.
+    let mut read = frame(PING, 0, 0, &[2; 8]);
+    let ping = read.len();
+    read.extend(frame(
+        TYPE_HEADERS,
+        0x5,
+        101,
+        &encode(&mut enc, &request("/kms.sock", 0)),
+    ));
+    read.extend(frame(
+        TYPE_HEADERS,
+        0x5,
+        103,
+        &encode(&mut enc, &request("localhost", 0)),
+    ));
+    out.clear();
+    assert_eq!(r.feed_in_place(&read, &mut out), Ok(ping));
+    assert!(r.is_reencoding());
+    let mut whole = PREFACE.to_vec();
+    whole.extend(out);
+    assert_eq!(authorities_seen(&whole), ["localhost", "localhost"]);
 }
 
 #[test]
@@ -307,5 +404,7 @@ fn garbage_never_panics() {
             input[27] = TYPE_HEADERS;
         }
         let _ = run_chunked(&input, (round % 13) + 1);
+        assert_in_place_matches_feed(&input, (round % 13) + 1);
+        assert_in_place_matches_feed(&input, input.len());
     }
 }

@@ -11,6 +11,8 @@
 //	    CALLS calls, Encrypt then Decrypt of what came back (checked), in chunks of EVERY
 //	    calls; each chunk opens CONNECTIONS new connections, spreads CALLERS goroutines over
 //	    them and closes them: {"calls":DONE} after each chunk.
+//	calls encrypt|decrypt N
+//	    N calls one after another (benches/callgrind.sh): {"sequential":N}
 //
 // It exits non-zero with a message on stderr on the first failed call.
 package main
@@ -116,6 +118,23 @@ func measure(c kmsapi.KeyManagementServiceClient, op string, callers int, second
 	return map[string]any{"calls": len(all), "elapsed_ns": elapsed.Nanoseconds(), "latencies_ns": all}
 }
 
+// sequential makes n calls one after another (for instruction counts under callgrind).
+func sequential(c kmsapi.KeyManagementServiceClient, op string, n int,
+	enc *kmsapi.EncryptRequest, dec *kmsapi.DecryptRequest) map[string]any {
+	for range n {
+		var err error
+		if op == "encrypt" {
+			_, err = encrypt(c, enc)
+		} else {
+			_, err = decrypt(c, dec)
+		}
+		if err != nil {
+			fail("%s: %v", op, err)
+		}
+	}
+	return map[string]any{"sequential": n}
+}
+
 // roundTrip encrypts a fresh random seed and decrypts what came back: two calls.
 func roundTrip(c kmsapi.KeyManagementServiceClient) {
 	seed := make([]byte, 32)
@@ -219,6 +238,8 @@ func main() {
 				fail("%q is not a positive number of seconds", f[3])
 			}
 			emit(out, measure(c, f[1], atoi(f[2]), seconds, enc, dec))
+		case len(f) == 3 && f[0] == "calls" && (f[1] == "encrypt" || f[1] == "decrypt"):
+			emit(out, sequential(c, f[1], atoi(f[2]), enc, dec))
 		case len(f) == 5 && f[0] == "long":
 			long(out, atoi(f[1]), atoi(f[2]), atoi(f[3]), atoi(f[4]))
 		default:
