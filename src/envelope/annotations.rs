@@ -5,6 +5,7 @@
 //! must be a fully qualified domain name (see [`is_valid_key`]) and the total size must
 //! stay under 32 KiB.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use super::{EnvelopeError, fingerprint};
@@ -58,7 +59,87 @@ impl<'a> Copies<'a> {
         let mut sorted = self.items;
         let sorted = sorted.get_mut(..self.len).unwrap_or_default();
         sorted.sort_unstable_by(|a, b| a.annotation.cmp(b.annotation));
-        digest_sorted(sorted.iter().map(|c| (c.annotation, c.wrapped)))
+        let compute = || digest_sorted(sorted.iter().map(|c| (c.annotation, c.wrapped)));
+        RECENT
+            .try_with(|recent| match recent.try_borrow_mut() {
+                Ok(mut recent) => recent.digest(sorted, compute),
+                Err(_) => compute(),
+            })
+            .unwrap_or_else(|_| compute())
+    }
+}
+
+/// Digests a thread remembers.
+const RECENT_DIGESTS: usize = 4;
+/// Copies larger than this in all are digested every time (real ones are a few hundred
+/// bytes), which bounds what a thread keeps.
+const RECENT_MAX_BYTES: usize = 4096;
+
+thread_local! {
+    /// Nearly every Decrypt carries the copies of one of a few local KEKs, and SHA-256 over
+    /// them was the largest piece of a cached Decrypt's work.
+    static RECENT: RefCell<RecentDigests> = const { RefCell::new(RecentDigests::new()) };
+}
+
+/// The digests of the last few sets of copies seen on this thread, each with the exact
+/// bytes it was computed over: a hit is the digest of equal bytes, so it is the digest.
+struct RecentDigests {
+    entries: [Option<Recent>; RECENT_DIGESTS],
+    /// The entry replaced next.
+    next: usize,
+}
+
+struct Recent {
+    /// (annotation, wrapped) of each copy, sorted by annotation.
+    copies: Vec<(Box<str>, Box<[u8]>)>,
+    digest: [u8; 32],
+}
+
+impl RecentDigests {
+    const fn new() -> Self {
+        Self {
+            entries: [const { None }; RECENT_DIGESTS],
+            next: 0,
+        }
+    }
+
+    /// The digest of `sorted`: remembered, or computed by `compute` (and remembered).
+    fn digest(
+        &mut self,
+        sorted: &[WrappedCopy<'_>],
+        compute: impl FnOnce() -> [u8; 32],
+    ) -> [u8; 32] {
+        let same = |recent: &Recent| {
+            recent.copies.len() == sorted.len()
+                && recent
+                    .copies
+                    .iter()
+                    .zip(sorted)
+                    .all(|((annotation, wrapped), c)| {
+                        **annotation == *c.annotation && **wrapped == *c.wrapped
+                    })
+        };
+        if let Some(recent) = self.entries.iter().flatten().find(|r| same(r)) {
+            return recent.digest;
+        }
+        let digest = compute();
+        let bytes: usize = sorted
+            .iter()
+            .map(|c| c.annotation.len() + c.wrapped.len())
+            .sum();
+        if bytes <= RECENT_MAX_BYTES
+            && let Some(slot) = self.entries.get_mut(self.next)
+        {
+            *slot = Some(Recent {
+                copies: sorted
+                    .iter()
+                    .map(|c| (c.annotation.into(), c.wrapped.into()))
+                    .collect(),
+                digest,
+            });
+            self.next = (self.next + 1) % RECENT_DIGESTS;
+        }
+        digest
     }
 }
 
@@ -191,6 +272,7 @@ mod tests {
             vec![("aws-cd", &[4u8][..]), ("file-ab", &[1, 2, 3][..])]
         );
         assert_eq!(parsed.digest(), digest(&map));
+        assert_eq!(parsed.digest(), digest(&map), "remembered");
 
         let mut foreign = map.clone();
         foreign.insert("other.example.com".into(), vec![1]);
@@ -230,5 +312,54 @@ mod tests {
         assert_eq!(digest(&a), digest(&b));
         b.insert("y.a".to_string(), vec![3]);
         assert_ne!(digest(&a), digest(&b));
+    }
+
+    #[test]
+    fn remembered_digests_are_the_digests_of_exactly_those_bytes() {
+        let key_a = wrapped_kek_key("file-a");
+        let key_b = wrapped_kek_key("file-b");
+        let mut maps = Vec::new();
+        for byte in 0..3u8 {
+            for len in [1, 60, 61] {
+                let mut one = HashMap::new();
+                one.insert(key_a.clone(), vec![byte; len]);
+                maps.push(one.clone());
+                one.insert(key_b.clone(), vec![byte; len]);
+                maps.push(one.clone());
+                // Same bytes, moved between the copies: a different digest.
+                one.insert(key_a.clone(), vec![byte; len + 1]);
+                one.insert(key_b.clone(), vec![byte; len - 1 + usize::from(len == 1)]);
+                maps.push(one);
+            }
+        }
+        let mut last_byte_differs = maps[1].clone();
+        if let Some(v) = last_byte_differs.get_mut(&key_b) {
+            *v.last_mut().expect("not empty") ^= 1;
+        }
+        maps.push(last_byte_differs);
+        // Rounds over more sets than a thread remembers, so entries are replaced; each set
+        // twice in a row, so the second is found; and each set right after every other
+        // remembered one, so a near miss is never taken for a hit.
+        for _ in 0..2 {
+            for (i, map) in maps.iter().enumerate() {
+                let copies = wrapped_copies(map).expect("valid");
+                assert_eq!(copies.digest(), digest(map));
+                assert_eq!(copies.digest(), digest(map));
+                for other in maps.iter().skip(i).take(RECENT_DIGESTS) {
+                    let other_copies = wrapped_copies(other).expect("valid");
+                    assert_eq!(other_copies.digest(), digest(other));
+                    assert_eq!(copies.digest(), digest(map));
+                }
+            }
+        }
+        let digests: std::collections::HashSet<_> = maps.iter().map(digest).collect();
+        assert_eq!(digests.len(), maps.len(), "every set has its own digest");
+        // Oversized copies are digested, not remembered.
+        let mut big = HashMap::new();
+        big.insert(key_a, vec![9; MAX_WRAPPED_LEN]);
+        big.insert(key_b, vec![8; MAX_WRAPPED_LEN]);
+        let copies = wrapped_copies(&big).expect("valid");
+        assert_eq!(copies.digest(), digest(&big));
+        assert_eq!(copies.digest(), digest(&big));
     }
 }
