@@ -211,12 +211,30 @@ pub fn is_label(label: &str) -> bool {
         && bytes.len() <= 63
         && bytes.first().is_some_and(edge_ok)
         && bytes.last().is_some_and(edge_ok)
-        && bytes.iter().all(|b| edge_ok(b) || *b == b'-')
+        // Without an early exit (checked on every Decrypt): vectorised.
+        && bytes.iter().fold(0u8, |bad, &b| {
+            bad | u8::from(b.wrapping_sub(b'a') > b'z' - b'a')
+                & u8::from(b.wrapping_sub(b'0') > 9)
+                & u8::from(b != b'-')
+        }) == 0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_characters_for_every_byte() {
+        for b in 0..=u8::MAX {
+            let inner = b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-';
+            let Ok(text) = std::str::from_utf8(&[b]).map(str::to_owned) else {
+                continue;
+            };
+            let middle = format!("a{}{text}b", "x".repeat(40));
+            assert_eq!(is_label(&middle), inner, "{b:#x} inside");
+            assert_eq!(is_label(&text), inner && b != b'-', "{b:#x} alone");
+        }
+    }
 
     #[test]
     fn apiserver_key_rule() {
