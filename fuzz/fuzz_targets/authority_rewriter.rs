@@ -2,7 +2,7 @@
 //! rewriter. Checks: no panic, the result does not depend on how the input
 //! is chunked, `feed_in_place` gives what `feed` gives, and a connection that
 //! never needed a rewrite passes through byte-identical. Also runs the HPACK
-//! decoder on the raw bytes.
+//! decoder on the raw bytes, and checks that `Decoder::judge` agrees with it.
 #![no_main]
 
 use kms_plugin::h2authority::Rewriter;
@@ -10,12 +10,45 @@ use kms_plugin::h2authority::frame::PREFACE;
 use kms_plugin::h2authority::hpack::Decoder;
 use libfuzzer_sys::fuzz_target;
 
+/// The decoder's dynamic table, newest entry first, and its size.
+fn table(d: &Decoder) -> (Vec<(Vec<u8>, Vec<u8>)>, usize) {
+    let t = d.table();
+    let entries = (0..t.len())
+        .filter_map(|i| t.get(62 + i).ok())
+        .map(|(n, v)| (n.to_vec(), v.to_vec()))
+        .collect();
+    (entries, t.size())
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&ctl, rest)) = data.split_first() else {
         return;
     };
+    // Decoder::judge agrees with decoding: the same verdict and error, and the table left
+    // as decoding leaves it (or untouched, for a block with a bad field).
+    let mut decoded = Decoder::default();
     let mut fields = Vec::new();
-    let _ = Decoder::default().decode(rest, &mut fields);
+    let decoded_result = decoded.decode(rest, &mut fields);
+    let bad = |n: &[u8], v: &[u8]| n == b":authority" && v.first() == Some(&b'/');
+    let mut judged = Decoder::default();
+    match judged.judge(rest, bad) {
+        Ok(false) => {
+            assert!(decoded_result.is_ok());
+            assert!(!fields.iter().any(|f| bad(&f.name, &f.value)));
+            assert_eq!(table(&judged), table(&decoded));
+        }
+        Ok(true) => {
+            assert_eq!(table(&judged), table(&Decoder::default()));
+            let mut again = Vec::new();
+            assert_eq!(judged.decode(rest, &mut again), decoded_result);
+            if decoded_result.is_ok() {
+                assert!(fields.iter().any(|f| bad(&f.name, &f.value)));
+                assert_eq!(again, fields);
+                assert_eq!(table(&judged), table(&decoded));
+            }
+        }
+        Err(e) => assert_eq!(decoded_result, Err(e)),
+    }
 
     // Usually start with a valid preface so the fuzzer reaches the frames.
     let mut input = Vec::with_capacity(rest.len() + PREFACE.len());

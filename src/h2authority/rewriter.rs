@@ -205,7 +205,8 @@ impl Rewriter {
                         break;
                     }
                     let end = pos + HEADER_LEN + h.length;
-                    let invalid = decode_block(&mut self.decoder, &mut self.fields, fragment)?;
+                    let invalid =
+                        judge_block(&mut self.decoder, &mut self.fields, self.reencode, fragment)?;
                     let reencode = self.must_reencode(invalid);
                     if reencode {
                         let end_stream = h.flags & FLAG_END_STREAM != 0;
@@ -376,7 +377,12 @@ impl Rewriter {
         let Some(block) = self.block.take() else {
             return Ok(());
         };
-        let invalid = decode_block(&mut self.decoder, &mut self.fields, &self.fragment)?;
+        let invalid = judge_block(
+            &mut self.decoder,
+            &mut self.fields,
+            self.reencode,
+            &self.fragment,
+        )?;
         if self.must_reencode(invalid) {
             self.write_reencoded(block.stream_id, block.end_stream, block.priority, out);
         } else {
@@ -406,7 +412,7 @@ impl Rewriter {
     ) {
         self.encoded.clear();
         let fixed = self.fields.iter().map(|f| {
-            if is_invalid_authority(&f) {
+            if is_invalid_authority(f.name, f.value) {
                 FieldRef {
                     value: REPLACEMENT_AUTHORITY,
                     ..f
@@ -434,21 +440,27 @@ impl Rewriter {
     }
 }
 
-/// Decodes one whole header block into `fields`; true when one of its `:authority` values
-/// does not parse.
-fn decode_block(
+/// Decodes one whole header block; true when one of its `:authority` values does not
+/// parse. The block's fields are in `fields` when this returns true or when `reencoding`;
+/// otherwise the block was only judged, with nothing of it copied.
+fn judge_block(
     decoder: &mut Decoder,
     fields: &mut FieldList,
+    reencoding: bool,
     fragment: &[u8],
 ) -> Result<bool, RewriteError> {
+    // A block with a bad `:authority` leaves the decoder's table as it was: decode it again.
+    if !reencoding && !decoder.judge(fragment, is_invalid_authority)? {
+        return Ok(false);
+    }
     fields.clear();
     decoder.decode_list(fragment, fields)?;
-    Ok(fields.iter().any(|f| is_invalid_authority(&f)))
+    Ok(fields.iter().any(|f| is_invalid_authority(f.name, f.value)))
 }
 
 /// An `:authority` that h2 would refuse (and so must be replaced).
-fn is_invalid_authority(field: &FieldRef<'_>) -> bool {
-    field.name == b":authority" && http::uri::Authority::try_from(field.value).is_err()
+fn is_invalid_authority(name: &[u8], value: &[u8]) -> bool {
+    name == b":authority" && http::uri::Authority::try_from(value).is_err()
 }
 
 #[cfg(test)]

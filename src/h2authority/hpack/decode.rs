@@ -1,5 +1,7 @@
 //! HPACK header block decoding (RFC 7541 §5, §6).
 
+use std::ops::ControlFlow;
+
 use super::table::{DynamicTable, ENTRY_OVERHEAD};
 use super::{Field, FieldList, HpackError, huffman};
 
@@ -17,6 +19,39 @@ pub struct Decoder {
     table: DynamicTable,
     max_table_size: usize,
     max_list_size: usize,
+    /// A literal field's name and value, decoded.
+    literal: Vec<u8>,
+}
+
+/// Takes a block's fields as they are decoded.
+pub trait FieldSink {
+    /// One field. `Break` ends decoding at this field.
+    fn field(&mut self, name: &[u8], value: &[u8], never_indexed: bool) -> ControlFlow<()>;
+}
+
+impl FieldSink for FieldList {
+    fn field(&mut self, name: &[u8], value: &[u8], never_indexed: bool) -> ControlFlow<()> {
+        let bytes = self.bytes_mut();
+        let start = bytes.len();
+        bytes.extend_from_slice(name);
+        let name_end = bytes.len();
+        bytes.extend_from_slice(value);
+        self.finish(start, name_end, never_indexed);
+        ControlFlow::Continue(())
+    }
+}
+
+/// Stops at the first field `bad` picks.
+struct FirstBad<F>(F);
+
+impl<F: FnMut(&[u8], &[u8]) -> bool> FieldSink for FirstBad<F> {
+    fn field(&mut self, name: &[u8], value: &[u8], _: bool) -> ControlFlow<()> {
+        if (self.0)(name, value) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
 }
 
 impl Default for Decoder {
@@ -33,6 +68,7 @@ impl Decoder {
             table: DynamicTable::new(DEFAULT_TABLE_SIZE.min(max_table_size)),
             max_table_size,
             max_list_size,
+            literal: Vec::new(),
         }
     }
 
@@ -59,20 +95,46 @@ impl Decoder {
     /// [`Decoder::decode`] into a reusable [`FieldList`] (appended to): no allocation per
     /// field, only for entries added to the dynamic table.
     pub fn decode_list(&mut self, block: &[u8], list: &mut FieldList) -> Result<(), HpackError> {
+        self.decode_into(block, list).map(|_| ())
+    }
+
+    /// Whether a complete header block has a field that `bad` picks, decoded without
+    /// keeping its fields (nothing is copied for an indexed field).
+    ///
+    /// On `Ok(false)` the dynamic table is updated as by [`Decoder::decode_list`]. On
+    /// `Ok(true)` it is as it was before the block, so that the caller can decode the
+    /// block again, keeping its fields. On error it may be partly updated, as with
+    /// `decode_list`.
+    pub fn judge(
+        &mut self,
+        block: &[u8],
+        bad: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<bool, HpackError> {
+        self.table.checkpoint();
+        let result = self.decode_into(block, &mut FirstBad(bad));
+        match result {
+            Ok(ControlFlow::Break(())) => self.table.rollback(),
+            Ok(ControlFlow::Continue(())) | Err(_) => self.table.release(),
+        }
+        result.map(|flow| flow.is_break())
+    }
+
+    /// Decodes one complete header block into `sink`, updating the dynamic table, until
+    /// the sink breaks (the field it broke at is not added to the table).
+    fn decode_into(
+        &mut self,
+        block: &[u8],
+        sink: &mut impl FieldSink,
+    ) -> Result<ControlFlow<()>, HpackError> {
         let mut src = block;
         let mut list_size: usize = 0;
         let mut seen_field = false;
         while let Some(&first) = src.first() {
-            let start = list.bytes_mut().len();
-            if first & 0x80 != 0 {
+            let (field_len, flow) = if first & 0x80 != 0 {
                 // §6.1 indexed header field.
                 let index = decode_int(&mut src, 7)?;
-                let (n, v) = self.table.get(index)?;
-                let bytes = list.bytes_mut();
-                bytes.extend_from_slice(n);
-                let name_end = bytes.len();
-                bytes.extend_from_slice(v);
-                list.finish(start, name_end, false);
+                let (name, value) = self.table.get(index)?;
+                (name.len() + value.len(), sink.field(name, value, false))
             } else if first & 0xe0 == 0x20 {
                 // §6.3 dynamic table size update: only before the first field.
                 if seen_field {
@@ -96,30 +158,36 @@ impl Decoder {
                     (4, false, first & 0x10 != 0)
                 };
                 let name_index = decode_int(&mut src, prefix)?;
+                let literal = &mut self.literal;
+                literal.clear();
                 if name_index == 0 {
-                    decode_string(&mut src, list.bytes_mut())?;
+                    decode_string(&mut src, literal)?;
                 } else {
-                    let name = self.table.get(name_index)?.0;
-                    list.bytes_mut().extend_from_slice(name);
+                    literal.extend_from_slice(self.table.get(name_index)?.0);
                 }
-                let name_end = list.bytes_mut().len();
-                decode_string(&mut src, list.bytes_mut())?;
-                list.finish(start, name_end, never_indexed);
-                if indexing && let Some((name, value)) = list.last() {
+                let name_end = literal.len();
+                decode_string(&mut src, literal)?;
+                let (name, value) = literal.split_at(name_end);
+                let flow = sink.field(name, value, never_indexed);
+                if indexing && flow.is_continue() {
                     self.table.insert(name.to_vec(), value.to_vec());
                 }
-            }
+                (literal.len(), flow)
+            };
             seen_field = true;
             list_size = list_size
-                .saturating_add(list.field_len())
+                .saturating_add(field_len)
                 .saturating_add(ENTRY_OVERHEAD);
             if list_size > self.max_list_size {
                 return Err(HpackError::HeaderListTooLarge {
                     limit: self.max_list_size,
                 });
             }
+            if flow.is_break() {
+                return Ok(flow);
+            }
         }
-        Ok(())
+        Ok(ControlFlow::Continue(()))
     }
 }
 
@@ -177,6 +245,60 @@ fn decode_string(src: &mut &[u8], out: &mut Vec<u8>) -> Result<(), HpackError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every entry of the dynamic table, newest first.
+    fn entries(d: &Decoder) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let t = d.table();
+        (0..t.len())
+            .map(|i| {
+                t.get(62 + i)
+                    .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn judging_a_block_agrees_with_decoding_it() {
+        use crate::h2authority::test_support::IndexingEncoder;
+        let bad = |n: &[u8], v: &[u8]| n == b":authority" && v.first() == Some(&b'/');
+        for huffman in [false, true] {
+            let mut enc = IndexingEncoder::new(huffman);
+            let (mut decoded, mut judged) = (Decoder::default(), Decoder::default());
+            for i in 0..400usize {
+                // Authorities repeat (indexed) and change (literals that evict); one in
+                // seven is bad, in various positions of the block.
+                let authority = if i % 7 == 3 {
+                    format!("/run/{}.sock", i % 5)
+                } else {
+                    format!("h{}", i % 9)
+                };
+                let timeout = format!("{}u", 2_999_000 + i * 37);
+                let big = "v".repeat(i % 300);
+                let mut fields = vec![(":method", "POST"), ("grpc-timeout", timeout.as_str())];
+                fields.insert(i % 3, (":authority", authority.as_str()));
+                if i % 4 == 0 {
+                    fields.push(("x-big", big.as_str()));
+                }
+                let block = enc.encode(&fields);
+
+                let mut want = FieldList::default();
+                decoded.decode_list(&block, &mut want).unwrap();
+                let want_bad = want.iter().any(|f| bad(f.name, f.value));
+                let before = entries(&judged);
+                let verdict = judged.judge(&block, bad).unwrap();
+                assert_eq!(verdict, want_bad, "block {i}");
+                if verdict {
+                    assert_eq!(entries(&judged), before, "block {i}: rolled back");
+                    let mut got = FieldList::default();
+                    judged.decode_list(&block, &mut got).unwrap();
+                    assert!(got.iter().eq(want.iter()), "block {i}");
+                }
+                assert_eq!(entries(&judged), entries(&decoded), "block {i}");
+                assert_eq!(judged.table().size(), decoded.table().size());
+            }
+        }
+    }
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();

@@ -96,15 +96,6 @@ impl FieldList {
         })
     }
 
-    /// The last field's name and value (the one [`FieldList::finish`] just ended).
-    fn last(&self) -> Option<(&[u8], &[u8])> {
-        let s = self.spans.last()?;
-        Some((
-            self.bytes.get(s.start..s.name_end)?,
-            self.bytes.get(s.name_end..s.value_end)?,
-        ))
-    }
-
     /// The byte buffer names and values are appended to.
     fn bytes_mut(&mut self) -> &mut Vec<u8> {
         &mut self.bytes
@@ -119,13 +110,6 @@ impl FieldList {
             value_end: self.bytes.len(),
             never_indexed,
         });
-    }
-
-    /// Bytes in use (for the header list size: names and values).
-    fn field_len(&self) -> usize {
-        self.spans
-            .last()
-            .map_or(0, |s| s.value_end.saturating_sub(s.start))
     }
 }
 

@@ -72,15 +72,33 @@ pub const STATIC: [(&[u8], &[u8]); 61] = [
     (b"www-authenticate", b""),
 ];
 
+/// A name and value.
+type Entry = (Vec<u8>, Vec<u8>);
+
 /// The decoder's copy of the peer's dynamic table.
 #[derive(Debug)]
 pub struct DynamicTable {
     /// Newest entry first: HPACK index 62 is `entries[0]`.
-    entries: VecDeque<(Vec<u8>, Vec<u8>)>,
+    entries: VecDeque<Entry>,
     /// Current size in RFC 7541 §4.1 terms.
     size: usize,
     /// Current maximum size (set by dynamic table size updates).
     max_size: usize,
+    /// Set between [`DynamicTable::checkpoint`] and its release or rollback.
+    undo: Option<Undo>,
+    /// The evicted list's buffer, kept from one checkpoint to the next.
+    spare: Vec<Entry>,
+}
+
+/// What puts the table back as it was at the checkpoint.
+#[derive(Debug)]
+struct Undo {
+    size: usize,
+    max_size: usize,
+    /// Entries added since, still in the table (at its front).
+    added: usize,
+    /// Entries that were in the table at the checkpoint and were evicted since, in order.
+    evicted: Vec<Entry>,
 }
 
 impl DynamicTable {
@@ -90,7 +108,45 @@ impl DynamicTable {
             entries: VecDeque::new(),
             size: 0,
             max_size,
+            undo: None,
+            spare: Vec::new(),
         }
+    }
+
+    /// Remembers the table as it is, for [`DynamicTable::rollback`]; evicted entries are
+    /// kept (not freed) until [`DynamicTable::release`] or the rollback.
+    pub fn checkpoint(&mut self) {
+        self.undo = Some(Undo {
+            size: self.size,
+            max_size: self.max_size,
+            added: 0,
+            evicted: std::mem::take(&mut self.spare),
+        });
+    }
+
+    /// Keeps the changes made since the checkpoint.
+    pub fn release(&mut self) {
+        if let Some(undo) = self.undo.take() {
+            self.spare = undo.evicted;
+            self.spare.clear();
+        }
+    }
+
+    /// Puts the table back as it was at the checkpoint.
+    pub fn rollback(&mut self) {
+        let Some(mut undo) = self.undo.take() else {
+            return;
+        };
+        for _ in 0..undo.added {
+            self.entries.pop_front();
+        }
+        // Evicted oldest first: the first one evicted goes back last.
+        while let Some(entry) = undo.evicted.pop() {
+            self.entries.push_back(entry);
+        }
+        self.size = undo.size;
+        self.max_size = undo.max_size;
+        self.spare = undo.evicted;
     }
 
     /// Current size, in RFC 7541 §4.1 bytes.
@@ -136,22 +192,31 @@ impl DynamicTable {
             .saturating_add(value.len())
             .saturating_add(ENTRY_OVERHEAD);
         if entry_size > self.max_size {
-            self.entries.clear();
-            self.size = 0;
+            self.evict_to(0);
             return;
         }
         self.evict_to(self.max_size - entry_size);
         self.size += entry_size;
         self.entries.push_front((name, value));
+        if let Some(undo) = &mut self.undo {
+            undo.added += 1;
+        }
     }
 
     fn evict_to(&mut self, limit: usize) {
         while self.size > limit {
-            match self.entries.pop_back() {
-                Some((n, v)) => self.size -= n.len() + v.len() + ENTRY_OVERHEAD,
-                None => {
-                    self.size = 0;
-                    break;
+            let Some((n, v)) = self.entries.pop_back() else {
+                self.size = 0;
+                break;
+            };
+            self.size -= n.len() + v.len() + ENTRY_OVERHEAD;
+            if let Some(undo) = &mut self.undo {
+                // The entries added since the checkpoint are the front `added` ones: the
+                // one just taken from the back was one of them when no other is left.
+                if self.entries.len() < undo.added {
+                    undo.added -= 1;
+                } else {
+                    undo.evicted.push((n, v));
                 }
             }
         }
@@ -171,6 +236,44 @@ mod tests {
         assert_eq!(t.get(0), Err(HpackError::InvalidIndex(0)));
         assert_eq!(t.get(62), Err(HpackError::InvalidIndex(62)));
         assert_eq!(t.get(usize::MAX), Err(HpackError::InvalidIndex(usize::MAX)));
+    }
+
+    fn snapshot(t: &DynamicTable) -> (Vec<Entry>, usize, usize) {
+        (t.entries.iter().cloned().collect(), t.size, t.max_size)
+    }
+
+    #[test]
+    fn rollback_restores_the_table_after_any_changes() {
+        // Pseudo-random inserts (some larger than the table), size changes and
+        // checkpoints; each rolled back change must leave exactly the table before it.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n) as usize
+        };
+        let mut t = DynamicTable::new(300);
+        for round in 0..3000 {
+            let before = snapshot(&t);
+            t.checkpoint();
+            for _ in 0..next(6) {
+                match next(10) {
+                    0 => t.set_max_size(next(400)),
+                    1 => t.insert(vec![b'n'; next(400)], Vec::new()),
+                    _ => t.insert(vec![b'n'; next(20) + 1], vec![round as u8; next(60)]),
+                }
+            }
+            if next(2) == 0 {
+                t.rollback();
+                assert_eq!(snapshot(&t), before, "round {round}");
+            } else {
+                t.release();
+            }
+            let size: usize = t.entries.iter().map(|(n, v)| n.len() + v.len() + 32).sum();
+            assert_eq!(size, t.size);
+            assert!(t.size <= t.max_size);
+        }
     }
 
     #[test]
