@@ -1,6 +1,7 @@
 //! Cost of the `:authority` rewriter per request header block, for a
 //! grpc-go style KMS request: valid authority (verbatim passthrough) versus
-//! a socket-path authority (decode, rewrite, re-encode).
+//! a socket-path authority (decode, rewrite, re-encode); through `feed` and
+//! through `feed_in_place`, the path the server's reads take.
 #![allow(missing_docs)] // criterion_group! defines an undocumented pub fn
 
 use criterion::{BatchSize, Criterion, Throughput, black_box, criterion_group, criterion_main};
@@ -81,6 +82,15 @@ fn bench(c: &mut Criterion) {
                 out.clear();
                 r.feed(black_box(&steady), &mut out).expect("valid block");
                 black_box(out.len())
+            });
+        });
+        g.bench_function(format!("steady_request_in_place/{name}"), |b| {
+            b.iter(|| {
+                out.clear();
+                let passed = r
+                    .feed_in_place(black_box(&steady), &mut out)
+                    .expect("valid block");
+                black_box(passed + out.len())
             });
         });
         let first = headers_frame(&first_block(authority));

@@ -95,15 +95,7 @@ func measure(c kmsapi.KeyManagementServiceClient, op string, callers int, second
 			lat := make([]int64, 0, 1<<14)
 			for time.Now().Before(until) {
 				t := time.Now()
-				var err error
-				if op == "encrypt" {
-					_, err = encrypt(c, enc)
-				} else {
-					_, err = decrypt(c, dec)
-				}
-				if err != nil {
-					fail("%s: %v", op, err)
-				}
+				call(c, op, enc, dec)
 				lat = append(lat, time.Since(t).Nanoseconds())
 			}
 			per[i] = lat
@@ -122,17 +114,23 @@ func measure(c kmsapi.KeyManagementServiceClient, op string, callers int, second
 func sequential(c kmsapi.KeyManagementServiceClient, op string, n int,
 	enc *kmsapi.EncryptRequest, dec *kmsapi.DecryptRequest) map[string]any {
 	for range n {
-		var err error
-		if op == "encrypt" {
-			_, err = encrypt(c, enc)
-		} else {
-			_, err = decrypt(c, dec)
-		}
-		if err != nil {
-			fail("%s: %v", op, err)
-		}
+		call(c, op, enc, dec)
 	}
 	return map[string]any{"sequential": n}
+}
+
+// call makes one Encrypt or Decrypt and exits on failure.
+func call(c kmsapi.KeyManagementServiceClient, op string,
+	enc *kmsapi.EncryptRequest, dec *kmsapi.DecryptRequest) {
+	var err error
+	if op == "encrypt" {
+		_, err = encrypt(c, enc)
+	} else {
+		_, err = decrypt(c, dec)
+	}
+	if err != nil {
+		fail("%s: %v", op, err)
+	}
 }
 
 // roundTrip encrypts a fresh random seed and decrypts what came back: two calls.
