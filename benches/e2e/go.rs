@@ -117,7 +117,11 @@ impl Client {
             .filter_map(serde_json::Value::as_u64)
             .collect();
         let elapsed = Duration::from_nanos(v["elapsed_ns"].as_u64().expect("elapsed_ns"));
-        Samples { latencies, elapsed }
+        Samples {
+            latencies,
+            elapsed,
+            per_instance: Vec::new(),
+        }
     }
 
     /// The long run (see `go/client/main.go`): `progress` gets the number of calls made

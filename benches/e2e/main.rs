@@ -124,11 +124,13 @@ impl Server {
     }
 }
 
-/// Latencies (ns) and elapsed time of one (server, op, concurrency) across rounds.
+/// Latencies (ns) and elapsed time of one (server, op, concurrency) across rounds, and its
+/// calls/s in each instance.
 #[derive(Default)]
 pub struct Samples {
     latencies: Vec<u64>,
     elapsed: Duration,
+    per_instance: Vec<f64>,
 }
 
 impl Samples {
@@ -404,6 +406,15 @@ fn bench(rt: &Runtime) {
         if instance + 1 == instances {
             rss.0 = rss_kib(plugin);
         }
+        let marks: Vec<Vec<(usize, Duration)>> = results
+            .iter()
+            .map(|(_, samples)| {
+                samples
+                    .iter()
+                    .map(|s| (s.latencies.len(), s.elapsed))
+                    .collect()
+            })
+            .collect();
         for round in 0..rounds {
             for ((op, c), samples) in &mut results {
                 // Rotate which server goes first, so drifts in machine load hit all of them.
@@ -413,6 +424,13 @@ fn bench(rt: &Runtime) {
                     samples[i].latencies.extend(s.latencies);
                     samples[i].elapsed += s.elapsed;
                 }
+            }
+        }
+        for ((_, samples), marks) in results.iter_mut().zip(&marks) {
+            for (s, (calls, elapsed)) in samples.iter_mut().zip(marks) {
+                let seconds = s.elapsed.saturating_sub(*elapsed).as_secs_f64();
+                let calls = s.latencies.len().saturating_sub(*calls) as f64;
+                s.per_instance.push(calls / seconds);
             }
         }
         if instance + 1 == instances {
@@ -430,6 +448,7 @@ fn bench(rt: &Runtime) {
                 ops: s.ops_per_second(),
                 p50_ms: ms(s.percentile(0.5)),
                 p99_ms: ms(s.percentile(0.99)),
+                per_instance: std::mem::take(&mut s.per_instance),
             });
         }
     }
@@ -453,8 +472,8 @@ fn bench(rt: &Runtime) {
 
 fn print_rows(rows: &[report::Row]) {
     println!(
-        "{:<8} {:>4} {:<9} {:>10} {:>9} {:>9} {:>8} {:>8}",
-        "op", "conc", "server", "ops/s", "p50 ms", "p99 ms", "ops/base", "p50/base"
+        "{:<8} {:>4} {:<9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>11}",
+        "op", "conc", "server", "ops/s", "p50 ms", "p99 ms", "ops/base", "p50/base", "instances"
     );
     for r in rows {
         let base = rows
@@ -463,14 +482,25 @@ fn print_rows(rows: &[report::Row]) {
         let (ops, p50) = base.map_or((f64::NAN, f64::NAN), |b| {
             (r.ops / b.ops, r.p50_ms / b.p50_ms)
         });
+        // Lowest and highest ops/base of one instance: how far a single instance strays.
+        let (low, high) = base.map_or((f64::NAN, f64::NAN), |b| {
+            r.per_instance
+                .iter()
+                .zip(&b.per_instance)
+                .map(|(r, b)| r / b)
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                    (lo.min(x), hi.max(x))
+                })
+        });
         println!(
-            "{:<8} {:>4} {:<9} {:>10.0} {:>9.3} {:>9.3} {:>8.3} {:>8.3}",
-            r.op, r.callers, r.server, r.ops, r.p50_ms, r.p99_ms, ops, p50
+            "{:<8} {:>4} {:<9} {:>10.0} {:>9.3} {:>9.3} {:>8.3} {:>8.3} {:>5.2}-{:<5.2}",
+            r.op, r.callers, r.server, r.ops, r.p50_ms, r.p99_ms, ops, p50, low, high
         );
     }
     println!(
         "(target for the plugin: ops/base >= 0.95, p50/base <= 1.05; baseline-2, the same \
-         baseline again, shows how far noise alone moves a ratio)"
+         baseline again, shows how far noise alone moves a ratio; instances: the lowest and \
+         highest ops/base of a single instance)"
     );
 }
 

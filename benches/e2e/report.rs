@@ -15,6 +15,8 @@ pub struct Row {
     pub ops: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Calls/s in each instance, in instance order.
+    pub per_instance: Vec<f64>,
 }
 
 /// Everything the table and chart say.
