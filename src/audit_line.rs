@@ -104,7 +104,7 @@ fn format_ok(
     }
 }
 
-/// True when every byte is printable ASCII and, in JSON, neither `"` nor `\\`. Folded
+/// True when every byte is printable ASCII and, in JSON, neither `"` nor `\`. Folded
 /// without an early exit, which lets the compiler check 16 or 32 bytes per step.
 fn is_plain(bytes: &[u8], json: bool) -> bool {
     let mut bad = 0u8;

@@ -195,18 +195,17 @@ impl Rewriter {
                         }
                         continue;
                     }
-                    let whole = h.flags & FLAG_END_HEADERS != 0
+                    // A whole block, on a connection whose blocks still pass as they are.
+                    let judgeable = !self.reencode
+                        && h.flags & FLAG_END_HEADERS != 0
                         && h.flags & (FLAG_PADDED | FLAG_PRIORITY) == 0
                         && h.length <= MAX_HEADER_BLOCK;
-                    let Some(fragment) = after.get(..h.length).filter(|_| whole) else {
+                    let Some(fragment) = after.get(..h.length).filter(|_| judgeable) else {
                         break;
                     };
-                    if self.reencode {
-                        break;
-                    }
                     let end = pos + HEADER_LEN + h.length;
                     let invalid =
-                        judge_block(&mut self.decoder, &mut self.fields, self.reencode, fragment)?;
+                        judge_block(&mut self.decoder, &mut self.fields, false, fragment)?;
                     let reencode = self.must_reencode(invalid);
                     if reencode {
                         let end_stream = h.flags & FLAG_END_STREAM != 0;
