@@ -13,8 +13,8 @@
 //!
 //! It is used only where it cannot differ from tracing's output: installed by the `serve`
 //! command's log set-up when its subscriber is the global one and colours are off (not a
-//! terminal), and the caller checks first that tracing would log the event at all (the
-//! `KMS_PLUGIN_LOG` filter). Errors and every other line still go through tracing.
+//! terminal), and written only when tracing's filter (`KMS_PLUGIN_LOG`) would let the event
+//! through. Errors and every other line still go through tracing.
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -26,13 +26,36 @@ use crate::log_writer::LogWriter;
 struct Sink {
     writer: LogWriter,
     json: bool,
+    due: Due,
+}
+
+/// Whether tracing's filter lets the line through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Due {
+    Always,
+    Never,
+    /// The filter has span or field directives: its answer can change from call to call.
+    AskEachTime,
 }
 
 static SINK: OnceLock<Sink> = OnceLock::new();
 
-/// Routes audit lines to `writer`, as JSON or text (once; later calls change nothing).
-pub fn install(writer: LogWriter, json: bool) {
-    let _ = SINK.set(Sink { writer, json });
+/// Routes audit lines to `writer`, as JSON or text (once; later calls change nothing). Call
+/// it after the global subscriber is set. With `static_filter` (no span or field directives,
+/// so target and level alone decide) the filter is asked once here instead of on every
+/// call, where the question cost ~0.2 µs of a ~30 µs call.
+pub fn install(writer: LogWriter, json: bool, static_filter: bool) {
+    let due = match (static_filter, enabled()) {
+        (false, _) => Due::AskEachTime,
+        (true, true) => Due::Always,
+        (true, false) => Due::Never,
+    };
+    let _ = SINK.set(Sink { writer, json, due });
+}
+
+/// Whether the global subscriber logs an info event of the audit line's target now.
+fn enabled() -> bool {
+    tracing::enabled!(target: TARGET, tracing::Level::INFO)
 }
 
 /// The module path tracing would print as the event's target.
@@ -40,12 +63,19 @@ const TARGET: &str = "kms_plugin::service";
 /// Longest caller-supplied string in a log line, in characters (longer ones are cut).
 pub const MAX_LOGGED_CHARS: usize = 80;
 
-/// Writes the info line of a successful call and returns true, or returns false when no
-/// audit sink is installed (the caller logs through tracing instead).
+/// Writes the info line of a successful call if the filter lets it through and returns
+/// true, or returns false when no audit sink is installed (the caller logs through tracing
+/// instead).
 pub fn write_ok(op: &str, uid: &str, key_id: &str, micros: u64) -> bool {
     let Some(sink) = SINK.get() else {
         return false;
     };
+    match sink.due {
+        Due::Always => {}
+        Due::Never => return true,
+        Due::AskEachTime if enabled() => {}
+        Due::AskEachTime => return true,
+    }
     thread_local! {
         static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
     }

@@ -59,9 +59,7 @@ impl Service {
         match result {
             // The audit line, formatted without tracing's formatter when that gives the
             // same bytes (see audit_line); tracing's filter still decides whether it is due.
-            Ok(_)
-                if tracing::enabled!(tracing::Level::INFO)
-                    && crate::audit_line::write_ok(op, uid, key_id, micros) => {}
+            Ok(_) if crate::audit_line::write_ok(op, uid, key_id, micros) => {}
             Ok(_) => {
                 let (uid, key_id) = (loggable(uid), loggable(key_id));
                 tracing::info!(op, uid = %uid, key_id = %key_id, outcome = "ok", micros);

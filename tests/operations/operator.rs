@@ -183,23 +183,24 @@ async fn a_refused_uid_is_told_it_is_not_in_allowed_uids() {
     assert!(plugin.try_wait().is_none(), "{}", plugin.output());
 }
 
-/// The README's logging promise at the default level (no KMS_PLUGIN_LOG): one line per
-/// Encrypt and Decrypt; Status, polled by every apiserver, only at debug.
-#[tokio::test]
-async fn default_log_level_logs_encrypt_and_decrypt_but_not_status() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = support::socket_in(dir.path());
-    let state = dir.path().join("state").to_string_lossy().into_owned();
-    let log_path = dir.path().join("default-level.log");
+/// The log of a plugin that served a Status, an Encrypt and a Decrypt with `KMS_PLUGIN_LOG`
+/// set to `filter` (unset for `None`), after a clean stop.
+async fn log_of_three_calls(dir: &std::path::Path, filter: Option<&str>) -> String {
+    let socket = support::socket_in(dir);
+    let state = dir.join("state").to_string_lossy().into_owned();
+    let log_path = dir.join(format!("{}.log", filter.unwrap_or("default")));
     let log = std::fs::File::create(&log_path).expect("log");
-    let mut child = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(["serve", "--socket", &socket, "--state-dir", &state])
-        .env_remove("KMS_PLUGIN_LOG")
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("spawn");
+        .stderr(log);
+    match filter {
+        Some(filter) => command.env("KMS_PLUGIN_LOG", filter),
+        None => command.env_remove("KMS_PLUGIN_LOG"),
+    };
+    let mut child = command.spawn().expect("spawn");
     let mut client = loop {
         if let Ok(mut client) = support::connect(&socket).await
             && client
@@ -220,15 +221,45 @@ async fn default_log_level_logs_encrypt_and_decrypt_but_not_status() {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
-    let text = std::fs::read_to_string(&log_path).expect("read log");
+    std::fs::read_to_string(&log_path).expect("read log")
+}
+
+/// The README's logging promise at the default level (no KMS_PLUGIN_LOG): one line per
+/// Encrypt and Decrypt; Status, polled by every apiserver, only at debug.
+#[tokio::test]
+async fn default_log_level_logs_encrypt_and_decrypt_but_not_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = log_of_three_calls(dir.path(), None).await;
     assert!(text.contains("op=\"encrypt\""), "{text}");
     assert!(text.contains("op=\"decrypt\""), "{text}");
     assert!(!text.contains("op=\"status\""), "{text}");
 
     // At debug, Status is logged too.
+    let socket = support::socket_in(dir.path());
     let mut plugin = Plugin::embedded(dir.path(), &socket).await;
     support::status(&mut plugin.client().await).await;
     plugin.wait_for_output("op=\"status\"").await;
+}
+
+/// The audit lines follow KMS_PLUGIN_LOG, whether the filter is decided once at start (by
+/// target and level alone) or asked on each call (span directives, in brackets).
+#[tokio::test]
+async fn audit_lines_follow_the_log_filter() {
+    for (filter, logged) in [
+        ("warn", false),
+        ("info,kms_plugin::service=warn", false),
+        ("warn,kms_plugin::service=info", true),
+        // Dynamic: no call runs inside a span named `reload`.
+        ("warn,kms_plugin::service[reload]=info", false),
+        ("info,kms_plugin::service[reload]=trace", true),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = log_of_three_calls(dir.path(), Some(filter)).await;
+        for op in ["encrypt", "decrypt"] {
+            let line = format!("op=\"{op}\"");
+            assert_eq!(text.contains(&line), logged, "{filter}: {op}\n{text}");
+        }
+    }
 }
 
 /// The install the README describes: the plugin runs as its own user, who owns the keys
