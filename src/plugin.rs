@@ -6,7 +6,7 @@
 //! again (the new active root's round trip). Only then is it swapped in, atomically; on any failure
 //! the old keyring keeps serving. Calls in flight finish on the keyring they started with.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -250,10 +250,13 @@ impl Plugin {
 }
 
 /// KMS calls in flight: one atomic add and one subtract per call; the notify is woken only
-/// when the count falls to zero (a watch channel here cost a dozen mutex round trips a call).
+/// when the count falls to zero while a stop waits for it (a watch channel here cost a dozen
+/// mutex round trips a call, and the notify's lock is a round trip of its own).
 #[derive(Default)]
 struct Calls {
     count: AtomicUsize,
+    /// Set once a stop waits in [`Calls::drained`]; never cleared.
+    waiting: AtomicBool,
     drained: tokio::sync::Notify,
 }
 
@@ -264,12 +267,15 @@ impl Calls {
     }
 
     async fn drained(&self) {
+        // SeqCst here and in `InFlight::drop`: either this sees the count at zero or the
+        // last call's drop sees `waiting` and notifies.
+        self.waiting.store(true, Ordering::SeqCst);
         loop {
             // Registered before the check, so a call ending in between is not missed.
             let notified = self.drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.count.load(Ordering::Acquire) == 0 {
+            if self.count.load(Ordering::SeqCst) == 0 {
                 return;
             }
             notified.await;
@@ -282,7 +288,8 @@ pub struct InFlight<'a>(&'a Calls);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.waiting.load(Ordering::SeqCst)
+        {
             self.0.drained.notify_waiters();
         }
     }
@@ -315,6 +322,37 @@ mod tests {
         tokio::time::timeout(wait, &mut drained)
             .await
             .expect("drained once the last call ended");
+    }
+
+    /// The last call ends while a stop starts waiting, on another thread: the stop must
+    /// see either the count at zero or the notification, every time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drained_never_misses_a_racing_last_call() {
+        for _ in 0..300 {
+            let calls = Arc::new(Calls::default());
+            let (started, in_flight) = std::sync::mpsc::channel();
+            let busy = {
+                let calls = calls.clone();
+                std::thread::spawn(move || {
+                    let last = calls.start();
+                    let _ = started.send(());
+                    for _ in 0..50 {
+                        drop(calls.start());
+                    }
+                    drop(last);
+                })
+            };
+            in_flight.recv().expect("a call started");
+            let waiter = {
+                let calls = calls.clone();
+                tokio::spawn(async move { calls.drained().await })
+            };
+            busy.join().expect("thread");
+            tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("drained after the last call ended")
+                .expect("task");
+        }
     }
 
     /// A config file with file roots `a` and `b` in `dir`, `active` active, `retired`

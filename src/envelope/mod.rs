@@ -126,10 +126,14 @@ pub fn check_format(ciphertext: &[u8]) -> Result<(), EnvelopeError> {
     }
 }
 
+/// The associated data of a ciphertext: on the stack (no allocation per Decrypt) for
+/// key_ids up to 74 bytes, which is every key_id this plugin makes.
+pub type AssociatedData = smallvec::SmallVec<[u8; 128]>;
+
 /// `"kms-plugin envelope" || version || len(key_id) || key_id || annotations digest`.
-pub fn associated_data(key_id: &str, annotations_digest: &[u8; 32]) -> Vec<u8> {
+pub fn associated_data(key_id: &str, annotations_digest: &[u8; 32]) -> AssociatedData {
     const DOMAIN: &[u8] = b"kms-plugin envelope";
-    let mut aad = Vec::with_capacity(DOMAIN.len() + 1 + 2 + key_id.len() + 32);
+    let mut aad = AssociatedData::with_capacity(DOMAIN.len() + 1 + 2 + key_id.len() + 32);
     aad.extend_from_slice(DOMAIN);
     aad.push(FORMAT_V1);
     // key_id is at most 1024 bytes (validated), so the length fits in u16.
@@ -157,7 +161,7 @@ pub fn fingerprint(domain: &[u8], parts: impl IntoIterator<Item = impl AsRef<[u8
 mod tests {
     use super::*;
 
-    struct Bound(KekCipher, Vec<u8>);
+    struct Bound(KekCipher, AssociatedData);
 
     impl Bound {
         fn seal(&self, pt: &[u8]) -> Vec<u8> {
@@ -260,6 +264,24 @@ mod tests {
     fn largest_plaintext_fits_the_apiserver_limit() {
         let sealed = key(5).seal(&[0; MAX_PLAINTEXT_LEN]);
         assert_eq!(sealed.len(), MAX_CIPHERTEXT_LEN);
+    }
+
+    #[test]
+    fn associated_data_layout_for_short_and_longest_key_ids() {
+        for key_id in [
+            "file-0123",
+            &"k".repeat(74),
+            &"k".repeat(75),
+            &"k".repeat(1024),
+        ] {
+            let aad = associated_data(key_id, &[9; 32]);
+            let mut want = b"kms-plugin envelope\x01".to_vec();
+            want.extend_from_slice(&(key_id.len() as u16).to_be_bytes());
+            want.extend_from_slice(key_id.as_bytes());
+            want.extend_from_slice(&[9; 32]);
+            assert_eq!(aad.as_slice(), want, "{}", key_id.len());
+            assert_eq!(aad.spilled(), key_id.len() > 74, "{}", key_id.len());
+        }
     }
 
     #[test]

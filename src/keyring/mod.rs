@@ -26,7 +26,9 @@ use zeroize::Zeroizing;
 
 use crate::config::{ApiVersion, Config, LocalKekConfig, Role};
 use crate::envelope::annotations::{self, MAX_TOTAL_LEN, wrapped_kek_key};
-use crate::envelope::{EnvelopeError, KekCipher, MAX_PLAINTEXT_LEN, associated_data, check_format};
+use crate::envelope::{
+    AssociatedData, EnvelopeError, KekCipher, MAX_PLAINTEXT_LEN, associated_data, check_format,
+};
 use crate::root::{self, ErrorKind, KeyId, RootError};
 use crate::secret::Key256;
 use cache::KekCache;
@@ -194,7 +196,7 @@ struct LocalKek {
 /// A local KEK wrapped by every wrapping root, each copy proven: all Encrypt needs.
 struct Sealer {
     cipher: Arc<KekCipher>,
-    aad: Vec<u8>,
+    aad: AssociatedData,
     annotations: HashMap<String, Vec<u8>>,
 }
 
@@ -509,12 +511,12 @@ impl Keyring {
             .filter_map(|(root, c)| Some((root, KeyId::parse(c.key_id)?, c.wrapped)))
             .collect();
         candidates.sort_by_key(|(_, id, _)| id.as_str() != key_id);
-        Ok(Decrypted::NeedsRoot(RootUnwrap {
+        Ok(Decrypted::NeedsRoot(Box::new(RootUnwrap {
             keyring: self,
             candidates,
             set,
             opening,
-        }))
+        })))
     }
 
     /// What Status reports. In-memory only: never calls a root.
@@ -850,7 +852,8 @@ pub enum Decrypted<'a> {
     /// Opened with a cached local KEK.
     Plaintext(Zeroizing<Vec<u8>>),
     /// Not cached: a root must unwrap a copy first.
-    NeedsRoot(RootUnwrap<'a>),
+    /// Boxed: a miss is rare, and the hit path should not move this much.
+    NeedsRoot(Box<RootUnwrap<'a>>),
 }
 
 /// The rest of a Decrypt whose local KEK is not cached: one root unwrap (shared with
@@ -865,7 +868,7 @@ pub struct RootUnwrap<'a> {
 /// What opening the ciphertext needs, whichever way the local KEK was found.
 struct Opening<'a> {
     requested: Option<&'a Arc<Root>>,
-    aad: Vec<u8>,
+    aad: AssociatedData,
     ciphertext: &'a [u8],
 }
 
@@ -891,13 +894,13 @@ impl Opening<'_> {
 
 impl RootUnwrap<'_> {
     /// Unwraps a copy (the requested root's first), caches the local KEK and opens.
-    pub async fn finish(self) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
+    pub async fn finish(self: Box<Self>) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
         let Self {
             keyring,
             candidates,
             set,
             opening,
-        } = self;
+        } = *self;
         let mut failure = None;
         for (root, copy_id, wrapped) in candidates {
             let id = KekCache::id(copy_id.as_str(), wrapped);
