@@ -67,7 +67,6 @@ fuzz_target!(|data: &[u8]| {
     // The same chunks through feed_in_place: what passed in place, then what it appended.
     let mut in_place = Rewriter::new();
     let mut in_place_got = Vec::new();
-    let mut in_place_result = Ok(());
     let mut remaining = &input[..];
     let mut k = usize::from(ctl);
     while !remaining.is_empty() {
@@ -77,7 +76,7 @@ fuzz_target!(|data: &[u8]| {
         remaining = tail;
         chunked_result = chunked.feed(chunk, &mut got);
         let mut appended = Vec::new();
-        in_place_result = in_place.feed_in_place(chunk, &mut appended).map(|passed| {
+        let in_place_result = in_place.feed_in_place(chunk, &mut appended).map(|passed| {
             in_place_got.extend_from_slice(&chunk[..passed]);
             in_place_got.extend(appended);
         });
