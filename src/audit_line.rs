@@ -30,7 +30,7 @@ struct Sink {
 }
 
 /// Whether tracing's filter lets the line through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Due {
     Always,
     Never,
@@ -45,10 +45,12 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 /// so target and level alone decide) the filter is asked once here instead of on every
 /// call, where the question cost ~0.2 µs of a ~30 µs call.
 pub fn install(writer: LogWriter, json: bool, static_filter: bool) {
-    let due = match (static_filter, enabled()) {
-        (false, _) => Due::AskEachTime,
-        (true, true) => Due::Always,
-        (true, false) => Due::Never,
+    let due = if !static_filter {
+        Due::AskEachTime
+    } else if enabled() {
+        Due::Always
+    } else {
+        Due::Never
     };
     let _ = SINK.set(Sink { writer, json, due });
 }

@@ -288,10 +288,9 @@ fn init_logging(format: LogFormat) -> Option<crate::log_writer::Guard> {
             let audit = writer.clone();
             // Encrypt's and Decrypt's info line, byte for byte what the subscriber would
             // write; not with colours, which only the subscriber adds.
-            if install_subscriber(format, ansi, writer) && !ansi {
-                // Span and field directives are the ones in brackets (`target[span{f}]=l`).
-                let static_filter =
-                    std::env::var("KMS_PLUGIN_LOG").map_or(true, |filter| !filter.contains('['));
+            if let Some(static_filter) = install_subscriber(format, ansi, writer)
+                && !ansi
+            {
                 crate::audit_line::install(audit, matches!(format, LogFormat::Json), static_filter);
             }
             Some(guard)
@@ -306,20 +305,26 @@ fn init_logging(format: LogFormat) -> Option<crate::log_writer::Guard> {
     }
 }
 
-/// The global tracing subscriber, level from `KMS_PLUGIN_LOG` (default info); false when
-/// one was already installed.
-fn install_subscriber<W>(format: LogFormat, ansi: bool, writer: W) -> bool
+/// The global tracing subscriber, level from `KMS_PLUGIN_LOG` (default info). Returns
+/// whether its filter is static (no span or field directive, so target and level alone
+/// decide), or `None` when a subscriber was already installed.
+fn install_subscriber<W>(format: LogFormat, ansi: bool, writer: W) -> Option<bool>
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
 {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KMS_PLUGIN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, text) = std::env::var("KMS_PLUGIN_LOG")
+        .ok()
+        .and_then(|text| Some((tracing_subscriber::EnvFilter::try_new(&text).ok()?, text)))
+        .unwrap_or_else(|| (tracing_subscriber::EnvFilter::new("info"), "info".into()));
+    // Span and field directives are the ones in brackets (`target[span{field}]=level`).
+    let static_filter = !text.contains('[');
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(writer);
-    match format {
+    let installed = match format {
         LogFormat::Text => builder.try_init().is_ok(),
         LogFormat::Json => builder.json().try_init().is_ok(),
-    }
+    };
+    installed.then_some(static_filter)
 }
