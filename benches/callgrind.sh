@@ -6,8 +6,9 @@
 #
 # Usage: benches/callgrind.sh [encrypt|decrypt] [N1] [N2]
 # Needs valgrind and a release build: `cargo bench --bench e2e --no-run` first. The client is
-# the bench's grpc-go one (kube-apiserver's headers, which the `:authority` rewriter decodes)
-# when `cargo bench --bench e2e` has built it, else the tonic one; GO_CLIENT=none forces tonic.
+# the bench's grpc-go one (kube-apiserver's headers, which the `:authority` rewriter decodes),
+# rebuilt from benches/e2e/go as the bench builds it when `go` is on PATH, so it is never a
+# stale copy; without Go, the tonic one. GO_CLIENT=none forces tonic, GO_CLIENT=path another.
 set -euo pipefail
 op=${1:-encrypt}
 n1=${2:-500}
@@ -16,7 +17,13 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 plugin=${PLUGIN:-$root/target/release/kms-plugin}
 # The e2e bench binary: its --serve-baseline and --calls modes.
 e2e=${E2E:-$(ls -t "$root"/target/release/deps/e2e-* | grep -v '\.d$' | head -1)}
-go_client=${GO_CLIENT:-$root/target/e2e/go/client}
+go_client=${GO_CLIENT:-}
+if [[ -z $go_client ]] && command -v go >/dev/null; then
+    # The flags of benches/e2e/go.rs; Go's build cache makes this a second when nothing changed.
+    (cd "$root/benches/e2e/go" && CGO_ENABLED=0 go build -buildvcs=false -trimpath \
+        -o "$root/target/e2e/go/" ./client)
+    go_client=$root/target/e2e/go/client
+fi
 [[ -x $go_client ]] || go_client=
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
