@@ -13,6 +13,8 @@ pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 pub const REPLACEMENT_AUTHORITY: &[u8] = b"localhost";
 /// Reusable buffers above this capacity are released after each header block.
 const KEEP_CAPACITY: usize = 16 * 1024;
+/// Longest `:authority` remembered as valid (a client sends the same one on every request).
+const REMEMBER_AUTHORITY: usize = 255;
 
 /// Rewrites invalid `:authority` values in the client's byte stream.
 ///
@@ -41,6 +43,8 @@ pub struct Rewriter {
     /// The decoded fields of the current block.
     fields: FieldList,
     encoded: Vec<u8>,
+    /// The last `:authority` that parsed, so that the same value is not parsed again.
+    valid_authority: Vec<u8>,
     failed: Option<RewriteError>,
 }
 
@@ -95,6 +99,7 @@ impl Rewriter {
             fragment: Vec::new(),
             fields: FieldList::default(),
             encoded: Vec::new(),
+            valid_authority: Vec::new(),
             failed: None,
         }
     }
@@ -204,8 +209,13 @@ impl Rewriter {
                         break;
                     };
                     let end = pos + HEADER_LEN + h.length;
-                    let invalid =
-                        judge_block(&mut self.decoder, &mut self.fields, false, fragment)?;
+                    let invalid = judge_block(
+                        &mut self.decoder,
+                        &mut self.fields,
+                        &mut self.valid_authority,
+                        false,
+                        fragment,
+                    )?;
                     let reencode = self.must_reencode(invalid);
                     if reencode {
                         let end_stream = h.flags & FLAG_END_STREAM != 0;
@@ -379,6 +389,7 @@ impl Rewriter {
         let invalid = judge_block(
             &mut self.decoder,
             &mut self.fields,
+            &mut self.valid_authority,
             self.reencode,
             &self.fragment,
         )?;
@@ -441,15 +452,29 @@ impl Rewriter {
 
 /// Decodes one whole header block; true when one of its `:authority` values does not
 /// parse. The block's fields are in `fields` when this returns true or when `reencoding`;
-/// otherwise the block was only judged, with nothing of it copied.
+/// otherwise the block was only judged, with nothing of it copied. `valid` is the last
+/// `:authority` that parsed, updated here.
 fn judge_block(
     decoder: &mut Decoder,
     fields: &mut FieldList,
+    valid: &mut Vec<u8>,
     reencoding: bool,
     fragment: &[u8],
 ) -> Result<bool, RewriteError> {
+    let bad = |name: &[u8], value: &[u8]| {
+        // `valid` is empty until a value parsed (an empty one never does).
+        if name != b":authority" || (!valid.is_empty() && value == valid.as_slice()) {
+            return false;
+        }
+        let invalid = is_invalid_authority(name, value);
+        if !invalid && value.len() <= REMEMBER_AUTHORITY {
+            valid.clear();
+            valid.extend_from_slice(value);
+        }
+        invalid
+    };
     // A block with a bad `:authority` leaves the decoder's table as it was: decode it again.
-    if !reencoding && !decoder.judge(fragment, is_invalid_authority)? {
+    if !reencoding && !decoder.judge(fragment, bad)? {
         return Ok(false);
     }
     fields.clear();

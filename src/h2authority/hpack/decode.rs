@@ -170,7 +170,7 @@ impl Decoder {
                 let (name, value) = literal.split_at(name_end);
                 let flow = sink.field(name, value, never_indexed);
                 if indexing && flow.is_continue() {
-                    self.table.insert(name.to_vec(), value.to_vec());
+                    self.table.insert(name, value);
                 }
                 (literal.len(), flow)
             };

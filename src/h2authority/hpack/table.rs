@@ -75,6 +75,13 @@ pub const STATIC: [(&[u8], &[u8]); 61] = [
 /// A name and value.
 type Entry = (Vec<u8>, Vec<u8>);
 
+/// Entries kept for reuse once evicted: a client that indexes one new field per request
+/// (grpc-go's `grpc-timeout`) then inserts and evicts one entry per request, and reusing
+/// its buffers spares two allocations and two frees (each wiped) per request.
+const POOL_ENTRIES: usize = 4;
+/// Buffers above this capacity are freed rather than kept in the pool.
+const POOL_CAPACITY: usize = 256;
+
 /// The decoder's copy of the peer's dynamic table.
 #[derive(Debug)]
 pub struct DynamicTable {
@@ -88,6 +95,8 @@ pub struct DynamicTable {
     undo: Option<Undo>,
     /// The evicted list's buffer, kept from one checkpoint to the next.
     spare: Vec<Entry>,
+    /// Evicted entries, emptied and zeroed, for the next inserts.
+    pool: Vec<Entry>,
 }
 
 /// What puts the table back as it was at the checkpoint.
@@ -110,6 +119,7 @@ impl DynamicTable {
             max_size,
             undo: None,
             spare: Vec::new(),
+            pool: Vec::new(),
         }
     }
 
@@ -127,8 +137,11 @@ impl DynamicTable {
     /// Keeps the changes made since the checkpoint.
     pub fn release(&mut self) {
         if let Some(undo) = self.undo.take() {
-            self.spare = undo.evicted;
-            self.spare.clear();
+            let mut evicted = undo.evicted;
+            for entry in evicted.drain(..) {
+                self.recycle(entry);
+            }
+            self.spare = evicted;
         }
     }
 
@@ -138,7 +151,9 @@ impl DynamicTable {
             return;
         };
         for _ in 0..undo.added {
-            self.entries.pop_front();
+            if let Some(entry) = self.entries.pop_front() {
+                self.recycle(entry);
+            }
         }
         // Evicted oldest first: the first one evicted goes back last.
         while let Some(entry) = undo.evicted.pop() {
@@ -186,7 +201,7 @@ impl DynamicTable {
 
     /// Adds an entry, evicting old ones first; an entry larger than the whole
     /// table empties it and is not added (§4.4).
-    pub fn insert(&mut self, name: Vec<u8>, value: Vec<u8>) {
+    pub fn insert(&mut self, name: &[u8], value: &[u8]) {
         let entry_size = name
             .len()
             .saturating_add(value.len())
@@ -197,7 +212,10 @@ impl DynamicTable {
         }
         self.evict_to(self.max_size - entry_size);
         self.size += entry_size;
-        self.entries.push_front((name, value));
+        let (mut n, mut v) = self.pool.pop().unwrap_or_default();
+        n.extend_from_slice(name);
+        v.extend_from_slice(value);
+        self.entries.push_front((n, v));
         if let Some(undo) = &mut self.undo {
             undo.added += 1;
         }
@@ -217,8 +235,24 @@ impl DynamicTable {
                     undo.added -= 1;
                 } else {
                     undo.evicted.push((n, v));
+                    continue;
                 }
             }
+            self.recycle((n, v));
+        }
+    }
+
+    /// Keeps a small entry's buffers for a later insert, zeroed like a freed block.
+    fn recycle(&mut self, (mut n, mut v): Entry) {
+        if self.pool.len() < POOL_ENTRIES
+            && n.capacity() <= POOL_CAPACITY
+            && v.capacity() <= POOL_CAPACITY
+        {
+            n.fill(0);
+            v.fill(0);
+            n.clear();
+            v.clear();
+            self.pool.push((n, v));
         }
     }
 }
@@ -260,8 +294,8 @@ mod tests {
             for _ in 0..next(6) {
                 match next(10) {
                     0 => t.set_max_size(next(400)),
-                    1 => t.insert(vec![b'n'; next(400)], Vec::new()),
-                    _ => t.insert(vec![b'n'; next(20) + 1], vec![round as u8; next(60)]),
+                    1 => t.insert(&vec![b'n'; next(400)], &[]),
+                    _ => t.insert(&vec![b'n'; next(20) + 1], &vec![round as u8; next(60)]),
                 }
             }
             if next(2) == 0 {
@@ -273,24 +307,64 @@ mod tests {
             let size: usize = t.entries.iter().map(|(n, v)| n.len() + v.len() + 32).sum();
             assert_eq!(size, t.size);
             assert!(t.size <= t.max_size);
+            assert!(t.pool.len() <= POOL_ENTRIES);
+            assert!(t.pool.iter().all(|(n, v)| n.is_empty() && v.is_empty()));
         }
     }
 
     #[test]
     fn insertion_order_and_eviction() {
         let mut t = DynamicTable::new(100);
-        t.insert(b"a".to_vec(), b"1".to_vec()); // 34
-        t.insert(b"b".to_vec(), b"2".to_vec()); // 68
+        t.insert(b"a", b"1"); // 34
+        t.insert(b"b", b"2"); // 68
         assert_eq!(t.get(62).unwrap(), (&b"b"[..], &b"2"[..]));
         assert_eq!(t.get(63).unwrap(), (&b"a"[..], &b"1"[..]));
-        t.insert(b"c".to_vec(), b"3".to_vec()); // evicts "a"
+        t.insert(b"c", b"3"); // evicts "a"
         assert_eq!(t.len(), 2);
         assert_eq!(t.size(), 68);
         assert_eq!(t.get(63).unwrap(), (&b"b"[..], &b"2"[..]));
-        t.insert(vec![b'x'; 100], Vec::new()); // too big: empties the table
+        t.insert(&[b'x'; 100], &[]); // too big: empties the table
         assert_eq!((t.len(), t.size()), (0, 0));
-        t.insert(b"d".to_vec(), b"4".to_vec());
+        t.insert(b"d", b"4");
         t.set_max_size(0);
         assert_eq!((t.len(), t.size()), (0, 0));
+    }
+
+    #[test]
+    fn an_insert_reuses_the_buffers_of_an_evicted_entry() {
+        // Full table, one entry in and one out per block: grpc-go's grpc-timeout.
+        let mut t = DynamicTable::new(3 * 45);
+        for i in 0..3u8 {
+            t.insert(b"grpc-timeout", &[b'0' + i]);
+        }
+        t.checkpoint();
+        t.insert(b"grpc-timeout", b"3");
+        t.release();
+        let pooled = t.pool.last().map(|(n, v)| (n.as_ptr(), v.as_ptr()));
+        assert!(pooled.is_some(), "the evicted entry was kept");
+        t.checkpoint();
+        t.insert(b"grpc-timeout", b"4");
+        t.release();
+        let newest = t.entries.front().map(|(n, v)| (n.as_ptr(), v.as_ptr()));
+        assert_eq!(newest, pooled, "the new entry took the pooled buffers");
+        assert_eq!(t.get(62).unwrap(), (&b"grpc-timeout"[..], &b"4"[..]));
+        assert_eq!(t.get(64).unwrap(), (&b"grpc-timeout"[..], &b"2"[..]));
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn large_or_surplus_entries_are_freed_not_pooled() {
+        let mut t = DynamicTable::new(4096);
+        t.insert(b"big", &[1; POOL_CAPACITY + 1]);
+        for i in 0..10u8 {
+            t.insert(b"small", &[i]);
+        }
+        t.set_max_size(0);
+        assert_eq!(t.pool.len(), POOL_ENTRIES);
+        assert!(
+            t.pool
+                .iter()
+                .all(|(n, v)| n.capacity() <= POOL_CAPACITY && v.capacity() <= POOL_CAPACITY)
+        );
     }
 }

@@ -181,6 +181,30 @@ fn whole_requests_pass_in_place_without_a_copy() {
 }
 
 #[test]
+fn the_remembered_valid_authority_never_lets_an_invalid_one_pass() {
+    // A value is parsed only when it differs from the last one that parsed: an empty
+    // value on a fresh connection (nothing remembered yet) and a change after a run of
+    // valid ones must both still be caught, in place and through `feed`.
+    let cases: [(&[&str], &[&str]); 3] = [
+        (&["", "localhost"], &["localhost", "localhost"]),
+        (
+            &["kms.local:8443", "kms.local:8443", "/run/kms.sock"],
+            &["kms.local:8443", "kms.local:8443", "localhost"],
+        ),
+        (
+            &["localhost", "127.0.0.1", "localhost", ""],
+            &["localhost", "127.0.0.1", "localhost", "localhost"],
+        ),
+    ];
+    for (sent, seen) in cases {
+        let input = client_stream(sent);
+        let (whole, _) = run_in_place(&input, input.len()).unwrap();
+        assert_eq!(authorities_seen(&whole), seen, "{sent:?}");
+        assert_eq!(run_chunked(&input, 7).unwrap(), whole, "{sent:?}");
+    }
+}
+
+#[test]
 fn invalid_authorities_are_rewritten() {
     let auths = [
         "kms.local:8443",
