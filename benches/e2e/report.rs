@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 
+use plotters::coord::Shift;
+use plotters::coord::ranged1d::ValueFormatter;
 use plotters::prelude::*;
 
 /// One (op, callers, server) measurement, summed over rounds.
@@ -166,73 +168,28 @@ pub fn chart(run: &Run, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         };
         if i % 2 == 0 {
             let y_max = rows.iter().map(|r| r.ops).fold(0.0, f64::max) * 1.15;
-            let mut chart = ChartBuilder::on(area)
-                .caption(format!("{op}: throughput"), ("sans-serif", 16))
-                .margin(12)
-                .x_label_area_size(36)
-                .y_label_area_size(60)
+            let mut chart = panel(area, format!("{op}: throughput"))
                 .build_cartesian_2d(x_axis(), 0.0..y_max.max(1.0))?;
-            chart
-                .configure_mesh()
-                .x_desc("concurrent callers (one connection)")
-                .y_desc("calls/s")
-                .x_label_formatter(&|x| format!("{x:.0}"))
-                .y_label_formatter(&|y| format!("{y:.0}"))
-                .light_line_style(TRANSPARENT)
-                .draw()?;
+            mesh(&mut chart, "calls/s", &|y| format!("{y:.0}"))?;
             for (server, color) in run.servers.iter().zip(COLORS) {
-                chart
-                    .draw_series(LineSeries::new(
-                        series(server, |r| r.ops),
-                        color.stroke_width(2),
-                    ))?
-                    .label(server.as_str())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                    });
+                solid(&mut chart, series(server, |r| r.ops), server, color)?;
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .border_style(BLACK)
-                .background_style(WHITE.mix(0.8))
-                .draw()?;
+            legend(&mut chart)?;
         } else {
             let lat = rows.iter().flat_map(|r| [r.p50_ms, r.p99_ms]);
             let y_min = lat.clone().fold(f64::INFINITY, f64::min).max(1e-3) / 1.5;
             let y_max = lat.fold(0.0, f64::max).max(y_min * 2.0) * 1.5;
-            let mut chart = ChartBuilder::on(area)
-                .caption(
-                    format!("{op}: latency, p50 solid, p99 dashed"),
-                    ("sans-serif", 16),
-                )
-                .margin(12)
-                .x_label_area_size(36)
-                .y_label_area_size(60)
+            let mut chart = panel(area, format!("{op}: latency, p50 solid, p99 dashed"))
                 .build_cartesian_2d(
                     x_axis(),
                     (y_min..y_max)
                         .log_scale()
                         .with_key_points(log_ticks(y_min, y_max)),
                 )?;
-            chart
-                .configure_mesh()
-                .x_desc("concurrent callers (one connection)")
-                .y_desc("ms")
-                .x_label_formatter(&|x| format!("{x:.0}"))
-                .y_label_formatter(&|y| format!("{y}"))
-                .light_line_style(TRANSPARENT)
-                .draw()?;
+            mesh(&mut chart, "ms", &|y| format!("{y}"))?;
             for (server, color) in run.servers.iter().zip(COLORS) {
-                chart
-                    .draw_series(LineSeries::new(
-                        series(server, |r| r.p50_ms),
-                        color.stroke_width(2),
-                    ))?
-                    .label(format!("{server} p50"))
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                    });
+                let p50 = format!("{server} p50");
+                solid(&mut chart, series(server, |r| r.p50_ms), &p50, color)?;
                 chart.draw_series(DashedLineSeries::new(
                     series(server, |r| r.p99_ms),
                     6,
@@ -240,14 +197,73 @@ pub fn chart(run: &Run, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
                     color.stroke_width(2),
                 ))?;
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .border_style(BLACK)
-                .background_style(WHITE.mix(0.8))
-                .draw()?;
+            legend(&mut chart)?;
         }
     }
     root.present()?;
     Ok(())
+}
+
+/// One of the four panels, before its axes are set.
+fn panel<'a, 'b, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: String,
+) -> ChartBuilder<'a, 'b, DB> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(caption, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60);
+    builder
+}
+
+/// Every panel's grid: callers on x, `y_desc` on y.
+fn mesh<DB: DrawingBackend, X, Y>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<X, Y>>,
+    y_desc: &str,
+    y_label: &dyn Fn(&f64) -> String,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+where
+    X: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    chart
+        .configure_mesh()
+        .x_desc("concurrent callers (one connection)")
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(y_label)
+        .light_line_style(TRANSPARENT)
+        .draw()
+}
+
+/// A solid line with its legend entry.
+fn solid<DB: DrawingBackend, X, Y>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<X, Y>>,
+    points: Vec<(f64, f64)>,
+    label: &str,
+    color: RGBColor,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    Ok(())
+}
+
+/// The legend, upper left.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
 }
