@@ -38,8 +38,8 @@ pub const LOG_EVERY: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// The accepted, admitted connections of a listener, as a stream for tonic. It never yields
-/// an error: accept errors are handled (and backed off) here.
+/// The accepted, admitted connections of a listener, as a stream. Accept errors are handled
+/// (and backed off) here, so it yields only connections.
 pub struct Incoming {
     listener: UnixListener,
     peers: PeerCheck,
@@ -114,7 +114,7 @@ impl Incoming {
 }
 
 impl tokio_stream::Stream for Incoming {
-    type Item = io::Result<Conn>;
+    type Item = Conn;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -128,7 +128,7 @@ impl tokio_stream::Stream for Incoming {
                 Ok((stream, _)) => {
                     this.backoff.reset();
                     if let Some(conn) = this.admit(stream) {
-                        return Poll::Ready(Some(Ok(conn)));
+                        return Poll::Ready(Some(conn));
                     }
                 }
                 Err(e) => {
@@ -389,7 +389,7 @@ mod tests {
     async fn over_the_cap_is_closed_unread() {
         let (_dir, path, mut incoming) = listen(None, 1);
         let _first = UnixStream::connect(&path).await.expect("connect");
-        let held = incoming.next().await.expect("item").expect("conn");
+        let held = incoming.next().await.expect("conn");
         let mut second = UnixStream::connect(&path).await.expect("connect");
         let mut third = UnixStream::connect(&path).await.expect("connect");
         // Both are over the cap: accepted and closed, so reads see EOF.
@@ -400,6 +400,6 @@ mod tests {
         assert_eq!(third.read(&mut buf).await.expect("eof"), 0);
         drop(held);
         let _fourth = UnixStream::connect(&path).await.expect("connect");
-        assert!(incoming.next().await.expect("item").is_ok(), "slot freed");
+        assert!(incoming.next().await.is_some(), "slot freed");
     }
 }

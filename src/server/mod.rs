@@ -1,7 +1,8 @@
-//! Serving: the socket, our accept loop and the tonic server on it, who may call, systemd
+//! Serving: the socket, our accept loop and our HTTP/2 server on it, who may call, systemd
 //! readiness and a graceful stop (stop accepting, finish calls in flight, remove the socket).
 
 pub mod accept;
+pub mod http2;
 pub mod metrics_http;
 pub mod peer;
 pub mod socket;
@@ -12,7 +13,6 @@ use std::time::Duration;
 
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
 
 use crate::config::Config;
 use crate::h2authority::AuthorityFix;
@@ -75,7 +75,7 @@ pub async fn serve(
         "serving KMS v2"
     );
     let incoming = accept::Incoming::new(listener, access.peers, access.max_connections)
-        .map(|conn| conn.map(AuthorityFix::new));
+        .map(AuthorityFix::new);
     let service = Service::new(plugin.clone());
     crate::systemd::ready(&plugin.keyring());
     let watchdog = crate::systemd::watchdog_interval().map(|interval| {
@@ -87,23 +87,21 @@ pub async fn serve(
     let watcher = tokio::spawn(plugin.clone().watch());
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::builder()
-        // KMS callers were vetted when their connection was accepted.
-        .add_service(
-            KeyManagementServiceServer::new(service.clone())
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(InterceptedService::new(
+    let routes = http2::Routes::new(
+        KeyManagementServiceServer::new(service.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        InterceptedService::new(
             AdminServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
-            move |request| access.admin.check(request),
-        ))
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            let _ = stopping_tx.send(());
-        });
+            access.admin,
+        ),
+    );
+    let server = http2::serve(incoming, routes, async move {
+        shutdown.await;
+        let _ = stopping_tx.send(());
+    });
     tokio::pin!(server);
-    let result = tokio::select! {
-        result = &mut server => Some(result),
+    let finished = tokio::select! {
+        () = &mut server => true,
         drained = async {
             let _ = stopping_rx.await;
             tracing::info!("shutting down: no new connections, finishing calls in flight");
@@ -116,25 +114,20 @@ pub async fn serve(
                 Ok(()) => tracing::info!("no calls in flight; exiting"),
                 Err(_) => tracing::warn!("calls still in flight after {DRAIN_TIMEOUT:?}; exiting anyway"),
             }
-            None
+            false
         }
     };
-    // The last responses may still be on their way out: give the server a moment to flush.
-    let result = match result {
-        Some(result) => result,
-        None => tokio::time::timeout(FLUSH_GRACE, &mut server)
-            .await
-            .unwrap_or(Ok(())),
-    };
+    if !finished {
+        // The last responses may still be on their way out: give the connections a moment
+        // to flush and close.
+        let _ = tokio::time::timeout(FLUSH_GRACE, &mut server).await;
+    }
     socket::remove(endpoint);
     watcher.abort();
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
     plugin.stop();
-    if let Err(e) = result {
-        tracing::error!(error = %e, "server error");
-    }
     Ok(())
 }
 

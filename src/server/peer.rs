@@ -109,6 +109,12 @@ impl AdminCheck {
     }
 }
 
+impl tonic::service::Interceptor for AdminCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        self.check(request)
+    }
+}
+
 #[allow(unsafe_code)] // getuid(2), see SAFETY
 fn own_uid() -> u32 {
     // SAFETY: getuid(2) cannot fail and touches no memory.

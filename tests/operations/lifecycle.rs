@@ -155,6 +155,89 @@ async fn sigterm_stops_cleanly_and_removes_the_socket() {
     drop(client);
 }
 
+/// On SIGTERM every open connection, an idle one too, gets an HTTP/2 GOAWAY with NO_ERROR
+/// before the plugin exits: the client knows to reconnect instead of calling into a
+/// closing socket.
+#[tokio::test]
+async fn sigterm_sends_goaway_on_idle_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+
+    /// The next frame's type and payload, or `None` at EOF.
+    async fn frame(conn: &mut tokio::net::UnixStream) -> Option<(u8, Vec<u8>)> {
+        let mut head = [0u8; 9];
+        conn.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; len];
+        conn.read_exact(&mut payload).await.ok()?;
+        Some((head[3], payload))
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = support::socket_in(dir.path());
+    let mut plugin = Plugin::embedded(dir.path(), &socket).await;
+    let mut conn = tokio::net::UnixStream::connect(&socket)
+        .await
+        .expect("connect");
+    // The client preface and an empty SETTINGS frame; the server answers with its SETTINGS.
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]);
+    conn.write_all(&hello).await.expect("preface");
+    let first = tokio::time::timeout(Duration::from_secs(5), frame(&mut conn))
+        .await
+        .expect("server SETTINGS in time");
+    assert_eq!(first.map(|(kind, _)| kind), Some(SETTINGS));
+
+    plugin.signal(libc::SIGTERM);
+    let goaway = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some((kind, payload)) = frame(&mut conn).await {
+            if kind == GOAWAY {
+                return Some(payload);
+            }
+        }
+        None
+    })
+    .await
+    .expect("the connection ended in time")
+    .unwrap_or_else(|| panic!("closed without a GOAWAY; {}", plugin.output()));
+    // Last stream id (4 bytes), then the error code: NO_ERROR.
+    assert_eq!(goaway.get(4..8), Some(&[0u8, 0, 0, 0][..]), "{goaway:?}");
+    let status = plugin.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+}
+
+/// A service or method the plugin does not serve gets UNIMPLEMENTED, and the plugin serves
+/// on.
+#[tokio::test]
+async fn unknown_services_and_methods_are_unimplemented() {
+    use kms_plugin::proto::v2::{StatusRequest, StatusResponse};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = support::socket_in(dir.path());
+    let plugin = Plugin::embedded(dir.path(), &socket).await;
+    let channel = kms_plugin::client::connect(&socket).await.expect("connect");
+    for path in [
+        "/v2.KeyManagementService/Nope",
+        "/v1beta1.KeyManagementService/Encrypt",
+        "/grpc.health.v1.Health/Check",
+        "/v2.KeyManagementServiceX/Status",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.expect("ready");
+        let err = grpc
+            .unary(
+                tonic::Request::new(StatusRequest {}),
+                http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::<StatusRequest, StatusResponse>::default(),
+            )
+            .await
+            .expect_err(path);
+        assert_eq!(err.code(), tonic::Code::Unimplemented, "{path}: {err:?}");
+    }
+    let mut client = plugin.client().await;
+    assert_eq!(support::status(&mut client).await.healthz, "ok");
+}
+
 #[tokio::test]
 async fn sighup_does_not_kill_the_plugin() {
     let dir = tempfile::tempdir().expect("tempdir");
