@@ -6,7 +6,7 @@
 //!
 //! Layers, outside in (each calls only those below it; README "Architecture" has the map of
 //! which concern lives where):
-//! - [`server`]: Unix socket, accept loop and peer credentials, tonic server, signals;
+//! - [`server`]: Unix socket, accept loop and peer credentials, HTTP/2 and routing, signals;
 //! - [`h2authority`]: rewrites the invalid `:authority` older apiservers send, so h2 accepts it;
 //! - [`service`]: the gRPC handlers and the one error-to-status mapping;
 //! - [`plugin`]: the keyring in force, reloads;

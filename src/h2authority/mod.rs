@@ -195,8 +195,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
     }
 }
 
-/// Lets tonic's `serve_with_incoming` accept wrapped streams (e.g.
-/// `AuthorityFix<UnixStream>` yields `UdsConnectInfo`).
+/// Passes the wrapped stream's peer information through (e.g. `AuthorityFix<UnixStream>`
+/// yields `UdsConnectInfo`), for tonic's `serve_with_incoming` and the plugin's own server.
 impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
     for AuthorityFix<S>
 {
